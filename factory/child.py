@@ -1,0 +1,124 @@
+"""The part's child process: runs one part's stages, then exits.
+
+The daemon starts `python -m factory.child` per part, so whatever a station
+does (import torch, allocate 60 GB, segfault in a kernel) cannot take the
+daemon down. The child talks to the daemon only through JSON lines on an
+inherited pipe (--report-fd) and its exit code (factory/outcomes.py);
+its stdout and stderr go to work/<base>/child.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from factory.checkpoint import Checkpoint, hash_outputs
+from factory.errors import StageFailed, StopRequested
+from factory.integrity import alloy_hash
+from factory.nodeconfig import load_node_config
+from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, INFRA_EXCEPTIONS
+from factory.protocol import Layout, parse_part
+from factory.stages import StageContext, load_stage, write_report_line
+
+_PR_SET_PDEATHSIG = 1
+_stop = False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the daemon dies, so a new daemon
+    never recovers a part that an orphaned child is still building."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker lock still guards
+        pass
+    if os.getppid() != parent_pid:  # the daemon died before prctl took effect
+        os._exit(EXIT_STOPPED)
+
+
+def _on_stop(signum, frame) -> None:
+    global _stop
+    _stop = True
+
+
+def _peak_vram_mb() -> float | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
+def run_part(layout: Layout, filename: str, report) -> int:
+    config = load_node_config(layout.node_config)
+    raw = (layout.assembly / filename).read_bytes()
+    alloy = json.loads(raw)
+    base = parse_part(filename).base
+    work_dir = layout.work_dir(base)
+    stages = alloy.get("stages", [])
+    types = [s.get("type") for s in stages]
+    ckpt = Checkpoint.load(work_dir, alloy_hash(raw))
+    done = ckpt.verified_prefix(work_dir, types)
+    if done < len(ckpt.stages):
+        ckpt.truncate(done)
+        ckpt.save()
+    for i, stage in enumerate(stages):
+        info = {"index": i, "type": stage.get("type")}
+        if i < done:
+            report({"t": "stage_skipped", **info, "reason": "checkpoint verified"})
+            continue
+        report({"t": "stage_started", **info})
+        stage_dir = work_dir / "stages" / f"{i}-{stage.get('type')}"
+        shutil.rmtree(stage_dir, ignore_errors=True)  # a stage restarts from scratch
+        stage_dir.mkdir(parents=True)
+        ctx = StageContext(layout=layout, config=config, alloy=alloy, stage=stage, index=i,
+                           work_dir=work_dir, stage_dir=stage_dir, previous=list(ckpt.stages),
+                           report=report, stop_requested=lambda: _stop)
+        t0 = time.monotonic()
+        try:
+            result = load_stage(stage.get("type"))(ctx)
+        except StopRequested:
+            report({"t": "stopped", **info})
+            return EXIT_STOPPED
+        except BaseException as err:  # noqa: BLE001 - every failure is reported, then classified
+            infra = type(err).__name__ in INFRA_EXCEPTIONS
+            report({"t": "failed", **info, "class": "infrastructure" if infra else "deterministic",
+                    "message": str(err) or type(err).__name__,
+                    "exception": type(err).__name__,
+                    "traceback": traceback.format_exc()})
+            return EXIT_INFRA if infra else EXIT_FAILED
+        entry = {**info, "elapsed_s": round(time.monotonic() - t0, 3),
+                 "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
+        vram = _peak_vram_mb()
+        if vram is not None:
+            entry["peak_vram_mb"] = vram
+        ckpt.record(entry)
+        report({"t": "stage_completed", **entry})
+    report({"t": "done"})
+    return EXIT_DONE
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="factory.child")
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--part", required=True, help="alloy file name in line/assembly/")
+    ap.add_argument("--report-fd", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, required=True)
+    args = ap.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+    return run_part(Layout(args.root), args.part, lambda msg: write_report_line(args.report_fd, msg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""The worker: `factory run`. One per root, small, and never the one to crash.
+
+It claims the oldest waiting part, runs it in a child process
+(factory/child.py), turns the child's reports into events and heartbeats,
+and moves the part to its next station when the child ends. Everything it
+knows is on disk, so killing it at any moment loses nothing: the next start
+runs the recovery sweep and carries on.
+
+Wake-ups come from one selector: the child's report pipe, and a wake pipe
+written by signal handlers (signal.set_wakeup_fd) and by the inotify
+observer thread. A periodic full rescan is the safety net under inotify.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from factory import heartbeat as hb
+from factory import durable, recovery, transitions
+from factory.events import utc_now
+from factory.intake import Adopter, gate, reject
+from factory.line import Line, Part
+from factory.locks import WorkerLock
+from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, error_record
+from factory.protocol import CANCEL, parse_part
+from factory.sdnotify import Notifier
+
+log = logging.getLogger("factory.daemon")
+
+Mode = Literal["forever", "once", "until-empty"]
+
+# Progress events are rate-limited per stage (the heartbeat carries every update).
+PROGRESS_EVENT_MIN_SECONDS = 1.0
+# How often a running child's memory is sampled for peak_rss_mb.
+SAMPLE_SECONDS = 0.1
+# After a hard kill, how long to wait for the child to be reaped.
+KILL_WAIT_SECONDS = 10.0
+
+
+@dataclass
+class Running:
+    """The part being built and what the daemon has heard about it."""
+
+    part: Part
+    proc: subprocess.Popen
+    fd: int
+    started: float
+    stage_timeouts: list[float]
+    buf: bytes = b""
+    stage: dict | None = None
+    stage_started: float = 0.0
+    peak_rss: int = 0
+    last_progress_event: float = 0.0
+    progress: hb.Progress | None = None
+    failure: dict | None = None
+    done: bool = False
+    stop_sent_at: float | None = None  # SIGTERM sent to the child (shutdown or cancel)
+    killed_for: str | None = None  # "timeout" | "grace" | "cancel"
+    cancelling: bool = False
+    completed: list[dict] = field(default_factory=list)
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("closed", "moved"):
+            name = os.path.basename(os.fsdecode(event.dest_path or event.src_path))
+            if parse_part(name):
+                self.daemon.adopter.note_complete(name)
+        self.daemon.wake()
+
+
+class Daemon:
+    def __init__(self, root: Path, *, mode: Mode = "forever", config=None) -> None:
+        self.line = Line(root, config)
+        self.cfg = self.line.config
+        self.mode = mode
+        self.lock = WorkerLock(self.line.layout.worker_lock)
+        self.notifier = Notifier()
+        self.adopter = Adopter(self.line, self.cfg.daemon.settle_seconds)
+        self.sel = selectors.DefaultSelector()
+        self.child: Running | None = None
+        self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.handled = 0
+        self.beat = hb.new_heartbeat(self.cfg.daemon.heartbeat_interval_seconds)
+        self.next_beat = 0.0
+        self.next_watchdog = 0.0
+        self.next_scan = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def run(self) -> int:
+        line = self.line
+        line.require_layout()
+        line.check_one_filesystem()
+        self.lock.acquire()
+        observer = None
+        try:
+            self.beat_now()
+            self._install_signals()
+            for action in recovery.sweep(line):
+                log.info("recovery: %s", action)
+            observer = Observer()
+            observer.schedule(_Wake(self), str(line.layout.intake), recursive=False)
+            observer.schedule(_Wake(self), str(line.layout.assembly), recursive=False)
+            observer.start()
+            line.events.emit("daemon/started", None, pid=os.getpid(), mode=self.mode,
+                             host=self.beat.host, versions=self.beat.versions)
+            self.set_state("idle")
+            self.notifier.ready(self.status_line())
+            self._loop()
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.set_state("offline")
+            line.events.emit("daemon/stopped", None, pid=os.getpid(), handled=self.handled,
+                             signal=bool(self.stop_requested))
+            self.notifier.close()
+            self.lock.release()
+        return 0
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Handlers only count: the loop does the work (first: finish safely,
+        # second: stop hard).
+        self.stop_requested += 1
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass  # already awake-pending
+
+    # -- main loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        stopping_announced = False
+        while True:
+            now = time.monotonic()
+            if self.stop_requested and not stopping_announced:
+                stopping_announced = True
+                self.notifier.stopping()
+                self.set_state("stopping")
+            if self.child is not None:
+                self._tend(now)
+            elif self.stop_requested or (self.mode == "once" and self.handled >= 1):
+                return
+            else:
+                part = self._next_part(now)
+                if part is not None:
+                    self._start(part)
+                    continue
+                if self.mode == "until-empty" and not self.line.parts("intake"):
+                    return
+                self._wait(self._idle_timeout(now))
+            self._periodic(time.monotonic())
+
+    def _periodic(self, now: float) -> None:
+        if now >= self.next_beat:
+            self.beat_now()
+        if self.notifier.watchdog_interval and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_interval
+
+    def _idle_timeout(self, now: float) -> float:
+        waits = [self.next_scan - now, self.next_beat - now]
+        if self.notifier.watchdog_interval:
+            waits.append(self.next_watchdog - now)
+        settle = self.adopter.next_check_in(now)
+        if settle is not None:
+            waits.append(settle)
+        backoff = self._next_backoff_expiry()
+        if backoff is not None:
+            waits.append(backoff)
+        return max(0.0, min(waits))
+
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            if key.data == "wake":
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.next_scan = 0.0  # woken: scan now
+
+    # -- claiming ---------------------------------------------------------------
+
+    def _next_part(self, now: float) -> Part | None:
+        if now < self.next_scan:
+            return None
+        self.next_scan = now + self.cfg.daemon.rescan_seconds
+        for part in self.adopter.pending(now):
+            try:
+                self.adopter.adopt(part)
+            except FileNotFoundError:
+                continue  # RACE: removed by hand while we looked
+        now_iso = utc_now()
+        for part in self.line.queue():
+            if not self.line.eligible(part, now_iso):
+                continue
+            result = gate(part.path.read_bytes(), file_name=part.path.name)
+            if not result.ok:  # e.g. queued by an older factory: reject, never run
+                reject(self.line, part, result)
+                continue
+            claimed = transitions.claim(self.line, part)
+            if claimed is not None:
+                return claimed
+        return None
+
+    def _next_backoff_expiry(self) -> float | None:
+        """Seconds until the earliest retry backoff ends, if any part waits on one."""
+        soonest = None
+        for part in self.line.parts("intake"):
+            nb = self.line.ticket(part).get("not_before")
+            if nb:
+                t = datetime.fromisoformat(nb.replace("Z", "+00:00")).timestamp() - time.time()
+                soonest = t if soonest is None else min(soonest, t)
+        return None if soonest is None else max(0.0, soonest) + 0.01
+
+    # -- running a part -----------------------------------------------------------
+
+    def _start(self, part: Part) -> None:
+        work = self.line.layout.work_dir(part.base)
+        work.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        with open(work / "child.log", "ab") as logf:
+            logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()})\n".encode())
+            logf.flush()
+            # The child inherits the worker lock's fd: while any child of
+            # ours lives, no second daemon can take this root (belt to the
+            # child's PDEATHSIG braces).
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "factory.child", "--root", str(self.line.root),
+                 "--part", part.path.name, "--report-fd", str(w), "--parent-pid", str(os.getpid())],
+                pass_fds=(w, self.lock.fd), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                start_new_session=True,
+            )
+        os.close(w)
+        self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
+                             stage_timeouts=self._stage_timeouts(part))
+        self.sel.register(r, selectors.EVENT_READ, "child")
+        self.beat.part = part.base
+        self.set_state("building")
+
+    def _stage_timeouts(self, part: Part) -> list[float]:
+        default = self.cfg.forge.stage_timeout_seconds
+        try:
+            stages = durable.read_json(part.path).get("stages", [])
+            return [float(s.get("timeoutSeconds") or default) for s in stages]
+        except (ValueError, AttributeError, TypeError):
+            return []
+
+    def _tend(self, now: float) -> None:
+        ch = self.child
+        for key, _ in self.sel.select(SAMPLE_SECONDS):
+            if key.data == "wake":
+                self._wait(0)
+            elif key.data == "child":
+                self._read_reports(ch)
+        self._sample(ch)
+        now = time.monotonic()
+        if ch.stop_sent_at is None:
+            if self.stop_requested:
+                self._ask_child_to_stop(ch, now)
+            elif ch.part.sidecar_path(CANCEL).exists():
+                ch.cancelling = True
+                self._ask_child_to_stop(ch, now)
+        self._enforce_deadlines(ch, now)
+        if ch.proc.poll() is not None:
+            self._read_reports(ch)
+            self._finish_child(ch)
+
+    def _ask_child_to_stop(self, ch: Running, now: float) -> None:
+        ch.stop_sent_at = now
+        try:
+            ch.proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _enforce_deadlines(self, ch: Running, now: float) -> None:
+        if ch.proc.poll() is not None or ch.killed_for:
+            return
+        reason = None
+        if ch.stage is not None and ch.stage["index"] < len(ch.stage_timeouts):
+            if now - ch.stage_started > ch.stage_timeouts[ch.stage["index"]]:
+                reason = "timeout"
+        if ch.stop_sent_at is not None:
+            grace = 0.0 if self.stop_requested > 1 else self.cfg.daemon.stop_grace_seconds
+            if now - ch.stop_sent_at > grace:
+                reason = "cancel" if ch.cancelling else "grace"
+        if reason:
+            ch.killed_for = reason
+            ch.proc.kill()
+            ch.proc.wait(timeout=KILL_WAIT_SECONDS)
+
+    def _sample(self, ch: Running) -> None:
+        try:
+            proc = psutil.Process(ch.proc.pid)
+            rss = proc.memory_info().rss
+            for kid in proc.children(recursive=True):
+                try:
+                    rss += kid.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return
+        ch.peak_rss = max(ch.peak_rss, rss)
+
+    def _read_reports(self, ch: Running) -> None:
+        while True:
+            try:
+                chunk = os.read(ch.fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            ch.buf += chunk
+            *lines, ch.buf = ch.buf.split(b"\n")
+            for raw in lines:
+                try:
+                    self._on_report(ch, json.loads(raw))
+                except ValueError:
+                    log.warning("unparseable report from child of %s: %r", ch.part.base, raw[:200])
+
+    def _on_report(self, ch: Running, msg: dict) -> None:
+        ev = self.line.events
+        base = ch.part.base
+        t = msg.get("t")
+        stage = {"index": msg.get("index"), "type": msg.get("type")}
+        if t == "stage_started":
+            ch.stage, ch.stage_started, ch.progress = stage, time.monotonic(), None
+            ch.peak_rss = 0
+            self._sample(ch)
+            self.beat.stage = {**stage, "started_at": utc_now()}
+            self.beat.progress = None
+            ev.emit("stage/started", base, stage=stage, retry=ch.part.name.retry)
+            self.beat_now()
+        elif t == "progress":
+            ch.progress = hb.Progress(msg["done"], msg.get("total"), msg.get("unit", ""))
+            self.beat.progress = ch.progress
+            now = time.monotonic()
+            final = msg.get("total") is not None and msg["done"] >= msg["total"]
+            if final or now - ch.last_progress_event >= PROGRESS_EVENT_MIN_SECONDS:
+                ch.last_progress_event = now
+                ev.emit("stage/progress", base, stage=ch.stage, done=msg["done"],
+                        total=msg.get("total"), unit=msg.get("unit"))
+        elif t == "stage_skipped":
+            ev.emit("stage/skipped", base, stage=stage, reason=msg.get("reason"))
+        elif t == "stage_completed":
+            self._sample(ch)
+            payload = {"stage": stage, "elapsed_s": msg.get("elapsed_s"),
+                       "peak_rss_mb": round(ch.peak_rss / 2**20, 1),
+                       "outputs": len(msg.get("outputs", {})), "metrics": msg.get("metrics", {})}
+            if msg.get("peak_vram_mb") is not None:
+                payload["peak_vram_mb"] = msg["peak_vram_mb"]
+            ch.completed.append({**msg, "peak_rss_mb": payload["peak_rss_mb"]})
+            ev.emit("stage/completed", base, **payload)
+        elif t == "failed":
+            ch.failure = msg
+        elif t == "done":
+            ch.done = True
+        elif t == "event":
+            ev.emit(msg["kind"], base, stage=ch.stage, **msg.get("payload", {}))
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def _finish_child(self, ch: Running) -> None:
+        self.sel.unregister(ch.fd)
+        os.close(ch.fd)
+        self.child = None
+        self.handled += 1
+        rc = ch.proc.returncode
+        try:
+            self._route(ch, rc)
+        finally:
+            self.beat.part = self.beat.stage = self.beat.progress = None
+            self.set_state("stopping" if self.stop_requested else "idle")
+
+    def _route(self, ch: Running, rc: int) -> None:
+        line, part = self.line, ch.part
+        stage = ch.stage
+        if ch.cancelling:
+            rec = error_record(stage, "cancelled", "cancelled by a foreman while running",
+                               retries=part.name.retry)
+            transitions.rework(line, part, rec, kind="part/cancelled")
+        elif rc == EXIT_DONE and ch.done:
+            transitions.finish(line, part, self._result(ch))
+        elif rc == EXIT_STOPPED or ch.killed_for == "grace":
+            transitions.release(line, part, reason="worker stopping" if ch.killed_for != "grace"
+                                else "worker stopping (child killed after the grace period)")
+        elif ch.killed_for == "timeout":
+            limit = ch.stage_timeouts[stage["index"]]
+            self._infra(ch, f"stage {stage['index']} ({stage['type']}) ran past its timeout of {limit:g}s")
+        elif rc < 0:
+            name = signal.Signals(-rc).name
+            hint = " (usually the kernel's OOM killer: see `journalctl -k | grep -i oom`)" if name == "SIGKILL" else ""
+            self._infra(ch, f"the part's process was killed by {name}{hint}")
+        elif rc == EXIT_INFRA and ch.failure:
+            self._infra(ch, ch.failure["message"], tb=ch.failure.get("traceback"))
+        else:
+            failure = ch.failure or {}
+            message = failure.get("message") or (
+                f"the part's process exited with code {rc} without reporting why; "
+                f"see {line.layout.work_dir(part.base) / 'child.log'}")
+            ev_stage = stage or {"index": failure.get("index"), "type": failure.get("type")}
+            line.events.emit("stage/failed", part.base, stage=ev_stage, failure_class="deterministic",
+                             message=message)
+            rec = error_record(ev_stage, "deterministic", message, retries=part.name.retry,
+                               tb=failure.get("traceback"), exception=failure.get("exception"))
+            transitions.rework(line, part, rec)
+
+    def _infra(self, ch: Running, message: str, tb: str | None = None) -> None:
+        self.line.events.emit("stage/failed", ch.part.base, stage=ch.stage,
+                              failure_class="infrastructure", message=message)
+        transitions.infrastructure_failure(self.line, ch.part, stage=ch.stage, message=message, tb=tb)
+
+    def _result(self, ch: Running) -> dict:
+        ckpt = durable.read_json(self.line.layout.work_dir(ch.part.base) / "checkpoint.json")
+        peaks = {c["index"]: c.get("peak_rss_mb") for c in ch.completed}
+        stages = [{**s, "peak_rss_mb": peaks.get(s["index"])} for s in ckpt["stages"]]
+        return {
+            "completed_at": utc_now(),
+            "part": ch.part.base,
+            "retries": ch.part.name.retry,
+            "alloy_sha256": ckpt["alloy_sha256"],
+            "elapsed_s": round(time.monotonic() - ch.started, 3),
+            "work_dir": str(self.line.layout.work_dir(ch.part.base)),
+            "node": self.cfg.node.name,
+            "versions": self.beat.versions,
+            "stages": stages,
+        }
+
+    # -- heartbeat ----------------------------------------------------------------
+
+    def set_state(self, state: hb.State) -> None:
+        self.beat.state = state
+        self.beat_now()
+        self.notifier.status(self.status_line())
+
+    def beat_now(self) -> None:
+        hb.write(self.line.layout.heartbeat, self.beat)
+        self.next_beat = time.monotonic() + self.cfg.daemon.heartbeat_interval_seconds
+
+    def status_line(self) -> str:
+        b = self.beat
+        if b.state == "building" and b.part:
+            st = f" stage {b.stage['index']} {b.stage['type']}" if b.stage else ""
+            return f"building {b.part}{st}"
+        return b.state
+
+
+def run(root: Path, *, mode: Mode = "forever") -> int:
+    return Daemon(root, mode=mode).run()
+
+

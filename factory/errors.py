@@ -1,0 +1,63 @@
+"""Every error the foreman can report, with the exit code the CLI maps it to.
+
+The CLI prints an expected error as one line and exits with its code, so
+scripts can branch on the code and people read the message. Messages name the
+file, key or part, the bad value, and what to do next.
+"""
+
+from __future__ import annotations
+
+
+class FactoryError(Exception):
+    """Base class: an expected failure with a one-line message."""
+
+    exit_code = 1
+
+
+class BadInput(FactoryError, ValueError):
+    """The user gave something unusable: a bad alloy, name or argument."""
+
+    exit_code = 2
+
+
+class PartNotFound(FactoryError, LookupError):
+    """No part of that name sits in the station the command needs."""
+
+    exit_code = 3
+
+
+class Conflict(FactoryError):
+    """The request clashes with the line's state: a name already taken,
+    a part in the wrong station, or a root whose worker lock is held."""
+
+    exit_code = 4
+
+
+class LineEnvironmentError(FactoryError, OSError):
+    """The root cannot host a line as laid out (e.g. stations on two
+    filesystems, so a rename would not be atomic)."""
+
+    exit_code = 5
+
+
+class NodeConfigError(FactoryError):
+    """factory_node.toml is unreadable or invalid.
+
+    Exit code 78 is sysexits' EX_CONFIG: the systemd unit lists it in
+    RestartPreventExitStatus, so a bad config does not restart-loop.
+    """
+
+    exit_code = 78
+
+
+class StopRequested(Exception):
+    """Raised inside a stage at a safe point after the worker was asked to
+    stop (SIGTERM): the part goes back to intake without spending a retry."""
+
+
+class StageFailed(Exception):
+    """A stage hit a deterministic problem (bad parameters, missing input).
+
+    Running it again would fail the same way, so the part goes to rework
+    without retries. The message must say what to change.
+    """

@@ -1,0 +1,179 @@
+"""Getting parts onto the line: enqueue, hand-dropped adoption, and the gate.
+
+Two ways in, one gate. `factory enqueue` stages the bytes in line/.incoming
+and renames them into intake/ under the line lock (atomic, never replacing a
+name that exists anywhere on the line). A file copied straight into intake/
+by hand may still be growing (cp is not atomic), so the daemon adopts it only
+once it has settled, then gives it a ticket. Either way the alloy passes the
+gate (parse + schema) first; a bad one goes to rework/ with error.json and
+nothing is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory import durable
+from factory.errors import BadInput, Conflict
+from factory.events import utc_now
+from factory.line import Line, Part
+from factory.outcomes import error_record
+from factory.protocol import ERROR, TICKET, PartName, base_from_filename, check_base
+
+
+@dataclass(frozen=True)
+class GateResult:
+    ok: bool
+    priority: int
+    problems: list[dict]  # [{"level", "path", "value", "message", "fix"}]
+
+    def summary(self) -> str:
+        if self.ok:
+            return "ok"
+        first = self.problems[0]
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return f"{first['path']}: {first['message']}; fix: {first['fix']}{more}"
+
+
+def gate(raw: bytes, *, file_name: str) -> GateResult:
+    """Parse + schema check of an alloy's bytes (no model is touched)."""
+    from factory.validation import check_bytes  # pydantic models: loaded on first use
+
+    report = check_bytes(raw, file_name=file_name)
+    problems = [
+        {"level": f.level, "path": f.path, "value": f.value, "message": f.message, "fix": f.fix}
+        for f in report.findings
+    ]
+    priority = 0
+    if report.alloy is not None:
+        priority = int(getattr(report.alloy, "priority", None) or 0)
+    return GateResult(ok=report.ok, priority=priority, problems=problems)
+
+
+def reject(line: Line, part: Part, result: GateResult) -> Part:
+    """Send a part that failed the gate to rework with a readable error.json."""
+    rec = error_record({"type": "intake", "index": None}, "deterministic",
+                        f"{part.path.name} is not a valid alloy: {result.summary()}",
+                        retries=part.name.retry, problems=result.problems)
+    with line.locked():
+        moved = line.finish(part, "rework", ERROR, rec)
+    line.events.emit("part/rejected", part.base, station="rework", message=rec["message"],
+                     problems=result.problems)
+    line.record_outcome(moved, "rejected")
+    return moved
+
+
+def _ticket(priority: int, origin: str) -> dict:
+    return {"enqueued_at": utc_now(), "priority": priority, "origin": origin, "not_before": None}
+
+
+def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
+    """Put a copy of `src` onto the line as a new part.
+
+    Returns the part (in intake/, or in rework/ when the gate refused it:
+    the caller reports that). Raises Conflict when the name is taken.
+    """
+    raw = src.read_bytes()
+    base = name or base_from_filename(src.name)
+    why = check_base(base)
+    if why:
+        raise BadInput(f"{src}: part name {base!r} {why}; pass --as NAME to choose another")
+    pn = PartName(base)
+    result = gate(raw, file_name=src.name)
+    # Stage durably under hidden tmp names: a crash leaves only files the
+    # recovery sweep deletes, never a half-written part in intake/.
+    staged_alloy = durable.tmp_path_for(Path(pn.filename), directory=line.layout.incoming)
+    staged_ticket = durable.tmp_path_for(Path(pn.sidecar(TICKET)), directory=line.layout.incoming)
+    durable.write_bytes(staged_alloy, raw)
+    durable.write_json(staged_ticket, _ticket(result.priority, "enqueue"))
+    try:
+        with line.locked():
+            # RACE: the name check and both renames happen under the line
+            # lock, so two enqueuers (or a concurrent move) cannot both win.
+            where = line.base_taken(base)
+            if where is not None:
+                raise Conflict(f"{src}: a part named {base!r} is already on the line (in {where}/); "
+                               "enqueue it under another name with --as NAME")
+            intake = line.layout.intake
+            # Alloy first, ticket second: a crash between leaves an alloy
+            # without a ticket, which the daemon adopts like a hand drop.
+            durable.move(staged_alloy, intake / pn.filename)
+            durable.move(staged_ticket, intake / pn.sidecar(TICKET))
+    finally:
+        staged_alloy.unlink(missing_ok=True)
+        staged_ticket.unlink(missing_ok=True)
+    part = Part(pn, "intake", line.layout.intake / pn.filename)
+    line.events.emit("part/enqueued", base, origin="enqueue", priority=result.priority,
+                     bytes=len(raw), source=str(src))
+    if not result.ok:
+        return reject(line, part, result)
+    return part
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    since: float
+
+
+class Adopter:
+    """Decides when a hand-dropped alloy (no ticket) is complete.
+
+    A file is adopted once its (size, mtime) held still for `settle` seconds,
+    or at once after inotify reported it closed-after-write or renamed in.
+    Correctness never depends on the event: the settle rule alone suffices.
+    """
+
+    def __init__(self, line: Line, settle: float) -> None:
+        self.line = line
+        self.settle = settle
+        self.seen: dict[str, _Seen] = {}
+        self.closed: set[str] = set()  # file names inotify saw complete
+
+    def note_complete(self, filename: str) -> None:
+        self.closed.add(filename)
+
+    def pending(self, now: float) -> list[Part]:
+        """Unticketed parts in intake that are ready for adoption now."""
+        ready = []
+        present = set()
+        for part in self.line.parts("intake"):
+            if part.sidecar_path(TICKET).exists():
+                continue
+            present.add(part.path.name)
+            try:
+                st = part.path.stat()
+            except FileNotFoundError:
+                continue
+            prev = self.seen.get(part.path.name)
+            if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                self.seen[part.path.name] = prev = _Seen(st.st_size, st.st_mtime_ns, now)
+                if part.path.name not in self.closed:
+                    continue
+            if part.path.name in self.closed or now - prev.since >= self.settle:
+                ready.append(part)
+        for gone in set(self.seen) - present:
+            self.seen.pop(gone, None)
+        self.closed &= present
+        return ready
+
+    def next_check_in(self, now: float) -> float | None:
+        waits = [self.settle - (now - s.since) for s in self.seen.values()]
+        return max(0.0, min(waits)) if waits else None
+
+    def adopt(self, part: Part) -> Part:
+        raw = part.path.read_bytes()
+        result = gate(raw, file_name=part.path.name)
+        with self.line.locked():
+            # RACE: an enqueuer may have written the ticket since our scan.
+            if part.sidecar_path(TICKET).exists() or not part.path.exists():
+                return part
+            durable.write_json(part.sidecar_path(TICKET), _ticket(result.priority, "dropped"))
+        self.seen.pop(part.path.name, None)
+        self.line.events.emit("part/enqueued", part.base, origin="dropped", priority=result.priority,
+                              bytes=len(raw))
+        if not result.ok:
+            return reject(self.line, part, result)
+        return part

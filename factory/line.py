@@ -1,0 +1,188 @@
+"""The line: parts as files, stations as directories, moves as renames.
+
+A part's state is the directory its alloy file sits in. Every move and every
+enqueue happens under the line lock (a flock held for milliseconds), so the
+"is this name anywhere on the line?" check cannot race with a move. A part's
+bundle is its alloy plus every `<base>.<tag>.json` sidecar in the same
+station; sidecars move first and the alloy last, so a reader who sees the
+alloy in a station sees its sidecars there too.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory import durable, locks
+from factory.errors import BadInput, Conflict, LineEnvironmentError, PartNotFound
+from factory.events import EventLog, utc_now
+from factory.nodeconfig import NodeConfig, load_node_config
+from factory.protocol import (
+    ERROR, SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    name: PartName
+    station: str
+    path: Path
+
+    @property
+    def base(self) -> str:
+        return self.name.base
+
+    def sidecar_path(self, tag: str) -> Path:
+        return self.path.with_name(self.name.sidecar(tag))
+
+    def read_sidecar(self, tag: str) -> dict | None:
+        try:
+            return durable.read_json(self.sidecar_path(tag))
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+class Line:
+    """One root's line. Cheap to construct; holds no locks between calls."""
+
+    def __init__(self, root: Path, config: NodeConfig | None = None) -> None:
+        self.root = Path(root).absolute()
+        self.layout = Layout(self.root)
+        self.config = config if config is not None else load_node_config(self.layout.node_config)
+        d = self.config.daemon
+        self.events = EventLog(self.layout.events, max_bytes=d.events_max_bytes, keep=d.events_keep)
+
+    # -- layout ---------------------------------------------------------------
+
+    def create(self) -> None:
+        for d in self.layout.all_dirs():
+            d.mkdir(parents=True, exist_ok=True)
+        durable.fsync_dir(self.layout.line)
+        durable.fsync_dir(self.root)
+
+    def require_layout(self) -> None:
+        missing = [d for d in self.layout.all_dirs() if not d.is_dir()]
+        if missing:
+            raise BadInput(f"{self.root} is not a factory root (missing {missing[0]}); "
+                           f"create it with: factory init {self.root}")
+
+    def check_one_filesystem(self) -> None:
+        """Renames are atomic only within one filesystem: refuse a split line."""
+        devs = {self.layout.station(s): self.layout.station(s).stat().st_dev
+                for s in (*STATIONS, "incoming")}
+        if len(set(devs.values())) > 1:
+            first = next(iter(devs))
+            odd = next(p for p, d in devs.items() if d != devs[first])
+            raise LineEnvironmentError(
+                f"{odd} is on a different filesystem than {first}: moves between stations would "
+                "not be atomic; put every station directory under line/ on one filesystem"
+            )
+
+    def locked(self):
+        return locks.held(self.layout.line_lock)
+
+    # -- reading --------------------------------------------------------------
+
+    def parts(self, station: str) -> list[Part]:
+        d = self.layout.station(station)
+        out = []
+        for entry in os.scandir(d):
+            name = parse_part(entry.name)
+            if name and entry.is_file():
+                out.append(Part(name, station, Path(entry.path)))
+        return sorted(out, key=lambda p: p.name)
+
+    def find(self, base: str) -> Part | None:
+        for station in SCAN_ORDER:
+            if station == "incoming":
+                continue
+            for p in self.parts(station):
+                if p.base == base:
+                    return p
+        return None
+
+    def get(self, name: str) -> Part:
+        """A part by base name or file name, or PartNotFound."""
+        parsed = parse_part(name)
+        base = parsed.base if parsed else name
+        part = self.find(base)
+        if part is None:
+            raise PartNotFound(f"no part named {base!r} on the line at {self.root}; "
+                               "see `factory list` for the names")
+        return part
+
+    def base_taken(self, base: str) -> str | None:
+        """The station holding any file of `base`, or None."""
+        for station in SCAN_ORDER:
+            for entry in os.scandir(self.layout.station(station)):
+                if base_of(entry.name) == base:
+                    return station
+        return None
+
+    def bundle(self, part: Part) -> list[Path]:
+        """The part's sidecars in its station (the alloy itself excluded)."""
+        d = part.path.parent
+        return sorted(p for p in d.glob(glob_escape(part.base) + ".*")
+                      if p != part.path and base_of(p.name) == part.base and parse_part(p.name) is None)
+
+    # -- moving (callers hold the line lock) ----------------------------------
+
+    def move(self, part: Part, station: str, *, name: PartName | None = None) -> Part:
+        """Move a whole bundle, sidecars first, alloy last."""
+        dst_dir = self.layout.station(station)
+        name = name or part.name
+        for side in self.bundle(part):
+            target = dst_dir / side.name
+            if target.exists():  # a stale copy left by a crash mid-move: ours is newer
+                os.unlink(target)
+            durable.move(side, target)
+        dst = dst_dir / name.filename
+        durable.move(part.path, dst)
+        return Part(name, station, dst)
+
+    def write_sidecar(self, part: Part, tag: str, obj: dict, *, station: str | None = None) -> Path:
+        d = self.layout.station(station) if station else part.path.parent
+        path = d / part.name.sidecar(tag)
+        durable.write_json(path, obj)
+        return path
+
+    def finish(self, part: Part, station: str, tag: str, record: dict) -> Part:
+        """Write the terminal sidecar into the destination first (durable),
+        then move the bundle: a reader never sees a terminal alloy without it."""
+        self.write_sidecar(part, tag, record, station=station)
+        return self.move(part, station)
+
+    # -- tickets --------------------------------------------------------------
+
+    def ticket(self, part: Part) -> dict:
+        return part.read_sidecar(TICKET) or {}
+
+    def order_key(self, part: Part) -> tuple:
+        """Claim order: higher alloy priority first, then oldest enqueue."""
+        t = self.ticket(part)
+        return (-int(t.get("priority", 0)), t.get("enqueued_at", "~"), part.base)
+
+    def eligible(self, part: Part, now_iso: str | None = None) -> bool:
+        """A ticketed part whose retry backoff (if any) has expired."""
+        t = part.read_sidecar(TICKET)
+        if t is None:
+            return False
+        nb = t.get("not_before")
+        return not nb or nb <= (now_iso or utc_now())
+
+    def queue(self) -> list[Part]:
+        return sorted(self.parts("intake"), key=self.order_key)
+
+    # -- throughput -----------------------------------------------------------
+
+    def record_outcome(self, part: Part, outcome: str, **fields) -> None:
+        line = {"ts": utc_now(), "part": part.base, "outcome": outcome, "retry": part.name.retry, **fields}
+        with locks.held(self.events.lock_path):
+            durable.append_line(self.layout.throughput, (json.dumps(line, default=str) + "\n").encode())
+
+
+def glob_escape(s: str) -> str:
+    return glob.escape(s)

@@ -1,0 +1,180 @@
+"""The on-disk protocol: every path and file name of a line, in one place.
+
+Other programs read a root's directories without importing this package, so
+everything here is specified in docs/FACTORY-PROTOCOL.md and the two must
+change together (bump PROTOCOL_VERSION for incompatible changes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PROTOCOL_VERSION = 1
+
+STATIONS = ("intake", "assembly", "finished", "rework", "deferred")
+TERMINAL_STATIONS = ("finished", "rework")
+# Scan order for "is this name anywhere on the line": the forward direction of
+# the state machine, so a part moving forward during a scan is still seen.
+SCAN_ORDER = ("incoming", "intake", "deferred", "assembly", "finished", "rework")
+
+ALLOY_SUFFIX = ".alloy.json"
+
+# Sidecar tags the factory itself writes. Other tools may add their own
+# `<base>.x-<word>.json`; every `<base>.<tag>.json` moves with the part.
+TICKET = "ticket"  # enqueue time, priority, origin
+RESULT = "result"  # finished sidecar
+ERROR = "error"  # failure record (rework, or last failure before a retry)
+CANCEL = "cancel"  # a foreman's request to cancel a running part
+
+# A base is a file-name-safe word that may contain dots (published alloys do:
+# "qwen3.5-4b-code-forged"). It never ends in ".retry<N>", which is reserved.
+_BASE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}?"
+_PART_RE = re.compile(rf"^(?P<base>{_BASE})(?:\.retry(?P<retry>[1-9][0-9]*))?\.alloy\.json$")
+_SIDECAR_RE = re.compile(r"^(?P<base>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<tag>[a-z][a-z0-9_-]*)\.json$")
+_RETRY_TAIL = re.compile(r"\.retry[0-9]+$")
+
+
+@dataclass(frozen=True, order=True)
+class PartName:
+    """A part's identity (`base`) and how many retries it has spent."""
+
+    base: str
+    retry: int = 0
+
+    @property
+    def filename(self) -> str:
+        tail = f".retry{self.retry}" if self.retry else ""
+        return f"{self.base}{tail}{ALLOY_SUFFIX}"
+
+    def sidecar(self, tag: str) -> str:
+        return f"{self.base}.{tag}.json"
+
+    def with_retry(self, retry: int) -> "PartName":
+        return PartName(self.base, retry)
+
+
+def parse_part(filename: str) -> PartName | None:
+    """The part a file name denotes, or None if it is not an alloy file."""
+    m = _PART_RE.match(filename)
+    if not m or _RETRY_TAIL.search(m["base"]):
+        return None
+    return PartName(m["base"], int(m["retry"] or 0))
+
+
+def parse_sidecar(filename: str) -> tuple[str, str] | None:
+    """(base, tag) of a sidecar file name, or None. Alloy files are not sidecars."""
+    if filename.endswith(ALLOY_SUFFIX):
+        return None
+    m = _SIDECAR_RE.match(filename)
+    return (m["base"], m["tag"]) if m else None
+
+
+def base_of(filename: str) -> str | None:
+    """The part base any bundle member belongs to."""
+    part = parse_part(filename)
+    if part:
+        return part.base
+    side = parse_sidecar(filename)
+    return side[0] if side else None
+
+
+def check_base(base: str) -> str | None:
+    """Why `base` is not a valid part name, or None when it is."""
+    if not re.fullmatch(_BASE, base):
+        return ("must start with a letter or digit and use only letters, digits, '.', '_' and '-' "
+                "(at most 200 characters)")
+    if _RETRY_TAIL.search(base):
+        return "must not end in '.retry<N>' (reserved for retry names)"
+    return None
+
+
+def base_from_filename(filename: str) -> str:
+    """The base an enqueued file gets: its name without `.alloy.json` / `.json`."""
+    part = parse_part(filename)
+    if part:
+        return part.base
+    return filename[: -len(".json")] if filename.endswith(".json") else filename
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of one root lives."""
+
+    root: Path
+
+    @property
+    def line(self) -> Path:
+        return self.root / "line"
+
+    def station(self, name: str) -> Path:
+        if name == "incoming":
+            return self.incoming
+        if name not in STATIONS:
+            raise ValueError(f"unknown station {name!r}; stations are {', '.join(STATIONS)}")
+        return self.line / name
+
+    @property
+    def intake(self) -> Path:
+        return self.line / "intake"
+
+    @property
+    def assembly(self) -> Path:
+        return self.line / "assembly"
+
+    @property
+    def finished(self) -> Path:
+        return self.line / "finished"
+
+    @property
+    def rework(self) -> Path:
+        return self.line / "rework"
+
+    @property
+    def deferred(self) -> Path:
+        return self.line / "deferred"
+
+    @property
+    def incoming(self) -> Path:
+        """Staging dir for atomic enqueue: files are written here, then renamed."""
+        return self.line / ".incoming"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.line / ".heartbeat.json"
+
+    @property
+    def worker_lock(self) -> Path:
+        return self.line / ".worker.lock"
+
+    @property
+    def line_lock(self) -> Path:
+        """Serialises moves and enqueues between processes (held for milliseconds)."""
+        return self.line / ".line.lock"
+
+    @property
+    def events(self) -> Path:
+        return self.line / "events.jsonl"
+
+    @property
+    def throughput(self) -> Path:
+        return self.line / "throughput.jsonl"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def work_dir(self, base: str) -> Path:
+        return self.work / base
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    @property
+    def node_config(self) -> Path:
+        return self.root / "factory_node.toml"
+
+    def all_dirs(self) -> list[Path]:
+        return [self.line, *(self.station(s) for s in STATIONS), self.incoming, self.work, self.calibration]

@@ -1,0 +1,96 @@
+"""The recovery sweep: makes a root consistent after any crash. Idempotent.
+
+Run by the daemon at start-up (holding the worker lock) and by
+`factory recover`. In order:
+
+1. delete temporary files whose writer is dead;
+2. reunite bundles split by a crash mid-move: a part caught between
+   assembly/ and a terminal station whose terminal sidecar is already there
+   is rolled forward (the work was done); any other stray sidecar rejoins
+   its alloy;
+3. parts left in assembly/ (their worker died) go back to intake/ as
+   `.retry<N+1>`, or to rework/ once [forge] max_retries is spent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from factory import durable, transitions
+from factory.heartbeat import pid_alive
+from factory.line import Line, Part
+from factory.protocol import ERROR, RESULT, STATIONS, base_of, parse_part
+
+_ROLL_FORWARD = {"finished": RESULT, "rework": ERROR}
+
+
+def _sweep_tmp(line: Line) -> list[str]:
+    removed = []
+    for d in [*(line.layout.station(s) for s in STATIONS), line.layout.incoming]:
+        for entry in os.scandir(d):
+            owner = durable.tmp_owner(entry.name)
+            if owner is None or owner == os.getpid() or (owner and pid_alive(owner)):
+                continue  # not temporary, or its writer is still writing
+            os.unlink(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _reunite(line: Line) -> list[str]:
+    alloys: dict[str, Part] = {}
+    strays: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for station in STATIONS:
+        for entry in os.scandir(line.layout.station(station)):
+            part = parse_part(entry.name)
+            if part:
+                alloys[part.base] = Part(part, station, Path(entry.path))
+            elif base_of(entry.name):
+                strays[base_of(entry.name)].append((station, Path(entry.path)))
+    actions = []
+    for base, files in strays.items():
+        part = alloys.get(base)
+        if part is None:
+            actions.append(f"orphan sidecars of {base!r} left in place: {[str(p) for _, p in files]}")
+            continue
+        for station, path in files:
+            if station == part.station:
+                continue
+            tag = path.name[len(base) + 1:-len(".json")]
+            if part.station == "assembly" and _ROLL_FORWARD.get(station) == tag:
+                part = line.move(part, station)
+                actions.append(f"rolled {base!r} forward into {station}/")
+            else:
+                target = part.path.parent / path.name
+                if target.exists():
+                    os.unlink(path)  # the alloy's station has the newer copy
+                else:
+                    durable.move(path, target)
+                actions.append(f"moved stray {path.name} to {part.station}/")
+    return actions
+
+
+def sweep(line: Line) -> list[str]:
+    """Run the sweep; returns one line per action taken (for the log and the CLI)."""
+    with line.locked():
+        actions = [f"removed temporary file {p}" for p in _sweep_tmp(line)]
+        actions += _reunite(line)
+    for part in line.parts("assembly"):
+        stage = _last_stage(line, part)
+        moved = transitions.infrastructure_failure(
+            line, part, stage=stage, kind="part/recovered",
+            message="the worker stopped while this part was in assembly/ (crash, kill or reboot)")
+        actions.append(f"recovered {part.base!r} to {moved.station}/{moved.path.name}")
+    return actions
+
+
+def _last_stage(line: Line, part: Part) -> dict | None:
+    """The stage the part was in: the first one its checkpoint lacks."""
+    try:
+        ckpt = durable.read_json(line.layout.work_dir(part.base) / "checkpoint.json")
+        alloy = durable.read_json(part.path)
+        i = len(ckpt.get("stages", []))
+        return {"index": i, "type": alloy["stages"][i].get("type")}
+    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None

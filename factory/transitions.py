@@ -1,0 +1,138 @@
+"""Every move of a part between stations, with its record and its event.
+
+The daemon, the recovery sweep and the foreman commands all move parts
+through these functions, so each transition writes the same sidecars and
+events wherever it starts. Each takes the line lock and re-checks that the
+part is still where the caller saw it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from factory.errors import Conflict
+from factory.events import utc_now
+from factory.line import Line, Part
+from factory.outcomes import backoff_seconds, error_record
+from factory.protocol import CANCEL, ERROR, RESULT, TICKET, PartName
+
+
+def _still_there(part: Part) -> None:
+    if not part.path.exists():
+        raise Conflict(f"part {part.base!r} moved while this command ran (was {part.path}); "
+                       "look again with `factory list`")
+
+
+def claim(line: Line, part: Part) -> Part | None:
+    """intake -> assembly; None when another process moved it first."""
+    with line.locked():
+        if not part.path.exists():
+            return None  # RACE: cancelled, deferred or claimed since the scan: not an error
+        claimed = line.move(part, "assembly")
+    line.events.emit("part/claimed", part.base, retry=part.name.retry)
+    return claimed
+
+
+def finish(line: Line, part: Part, result: dict) -> Part:
+    """assembly -> finished, result.json written into finished/ first."""
+    with line.locked():
+        _still_there(part)
+        done = line.finish(part, "finished", RESULT, result)
+    line.events.emit("part/finished", part.base, retry=part.name.retry,
+                     elapsed_s=result.get("elapsed_s"))
+    line.record_outcome(done, "finished", elapsed_s=result.get("elapsed_s"))
+    return done
+
+
+def rework(line: Line, part: Part, record: dict, *, kind: str = "part/rework") -> Part:
+    """Any station -> rework, error.json written into rework/ first."""
+    with line.locked():
+        _still_there(part)
+        part.sidecar_path(CANCEL).unlink(missing_ok=True)  # honoured, or moot now
+        moved = line.finish(part, "rework", ERROR, record)
+    line.events.emit(kind, part.base, retry=part.name.retry, failure_class=record["class"],
+                     message=record["message"], stage=record.get("stage"))
+    line.record_outcome(moved, "cancelled" if kind == "part/cancelled" else "rework",
+                        failure_class=record["class"])
+    return moved
+
+
+def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, message: str,
+                           tb: str | None = None, kind: str = "part/retried") -> Part:
+    """Retry as `<base>.retry<N+1>` after a backoff, or rework once retries are spent."""
+    cfg = line.config.forge
+    n = part.name.retry + 1
+    if n > cfg.max_retries:
+        rec = error_record(stage, "infrastructure",
+                           f"{message}; gave up after {cfg.max_retries} retries "
+                           "(fix the node, then `factory retry " + part.base + "`)",
+                           retries=part.name.retry, tb=tb)
+        return rework(line, part, rec)
+    wait = backoff_seconds(cfg.retry_backoff_seconds, n)
+    not_before = (datetime.now(timezone.utc) + timedelta(seconds=wait)).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+    rec = error_record(stage, "infrastructure", message, retries=n, tb=tb, retry_not_before=not_before)
+    with line.locked():
+        _still_there(part)
+        line.write_sidecar(part, ERROR, rec)
+        ticket = line.ticket(part)
+        line.write_sidecar(part, TICKET, {**ticket, "not_before": not_before})
+        moved = line.move(part, "intake", name=part.name.with_retry(n))
+    line.events.emit(kind, part.base, retry=n, reason=message, not_before=not_before, stage=stage)
+    return moved
+
+
+def release(line: Line, part: Part, *, reason: str) -> Part:
+    """assembly -> intake under the same name: no retry spent (graceful stop)."""
+    with line.locked():
+        _still_there(part)
+        moved = line.move(part, "intake")
+    line.events.emit("part/released", part.base, retry=part.name.retry, reason=reason)
+    return moved
+
+
+def foreman_retry(line: Line, part: Part) -> Part:
+    """rework -> intake as a fresh part: retries reset, queued at the back."""
+    if part.station != "rework":
+        raise Conflict(f"part {part.base!r} is in {part.station}/, not rework/; only reworked parts are retried")
+    with line.locked():
+        _still_there(part)
+        ticket = line.ticket(part)
+        line.write_sidecar(part, TICKET, {**ticket, "enqueued_at": utc_now(), "not_before": None})
+        moved = line.move(part, "intake", name=PartName(part.base))
+    line.events.emit("part/retried", part.base, retry=0, reason="foreman retry", previous_retry=part.name.retry)
+    return moved
+
+
+def defer(line: Line, part: Part) -> Part:
+    if part.station != "intake":
+        raise Conflict(f"part {part.base!r} is in {part.station}/; only parts waiting in intake/ can be deferred")
+    with line.locked():
+        _still_there(part)
+        moved = line.move(part, "deferred")
+    line.events.emit("part/deferred", part.base)
+    return moved
+
+
+def resume(line: Line, part: Part) -> Part:
+    if part.station != "deferred":
+        raise Conflict(f"part {part.base!r} is in {part.station}/, not deferred/; nothing to resume")
+    with line.locked():
+        _still_there(part)
+        moved = line.move(part, "intake")
+    line.events.emit("part/resumed", part.base)
+    return moved
+
+
+def cancel_waiting(line: Line, part: Part) -> Part:
+    """intake/deferred -> rework with class cancelled."""
+    rec = error_record(None, "cancelled", "cancelled by a foreman before it ran",
+                       retries=part.name.retry)
+    return rework(line, part, rec, kind="part/cancelled")
+
+
+def request_cancel(line: Line, part: Part) -> None:
+    """Ask the daemon to stop a running part: a cancel sidecar in assembly/."""
+    with line.locked():
+        _still_there(part)
+        line.write_sidecar(part, CANCEL, {"requested_at": utc_now()})
