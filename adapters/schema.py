@@ -60,6 +60,9 @@ class ConfigKeys(_Frozen):
     vocab_size: tuple[str, ...] = ("vocab_size",)
     tie_word_embeddings: tuple[str, ...] = ("tie_word_embeddings",)
     layer_types: tuple[str, ...] = ("layer_types",)
+    extra_layers: tuple[str, ...] = ("num_nextn_predict_layers",)
+    """Decoder layers saved past ``num_hidden_layers`` (DeepSeek-V3's
+    multi-token-prediction layer), so the geometry check does not flag them."""
     expert_count: tuple[str, ...] = ()
     top_k: tuple[str, ...] = ()
     moe_intermediate_size: tuple[str, ...] = ()
