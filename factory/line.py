@@ -136,8 +136,12 @@ class Line:
         name = name or part.name
         for side in self.bundle(part):
             target = dst_dir / side.name
-            if target.exists():  # a stale copy left by a crash mid-move: ours is newer
-                os.unlink(target)
+            if target.exists():
+                # The destination's copy was written there on purpose (the
+                # terminal record, see finish()) or by an interrupted move:
+                # it is the newer one.
+                os.unlink(side)
+                continue
             durable.move(side, target)
         dst = dst_dir / name.filename
         durable.move(part.path, dst)

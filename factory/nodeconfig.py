@@ -33,17 +33,26 @@ class NodeSection(_Section):
     roles: list[Literal["forge", "ship", "eval"]] = ["forge"]
 
 
-class ColdTier(_Section):
-    path: Path
+class TierSection(_Section):
+    # None for the hot tier means "the root's own filesystem".
+    path: Path | None = None
+    # Below this much free space the tier counts as full (doctor warns,
+    # cleanup will not evict into it).
     min_free_gb: float = Field(default=50.0, ge=0)
+    # Declared speeds, for people and for estimating offload time.
     read_mb_s: float | None = Field(default=None, gt=0)
     write_mb_s: float | None = Field(default=None, gt=0)
+    # What the operator expects; doctor warns when the mount says otherwise.
     fs_type: str | None = None
 
 
+class ColdTier(TierSection):
+    path: Path
+
+
 class StorageSection(_Section):
-    # Hot tier: where work dirs live (fast local disk). Defaults to the root.
-    hot: Path | None = None
+    # Hot tier: the root's fast local disk (the line and work/ live there).
+    hot: TierSection = TierSection(min_free_gb=20.0)
     cold: list[ColdTier] = []
 
 
@@ -83,7 +92,7 @@ class NodeConfig(_Section):
     protocol: ProtocolSection = ProtocolSection()
 
     def hot_dir(self, root: Path) -> Path:
-        return self.storage.hot or root
+        return self.storage.hot.path or root
 
 
 def _dotted(loc: tuple) -> str:

@@ -44,10 +44,20 @@ def finish(line: Line, part: Part, result: dict) -> Part:
     return done
 
 
+def _with_history(part: Part, record: dict) -> dict:
+    """Keep earlier failures of this part (one line each) in the new record."""
+    old = part.read_sidecar(ERROR)
+    if not old:
+        return record
+    earlier = old.get("history", []) + [{k: old.get(k) for k in ("failed_at", "class", "stage", "message")}]
+    return {**record, "history": earlier}
+
+
 def rework(line: Line, part: Part, record: dict, *, kind: str = "part/rework") -> Part:
     """Any station -> rework, error.json written into rework/ first."""
     with line.locked():
         _still_there(part)
+        record = _with_history(part, record)
         part.sidecar_path(CANCEL).unlink(missing_ok=True)  # honoured, or moot now
         moved = line.finish(part, "rework", ERROR, record)
     line.events.emit(kind, part.base, retry=part.name.retry, failure_class=record["class"],
@@ -74,7 +84,7 @@ def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, messag
     rec = error_record(stage, "infrastructure", message, retries=n, tb=tb, retry_not_before=not_before)
     with line.locked():
         _still_there(part)
-        line.write_sidecar(part, ERROR, rec)
+        line.write_sidecar(part, ERROR, _with_history(part, rec))
         ticket = line.ticket(part)
         line.write_sidecar(part, TICKET, {**ticket, "not_before": not_before})
         moved = line.move(part, "intake", name=part.name.with_retry(n))

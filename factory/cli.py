@@ -1,0 +1,356 @@
+"""The foreman: one `factory` command, many subcommands.
+
+Expected failures print one line on stderr and exit with the error's code
+(factory/errors.py): 0 ok, 1 failure, 2 bad input, 3 no such part,
+4 conflict (name taken, wrong station, root held by a live worker),
+5 unusable root, 78 bad node config. Every read command takes --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from factory.errors import BadInput, Conflict, FactoryError
+
+EXIT_OK = 0
+
+
+def _root(args) -> Path:
+    root = args.root or os.environ.get("FACTORY_ROOT")
+    if not root:
+        raise BadInput("no root given: pass --root ROOT or set FACTORY_ROOT")
+    return Path(root).absolute()
+
+
+def _line(args):
+    from factory.line import Line
+
+    line = Line(_root(args))
+    line.require_layout()
+    return line
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    from factory.line import Line
+    from factory.nodeconfig import load_node_config
+
+    root = Path(args.dir or _root(args)).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "factory_node.toml"
+    if not cfg_path.exists():
+        from factory import durable
+
+        durable.write_bytes(cfg_path, _starter_config(root).encode(), overwrite=False)
+    line = Line(root, load_node_config(cfg_path))
+    line.create()
+    line.check_one_filesystem()
+    print(f"initialised factory root {root}")
+    return EXIT_OK
+
+
+def _starter_config(root: Path) -> str:
+    """A minimal node config; every other key keeps its documented default
+    (factory_node.toml.example in the repository lists them all)."""
+    import socket
+
+    from factory.protocol import PROTOCOL_VERSION
+
+    return (f"# forge-factory node config for {root}\n"
+            "# All keys and defaults: factory_node.toml.example in the forge-factory repository.\n\n"
+            f"[node]\nname = {json.dumps(socket.gethostname())}\nroles = [\"forge\"]\n\n"
+            f"[protocol]\nversion = {PROTOCOL_VERSION}\n")
+
+
+def cmd_run(args) -> int:
+    from factory.daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # watchdog logs a harmless error when an event races observer.stop().
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+    mode = "once" if args.once else "until-empty" if args.until_empty else "forever"
+    return Daemon(_root(args), mode=mode).run()
+
+
+def cmd_enqueue(args) -> int:
+    from factory.intake import enqueue
+
+    line = _line(args)
+    if args.as_name and len(args.files) > 1:
+        raise BadInput("--as names one part: enqueue one file at a time with it")
+    worst = EXIT_OK
+    for f in args.files:
+        src = Path(f)
+        if not src.is_file():
+            raise BadInput(f"{src}: no such file")
+        part = enqueue(line, src, name=args.as_name)
+        if part.station == "rework":
+            err = part.read_sidecar("error") or {}
+            print(f"{src}: rejected, in rework/{part.path.name}: {err.get('message')}", file=sys.stderr)
+            worst = BadInput.exit_code
+        else:
+            print(f"enqueued {part.base} -> {part.path}")
+    return worst
+
+
+def cmd_list(args) -> int:
+    from factory.protocol import STATIONS
+
+    line = _line(args)
+    stations = [args.station] if args.station else list(STATIONS)
+    rows = []
+    for s in stations:
+        for p in line.parts(s):
+            t = line.ticket(p)
+            rows.append({"part": p.base, "station": s, "retry": p.name.retry, "file": p.path.name,
+                         "enqueued_at": t.get("enqueued_at"), "priority": t.get("priority", 0),
+                         "not_before": t.get("not_before")})
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['station']:<9} {r['part']}  retry={r['retry']}  enqueued={r['enqueued_at']}")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from factory import status
+
+    snap = status.gather(_line(args))
+    if args.json:
+        _print_json(snap)
+    elif args.pretty or sys.stdout.isatty():
+        status.render(snap)
+    else:
+        print(status.plain(snap))
+    return EXIT_OK
+
+
+def _fmt_event(ev: dict) -> str:
+    skip = {"seq", "ts", "kind", "part"}
+    rest = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in ev.items() if k not in skip)
+    return f"{ev['seq']:>6} {ev['ts']} {ev['kind']:<16} {ev.get('part') or '-'} {rest}"
+
+
+def cmd_tail(args) -> int:
+    from factory.events import follow, read_events
+
+    line = _line(args)
+    keep = line.config.daemon.events_keep
+    if args.follow:
+        stream = follow(line.layout.events, since=args.since, keep=keep)
+    else:
+        evs = read_events(line.layout.events, since=args.since, keep=keep)
+        stream = evs if args.since else evs[-args.lines:]
+    try:
+        for ev in stream:
+            print(json.dumps(ev, default=str) if args.json else _fmt_event(ev), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    from factory import transitions
+
+    line = _line(args)
+    moved = transitions.foreman_retry(line, line.get(args.name))
+    print(f"retrying {moved.base} -> {moved.path}")
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from factory import locks, transitions
+
+    line = _line(args)
+    part = line.get(args.name)
+    if part.station in ("finished", "rework"):
+        raise Conflict(f"part {part.base!r} is already in {part.station}/; nothing to cancel")
+    if part.station in ("intake", "deferred") or not locks.is_locked(line.layout.worker_lock):
+        moved = transitions.cancel_waiting(line, part)
+        print(f"cancelled {part.base} -> {moved.path}")
+        return EXIT_OK
+    transitions.request_cancel(line, part)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        found = line.find(part.base)
+        if found and found.station == "rework":
+            print(f"cancelled {part.base} -> {found.path}")
+            return EXIT_OK
+        time.sleep(0.1)
+    print(f"cancel requested for running part {part.base}; the worker will stop it "
+          f"(still in assembly/ after {args.wait:g}s)")
+    return EXIT_OK
+
+
+def cmd_defer(args) -> int:
+    from factory import transitions
+
+    line = _line(args)
+    print(f"deferred {transitions.defer(line, line.get(args.name)).path}")
+    return EXIT_OK
+
+
+def cmd_resume(args) -> int:
+    from factory import transitions
+
+    line = _line(args)
+    print(f"resumed {transitions.resume(line, line.get(args.name)).path}")
+    return EXIT_OK
+
+
+def cmd_recover(args) -> int:
+    from factory import recovery
+    from factory.locks import WorkerLock
+
+    line = _line(args)
+    lock = WorkerLock(line.layout.worker_lock)
+    lock.acquire()  # Conflict while a live daemon holds the root
+    try:
+        actions = recovery.sweep(line)
+    finally:
+        lock.release()
+    if args.json:
+        _print_json(actions)
+    else:
+        print("\n".join(actions) if actions else "nothing to recover")
+    return EXIT_OK
+
+
+def cmd_cleanup(args) -> int:
+    from factory import cleanup
+
+    line = _line(args)
+    evictions = cleanup.plan(line, keep_hours=args.keep_hours)
+    if not args.dry_run:
+        cleanup.apply(evictions)
+    rows = [{"work_dir": str(e.work_dir), "bytes": e.bytes, "action": e.action,
+             "target": str(e.target) if e.target else None} for e in evictions]
+    if args.json:
+        _print_json({"dry_run": args.dry_run, "evictions": rows})
+    else:
+        verb = "would" if args.dry_run else "did"
+        for r in rows:
+            print(f"{verb} {r['action']} {r['work_dir']} ({r['bytes'] / 2**20:.1f} MiB)"
+                  + (f" -> {r['target']}" if r["target"] else ""))
+        if not rows:
+            print("no orphan work dirs")
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    from factory.doctor import run_checks
+
+    checks = run_checks(_root(args))
+    if args.json:
+        _print_json([c.__dict__ for c in checks])
+    else:
+        for c in checks:
+            print(f"{c.verdict.upper():<4}  {c.name}: {c.detail}")
+    return 1 if any(c.verdict == "fail" for c in checks) else EXIT_OK
+
+
+def cmd_selftest(args) -> int:
+    from factory.intake import enqueue
+
+    line = _line(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    alloy = {
+        "name": "selftest", "version": "1.0.0",
+        "source": {"baseModel": "selftest", "architecture": "selftest"},
+        "stages": [{"type": "selftest", "seconds": args.seconds, "steps": args.steps, "outcome": args.outcome}
+                   for _ in range(args.stages)],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.parts):
+            src = Path(tmp) / f"selftest-{stamp}-{i:04d}.alloy.json"
+            src.write_text(json.dumps(alloy, indent=2) + "\n")
+            enqueue(line, src)
+    print(f"enqueued {args.parts} selftest parts (selftest-{stamp}-*)")
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help="factory root (default: $FACTORY_ROOT)")
+    ap = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_, json_flag=False):
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add("init", cmd_init, "create a factory root (stations, work/, calibration/, factory_node.toml)")
+    p.add_argument("dir", nargs="?", help="the root to create (default: --root)")
+    p = add("run", cmd_run, "run the worker daemon on a root")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="build one part, then exit")
+    g.add_argument("--until-empty", action="store_true", help="exit when intake/ is empty")
+    p = add("enqueue", cmd_enqueue, "put alloy files onto the line (atomic, never overwriting)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--as", dest="as_name", help="part name (default: the file name without .alloy.json)")
+    p = add("list", cmd_list, "list parts by station", json_flag=True)
+    p.add_argument("--station", choices=["intake", "assembly", "finished", "rework", "deferred"])
+    p = add("status", cmd_status, "the worker, its current part and the stations", json_flag=True)
+    p.add_argument("--pretty", action="store_true", help="rich output even when not a terminal")
+    p = add("tail", cmd_tail, "print events (events.jsonl)", json_flag=True)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--since", type=int, default=0, help="only events with seq > SINCE")
+    p.add_argument("-n", "--lines", type=int, default=20, help="without --since/-f: the last N events")
+    p = add("retry", cmd_retry, "send a reworked part back to intake with retries reset")
+    p.add_argument("name")
+    p = add("cancel", cmd_cancel, "cancel a waiting or running part (it goes to rework/)")
+    p.add_argument("name")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a running part to stop")
+    p = add("defer", cmd_defer, "move a waiting part to deferred/")
+    p.add_argument("name")
+    p = add("resume", cmd_resume, "move a deferred part back to intake/")
+    p.add_argument("name")
+    add("recover", cmd_recover, "run the crash-recovery sweep (refused while a worker runs)", json_flag=True)
+    p = add("cleanup", cmd_cleanup, "evict orphan work dirs to a cold tier, else delete them", json_flag=True)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--keep-hours", type=float, default=24.0, help="keep work dirs of parts finished this recently")
+    add("doctor", cmd_doctor, "check this node: CPU, RAM, GPUs, disks, filesystems, inotify, systemd",
+        json_flag=True)
+    p = add("selftest", cmd_selftest, "enqueue a burn-in batch of selftest parts")
+    p.add_argument("--parts", type=int, default=10)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=0.2)
+    p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang"], default="pass")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FactoryError as err:
+        print(f"factory {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
