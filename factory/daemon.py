@@ -46,6 +46,9 @@ Mode = Literal["forever", "once", "until-empty"]
 
 # Progress events are rate-limited per stage (the heartbeat carries every update).
 PROGRESS_EVENT_MIN_SECONDS = 1.0
+# Set to run on rescans alone (benchmarks and tests of the safety net; a
+# node whose inotify limits are exhausted behaves the same way).
+NO_INOTIFY_ENV = "FACTORY_NO_INOTIFY"
 # How often a running child's memory is sampled for peak_rss_mb.
 SAMPLE_SECONDS = 0.1
 # After a hard kill, how long to wait for the child to be reaped.
@@ -121,10 +124,11 @@ class Daemon:
             self._install_signals()
             for action in recovery.sweep(line):
                 log.info("recovery: %s", action)
-            observer = Observer()
-            observer.schedule(_Wake(self), str(line.layout.intake), recursive=False)
-            observer.schedule(_Wake(self), str(line.layout.assembly), recursive=False)
-            observer.start()
+            if not os.environ.get(NO_INOTIFY_ENV):
+                observer = Observer()
+                observer.schedule(_Wake(self), str(line.layout.intake), recursive=False)
+                observer.schedule(_Wake(self), str(line.layout.assembly), recursive=False)
+                observer.start()
             line.events.emit("daemon/started", None, pid=os.getpid(), mode=self.mode,
                              host=self.beat.host, versions=self.beat.versions)
             self.set_state("idle")
