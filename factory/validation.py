@@ -223,6 +223,9 @@ def _reject_constant(name: str) -> float:
     raise _JsonConstantError(name)
 
 
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
 def _parse(raw: bytes) -> tuple[object, list[Finding]]:
     """Decode and parse; the data is None when it cannot be parsed."""
     text, findings = _decode(raw)
@@ -242,7 +245,7 @@ def _parse(raw: bytes) -> tuple[object, list[Finding]]:
     for key in dupes.seen:
         findings.append(Finding("parse", "$", key, f"$ has the key {key!r} twice in one object; readers disagree on which one wins", f"keep one {key!r}"))
     if not isinstance(data, dict):
-        kind = type(data).__name__ if data is not None else "null"
+        kind = _JSON_KINDS.get(type(data), "null")
         findings.append(Finding("parse", "$", _short(data, 60), f"$ is a JSON {kind}, but an alloy is a JSON object", 'wrap the recipe in { ... } with "name", "version", "source" and "stages"'))
     return data, findings
 

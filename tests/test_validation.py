@@ -1,0 +1,307 @@
+"""Parse- and schema-level checking: the corpus passes, each bad input is named.
+
+Every bad case is a real file written to a temp dir: a valid base alloy with
+one mutation (or raw bytes for parse errors), checked with `check_file`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from factory.alloy import Alloy
+from factory.integrity import model_hash
+from factory.validation import (
+    Finding,
+    PathEscapeError,
+    Report,
+    check_bytes,
+    check_file,
+    is_local_path_like,
+    resolve_inside,
+)
+
+CORPUS = Path("/work/shared/corpus")
+CORPUS_FILES = sorted((CORPUS / "alloys").glob("*.json")) + sorted((CORPUS / "alloy_versions").glob("*.json"))
+
+# A valid alloy touching every rule: MoE source with top-k 8 of 64 experts.
+BASE: dict = {
+    "name": "olmoe-test",
+    "version": "1.0.0",
+    "source": {
+        "baseModel": "allenai/OLMoE-1B-7B-0924-Instruct",
+        "architecture": "olmoe",
+        "isMoE": True,
+        "numExpertsPerLayer": 64,
+        "numActivatedExperts": 8,
+    },
+    "stages": [
+        {"type": "prune", "strategy": "entropy", "level": 0.3},  # 0
+        {"type": "train", "domain": "code", "dataset": "m-a-p/CodeFeedback-Filtered-Instruction", "steps": 100, "learningRate": "2e-4"},  # 1
+        {"type": "lora", "rank": 16, "alpha": 32, "learningRate": "1e-4"},  # 2
+        {"type": "expert-activation-profile", "calibrationCorpus": "code300", "calibrationCorpusFile": "calibration/code300.jsonl"},  # 3
+        {"type": "expert-prune", "keepExpertsPerLayer": 48, "originalExpertsPerLayer": 64, "prunePct": 25.0},  # 4
+        {"type": "selftest", "seconds": 0.2, "steps": 4, "outcome": "pass"},  # 5
+        {"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M"]},  # 6
+        {"type": "eval", "benchmarks": [{"name": "humaneval"}]},  # 7
+        {"type": "deliver"},  # 8
+    ],
+    "priority": 3,
+    "calibrationCorpora": [{"name": "code300", "path": "calibration/code300.jsonl", "sha256": "a" * 64, "format": "jsonl", "textField": "text"}],
+    "results": {
+        "integrity": {
+            "fileHashes": [{"filename": "model.safetensors", "sha256": "b" * 64, "size": 10}],
+            "modelHash": model_hash({"model.safetensors": "b" * 64}),
+        }
+    },
+    "receipt": {"issuedAt": "2026-04-08T16:36:55.037319+00:00"},
+}
+
+
+def _set(path: str, value: object) -> Callable[[dict], None]:
+    """Mutation setting a dotted path ("stages.0.level"); `DELETE` removes it."""
+    *parents, last = path.split(".")
+
+    def mutate(data: dict) -> None:
+        node = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key = int(last) if isinstance(node, list) else last
+        if value is DELETE:
+            del node[key]
+        else:
+            node[key] = value
+
+    return mutate
+
+
+DELETE = object()
+
+
+def _symlink_out(root: Path) -> None:
+    outside = root.parent / f"{root.name}-outside"
+    outside.mkdir()
+    os.symlink(outside, root / "calibration")
+
+
+@dataclass
+class Case:
+    id: str
+    level: str
+    path: str
+    fragment: str
+    mutate: Callable[[dict], None] | None = None
+    raw: bytes | None = None
+    file_name: str = "case.alloy.json"
+    setup: Callable[[Path], None] | None = None
+    only: bool = True  # the mutation must produce exactly this one finding
+
+
+CASES = [
+    # ── parse level ──
+    Case("json-missing-comma", "parse", "$", "line 3, column 3", raw=b'{\n  "name": "x"\n  "version": "1"\n}'),
+    Case("json-trailing-comma", "parse", "$", "line 1, column 12", raw=b'{"name": 1,}'),
+    Case("json-empty-file", "parse", "$", "line 1, column 1", raw=b""),
+    Case("not-an-object-array", "parse", "$", "is a JSON array", raw=b"[1, 2]"),
+    Case("not-an-object-string", "parse", "$", "is a JSON string", raw=b'"alloy"'),
+    Case("wrong-file-name", "parse", "$", "does not end in '.json'", file_name="case.alloy.yaml"),
+    Case("non-utf8", "parse", "$", "not UTF-8: byte ff at line 2, column 11", raw=b'{\n "name": "\xff"}'),
+    Case("nan-constant", "parse", "$", "contains NaN", raw=b'{"name": NaN}'),
+    Case("duplicate-key", "parse", "$", "key 'name' twice", raw=b'{"name": "a", "name": "b"}', only=False),
+    Case("byte-order-mark", "parse", "$", "byte-order mark", raw=b"\xef\xbb\xbf" + json.dumps(BASE).encode()),
+    # ── schema level: structure ──
+    Case("stages-missing", "schema", "$.stages", "is missing", _set("stages", DELETE)),
+    Case("stages-not-a-list", "schema", "$.stages", "must be a list", _set("stages", {"type": "prune"})),
+    Case("stages-empty", "schema", "$.stages", "is empty", _set("stages", [])),
+    Case("stage-without-type", "schema", "$.stages[8].type", "is missing", _set("stages.8.type", DELETE)),
+    Case("stage-type-not-string", "schema", "$.stages[8].type", "must be a string", _set("stages.8.type", 7)),
+    Case("stage-not-an-object", "schema", "$.stages[8]", "must be an object", _set("stages.8", "deliver")),
+    Case("source-missing", "schema", "$.source", "required", _set("source", DELETE)),
+    Case("source-basemodel-missing", "schema", "$.source.baseModel", "required", _set("source.baseModel", DELETE)),
+    Case("source-architecture-type", "schema", "$.source.architecture", "must be a string", _set("source.architecture", ["olmoe"])),
+    Case("source-ismoe-type", "schema", "$.source.isMoE", "must be true or false", _set("source.isMoE", "yes")),
+    Case("name-type", "schema", "$.name", "must be a string", _set("name", 12)),
+    Case("priority-string", "schema", "$.priority", "must be a whole number", _set("priority", "high")),
+    # ── schema level: stage ranges ──
+    Case("prune-level-high", "schema", "$.stages[0].level", "at most 0.9", _set("stages.0.level", 1.5)),
+    Case("prune-level-negative", "schema", "$.stages[0].level", "at least 0", _set("stages.0.level", -0.1)),
+    Case("prune-level-missing", "schema", "$.stages[0].level", "required", _set("stages.0.level", DELETE)),
+    Case("lora-rank-zero", "schema", "$.stages[2].rank", "at least 1", _set("stages.2.rank", 0)),
+    Case("lora-rank-huge", "schema", "$.stages[2].rank", "at most 256", _set("stages.2.rank", 512)),
+    Case("lora-rank-string", "schema", "$.stages[2].rank", "whole number", _set("stages.2.rank", "16")),
+    Case("keep-experts-zero", "schema", "$.stages[4].keepExpertsPerLayer", "at least 1", _set("stages.4.keepExpertsPerLayer", 0)),
+    Case("learning-rate-abc", "schema", "$.stages[1].learningRate", "not a number", _set("stages.1.learningRate", "abc")),
+    Case("learning-rate-negative", "schema", "$.stages[1].learningRate", "positive", _set("stages.1.learningRate", -0.001)),
+    Case("train-steps-zero", "schema", "$.stages[1].steps", "at least 1", _set("stages.1.steps", 0)),
+    Case("selftest-outcome", "schema", "$.stages[5].outcome", "'pass', 'fail', 'crash' or 'hang'", _set("stages.5.outcome", "explode")),
+    Case("selftest-steps-zero", "schema", "$.stages[5].steps", "at least 1", _set("stages.5.steps", 0)),
+    Case("selftest-seconds-negative", "schema", "$.stages[5].seconds", "at least 0", _set("stages.5.seconds", -1)),
+    Case("timeout-zero", "schema", "$.stages[1].timeoutSeconds", "above 0", _set("stages.1.timeoutSeconds", 0)),
+    Case("quant-types-empty", "schema", "$.stages[6].quantTypes", "at least 1 item", _set("stages.6.quantTypes", [])),
+    Case("eval-benchmarks-missing", "schema", "$.stages[7].benchmarks", "required", _set("stages.7.benchmarks", DELETE)),
+    Case("bad-timestamp", "schema", "$.receipt.issuedAt", "ISO 8601", _set("receipt.issuedAt", "last tuesday")),
+    Case("file-hash-prefixed", "schema", "$.results.integrity.fileHashes[0].sha256", "not a sha256 digest", _set("results.integrity.fileHashes.0.sha256", "sha256:" + "b" * 64)),
+    # ── schema level: consistency ──
+    Case("dense-with-expert-prune", "schema", "$.source.isMoE", "expert-prune stage", _set("source.isMoE", False), only=False),
+    Case("keep-below-top-k", "schema", "$.stages[4].keepExpertsPerLayer", "top-k of 8", _set("stages.4.keepExpertsPerLayer", 4), only=False),
+    Case("keep-above-original", "schema", "$.stages[4].keepExpertsPerLayer", "more than the 64 experts", _set("stages.4.keepExpertsPerLayer", 80)),
+    Case("prune-pct-contradicts", "schema", "$.stages[4].prunePct", "contradicts keepExpertsPerLayer = 48 of 64", _set("stages.4.prunePct", 50.0)),
+    Case("keep-experts-spellings-disagree", "schema", "$.stages[4].keepExperts", "contradicts keepExpertsPerLayer = 48", _set("stages.4.keepExperts", 32)),
+    Case("original-contradicts-source", "schema", "$.stages[4].originalExpertsPerLayer", "numExpertsPerLayer = 64", _set("stages.4.originalExpertsPerLayer", 128), only=False),
+    Case("expert-prune-without-keep", "schema", "$.stages[4].keepExpertsPerLayer", "how many experts", _set("stages.4.keepExpertsPerLayer", DELETE)),
+    Case("lora-rank-spellings-disagree", "schema", "$.stages[2].loraRank", "contradicts rank = 16", _set("stages.2.loraRank", 8)),
+    Case("model-hash-mismatch", "schema", "$.results.integrity.modelHash", "not the hash of its fileHashes", _set("results.integrity.modelHash", "sha256:" + "0" * 64)),
+    Case("calibration-corpus-without-path", "schema", "$.calibrationCorpora[0].path", "needs a file", _set("calibrationCorpora.0.path", DELETE)),
+    # ── schema level: paths ──
+    Case("path-dotdot-escape", "schema", "$.calibrationCorpora[0].path", "climbs out with '..'", _set("calibrationCorpora.0.path", "../../etc/passwd")),
+    Case("path-absolute-outside", "schema", "$.stages[3].calibrationCorpusFile", "is absolute", _set("stages.3.calibrationCorpusFile", "/etc/passwd")),
+    Case("dataset-path-escape", "schema", "$.stages[1].dataset", "climbs out with '..'", _set("stages.1.dataset", "../../data/train.jsonl")),
+    Case("path-symlink-out", "schema", "$.calibrationCorpora[0].path", "goes through a symlink", setup=_symlink_out, only=False),
+]
+
+
+def _write_case(case: Case, root: Path) -> Path:
+    if case.raw is not None:
+        raw = case.raw
+    else:
+        data = copy.deepcopy(BASE)
+        if case.mutate is not None:
+            case.mutate(data)
+        raw = json.dumps(data, indent=2).encode()
+    path = root / case.file_name
+    path.write_bytes(raw)
+    if case.setup is not None:
+        case.setup(root)
+    return path
+
+
+def test_base_alloy_is_valid(tmp_path: Path) -> None:
+    report = check_file(_write_case(Case("base", "", "", ""), tmp_path))
+    assert report.findings == []
+    assert isinstance(report.alloy, Alloy)
+
+
+def test_enough_bad_cases() -> None:
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input_is_named(case: Case, tmp_path: Path) -> None:
+    report = check_file(_write_case(case, tmp_path))
+    assert not report.ok
+    matching = [f for f in report.findings if f.level == case.level and f.path == case.path and case.fragment in f.message]
+    assert matching, "\n".join(map(str, report.findings))
+    if case.only:
+        assert len(report.findings) == 1, "\n".join(map(str, report.findings))
+    finding = matching[0]
+    assert finding.fix
+    if case.path != "$":
+        assert finding.path in finding.message  # the message names the JSON path
+    if case.level == "schema":
+        assert report.alloy is None
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name[-60:])
+def test_corpus_alloy_has_zero_findings(path: Path) -> None:
+    report = check_file(path)
+    assert report.findings == [], "\n".join(map(str, report.findings))
+    assert report.alloy is not None
+    assert report.raw == path.read_bytes()
+
+
+def test_finding_str_is_one_line() -> None:
+    finding = Finding("schema", "$.stages[1].level", 1.5, "$.stages[1].level = 1.5 must be at most 0.9", "use a value between 0.0 and 0.9")
+    assert str(finding) == "$.stages[1].level: $.stages[1].level = 1.5 must be at most 0.9 (got 1.5); fix: use a value between 0.0 and 0.9"
+    assert "\n" not in str(finding)
+
+
+def test_report_to_json_is_serialisable() -> None:
+    report = check_bytes(b'{\n "name": "\xff"}', file_name="x.alloy.json")
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["ok"] is False
+    assert data["alloyHash"].startswith("sha256:")
+    assert data["findings"][0]["level"] == "parse"
+    assert isinstance(data["findings"][0]["value"], str)  # bytes rendered as repr
+
+
+def test_check_bytes_without_root_still_catches_dotdot() -> None:
+    data = copy.deepcopy(BASE)
+    data["calibrationCorpora"][0]["path"] = "../outside.jsonl"
+    report = check_bytes(json.dumps(data).encode())
+    assert [f.path for f in report.findings] == ["$.calibrationCorpora[0].path"]
+    data["calibrationCorpora"][0]["path"] = "/abs/inside/maybe.jsonl"  # unknowable without a root
+    assert check_bytes(json.dumps(data).encode()).ok
+
+
+def test_hub_dataset_ids_are_not_paths(tmp_path: Path) -> None:
+    data = copy.deepcopy(BASE)
+    data["stages"][1]["dataset"] = "Salesforce/wikitext"
+    assert check_bytes(json.dumps(data).encode(), root=tmp_path).ok
+
+
+def test_check_file_reports_unreadable_file(tmp_path: Path) -> None:
+    report = check_file(tmp_path / "absent.alloy.json")
+    assert isinstance(report, Report) and report.raw is None
+    assert report.findings[0].level == "parse" and "cannot be read" in report.findings[0].message
+
+
+def test_multiple_problems_are_reported_together() -> None:
+    data = copy.deepcopy(BASE)
+    data["stages"][0]["level"] = 2
+    data["stages"][2]["rank"] = 0
+    data["priority"] = "high"
+    paths = {f.path for f in check_bytes(json.dumps(data).encode()).findings}
+    assert paths == {"$.stages[0].level", "$.stages[2].rank", "$.priority"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("m-a-p/CodeFeedback-Filtered-Instruction", False),
+        ("wikitext-2", False),
+        ("heldout_mix.jsonl (50 examples: code/math/science)", False),
+        ("calibration/heldout_code300.jsonl", True),
+        ("./data", True),
+        ("../data", True),
+        ("/srv/data", True),
+        ("~/data", True),
+        ("a/../../b", True),
+        ("shards/train.parquet", True),
+    ],
+)
+def test_is_local_path_like(text: str, expected: bool) -> None:
+    assert is_local_path_like(text) is expected
+
+
+def test_is_local_path_like_sees_existing_local_dirs(tmp_path: Path) -> None:
+    (tmp_path / "myorg" / "mydata").mkdir(parents=True)
+    assert is_local_path_like("myorg/mydata", root=tmp_path)
+    assert not is_local_path_like("myorg/other", root=tmp_path)
+
+
+def test_resolve_inside_accepts_paths_inside(tmp_path: Path) -> None:
+    assert resolve_inside(tmp_path, "a/b.jsonl", json_path="$.x") == tmp_path.resolve() / "a" / "b.jsonl"
+    assert resolve_inside(tmp_path, str(tmp_path / "c"), json_path="$.x") == tmp_path.resolve() / "c"
+    assert resolve_inside(tmp_path, "a/../b", json_path="$.x") == tmp_path.resolve() / "b"
+
+
+@pytest.mark.parametrize(
+    ("rel", "reason"),
+    [("../x", "climbs out with '..'"), ("/etc/passwd", "is absolute"), ("link/passwd", "goes through a symlink")],
+)
+def test_resolve_inside_raises_with_attributes(tmp_path: Path, rel: str, reason: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink("/etc", root / "link")
+    with pytest.raises(PathEscapeError, match="fix: use a relative path inside") as info:
+        resolve_inside(root, rel, json_path="$.calibrationCorpora[0].path")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert (err.json_path, err.value, err.root, err.reason) == ("$.calibrationCorpora[0].path", rel, root, reason)
