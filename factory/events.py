@@ -54,6 +54,15 @@ def _last_seq_of(path: Path) -> int | None:
     return None
 
 
+def _ends_with_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except (FileNotFoundError, OSError):
+        return True  # missing or empty
+
+
 @dataclass
 class EventLog:
     path: Path
@@ -81,7 +90,10 @@ class EventLog:
         with locks.held(self.lock_path):
             self._rotate_if_needed()
             event = {"seq": self.last_seq() + 1, "ts": utc_now(), "kind": kind, "part": part, **payload}
-            durable.append_line(self.path, (json.dumps(event, default=str) + "\n").encode())
+            line = (json.dumps(event, default=str) + "\n").encode()
+            if not _ends_with_newline(self.path):
+                line = b"\n" + line  # a crash tore the last line: start clean
+            durable.append_line(self.path, line)
         return event
 
     def _rotate_if_needed(self) -> None:

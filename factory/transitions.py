@@ -49,7 +49,7 @@ def _with_history(part: Part, record: dict) -> dict:
     old = part.read_sidecar(ERROR)
     if not old:
         return record
-    earlier = old.get("history", []) + [{k: old.get(k) for k in ("failed_at", "class", "stage", "message")}]
+    earlier = old.get("history", []) + [{k: old.get(k) for k in ("failed_at", "class", "stage", "message", "retries")}]
     return {**record, "history": earlier}
 
 
