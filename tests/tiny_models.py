@@ -52,6 +52,8 @@ _BASE_TEXT: dict[str, Any] = {
 }
 
 # Only what the family spec cannot imply.
+_QWEN3_5_LINEAR = {"layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
+                   "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
 _FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     # Layer 0 dense, layer 1 MoE: exercises first_k_dense_replace.
     # Two groups of two experts, pick one group: exercises group-limited routing.
@@ -61,10 +63,11 @@ _FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "deepseek_v3": {"first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 16,
                     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
                     "n_group": 2, "topk_group": 1},
-    "qwen3_5": {"layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
-                "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
-    "qwen3_5_moe": {"layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
-                    "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
+    # One Gated-DeltaNet layer, one full-attention layer.
+    "qwen3_5": _QWEN3_5_LINEAR,
+    "qwen3_5_text": _QWEN3_5_LINEAR,
+    "qwen3_5_moe": _QWEN3_5_LINEAR,
+    "qwen3_5_moe_text": _QWEN3_5_LINEAR,
 }
 _TINY_VISION: dict[str, Any] = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                 "out_hidden_size": HIDDEN, "deepstack_visual_indexes": [0]}
