@@ -22,7 +22,7 @@ Hashes are never computed from a model: re-serialising changes bytes. See
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -58,15 +58,24 @@ class AlloyModel(BaseModel):
     )
 
 
-def _check_timestamp(value: str) -> str:
-    """Accept the ISO 8601 shapes published alloys use, keep the string.
+# ISO 8601 as published alloys write it: a date, optionally a time with
+# fraction, optionally `Z`, `+00:00` or `-0500` (no colon). Checked with a
+# pattern rather than `datetime.fromisoformat`, which reads `Z` and `-0500`
+# only from Python 3.11 on.
+_TIMESTAMP = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})"
+    r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d{1,9})?)?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?$"
+)
 
-    Seen in the corpus: `2026-04-08`, `...T14:32:00Z`, `...+00:00` with
-    microseconds, and `-0500` without the colon. Python 3.11's
-    `fromisoformat` reads all of them.
-    """
+
+def _check_timestamp(value: str) -> str:
+    """Accept the ISO 8601 shapes the corpus uses and keep the string as written."""
+    match = _TIMESTAMP.match(value)
     try:
-        datetime.fromisoformat(value)
+        if match is None:
+            raise ValueError(value)
+        date.fromisoformat(match["date"])  # a real calendar day
     except ValueError:
         raise PydanticCustomError(
             "timestamp",

@@ -218,7 +218,8 @@ def _load_alloy_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise VerifyInputError(path, f"cannot read it as JSON ({err})", "run `factory validate` on it") from err
+        problem = f"cannot read it as JSON ({err})"
+        raise VerifyInputError(path, problem, "run `factory validate` on it") from err
     if not isinstance(data, dict):
         raise VerifyInputError(path, "is not a JSON object", "point verify at an alloy file")
     return data
@@ -253,7 +254,11 @@ def _check_model_hash(where: str, block: dict[str, Any], result: VerifyResult) -
         result.mismatches.append(Mismatch("modelHash", f"{where}.modelHash", "modelHash", recorded, actual))
 
 
-def _check_file(where: str, entry: dict[str, Any], base: Path, *, must_exist: bool, result: VerifyResult) -> None:
+def _check_file(
+    where: str, entry: dict[str, Any], base: Path, *, must_exist: bool, result: VerifyResult
+) -> None:
+    """Compare one fileHashes entry with the file beside the alloy: size first
+    (free), then sha256."""
     name = str(entry.get("filename", ""))
     if not _is_plain_name(name):
         result.mismatches.append(Mismatch("bad-filename", where, name, "a plain file name", name))
@@ -283,7 +288,8 @@ def _check_legacy(where: str, block: dict[str, Any], base: Path, result: VerifyR
     result.checked.append(f"{where}.modelHash")
     actual = HASH_PREFIX + sha256_file(files[0])
     if actual != recorded:
-        result.mismatches.append(Mismatch("legacy-modelHash", f"{where}.modelHash", files[0].name, recorded, actual))
+        mismatch = Mismatch("legacy-modelHash", f"{where}.modelHash", files[0].name, recorded, actual)
+        result.mismatches.append(mismatch)
 
 
 def _verify_alloy(alloy_file: Path, *, model_dir: bool, result: VerifyResult) -> None:
@@ -318,7 +324,8 @@ def verify_path(path: Path | str) -> VerifyResult:
     if path.is_dir():
         alloys = _alloys_in(path)
         if not alloys:
-            raise VerifyInputError(path, "holds no *.alloy.json or forge-alloy.json", "put the model's alloy beside its weights")
+            problem = "holds no *.alloy.json or forge-alloy.json"
+            raise VerifyInputError(path, problem, "put the model's alloy beside its weights")
         for alloy_file in alloys:
             _verify_alloy(alloy_file, model_dir=True, result=result)
     elif path.is_file():

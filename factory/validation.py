@@ -140,8 +140,8 @@ def check_file(path: Path, *, root: Path | None = None) -> Report:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        finding = Finding("parse", "$", str(path), f"$ cannot be read: {err.strerror or err}", "check the path and its permissions")
-        return Report(file=path, findings=[finding])
+        problem = f"$ cannot be read: {err.strerror or err}"
+        return Report(file=path, findings=[_parse_finding(str(path), problem, "check the path and its permissions")])
     report = check_bytes(raw, file_name=path.name, root=root if root is not None else path.parent)
     report.file = path
     return report
@@ -170,17 +170,16 @@ def check_bytes(raw: bytes, *, file_name: str | None = None, root: Path | None =
 # ── parse level ─────────────────────────────────────────────────────────────
 
 
+def _parse_finding(value: object, message: str, fix: str) -> Finding:
+    return Finding("parse", "$", value, message, fix)
+
+
 def _check_file_name(name: str) -> list[Finding]:
     if name.endswith(ALLOY_FILE_SUFFIX):
         return []
     stem = name.rsplit(".", 1)[0] if "." in name else name
-    return [
-        Finding(
-            "parse", "$", name,
-            f"file name {name!r} does not end in {ALLOY_FILE_SUFFIX!r}",
-            f"rename it to {stem + '.alloy.json'!r}",
-        )
-    ]
+    message = f"file name {name!r} does not end in {ALLOY_FILE_SUFFIX!r}"
+    return [_parse_finding(name, message, f"rename it to {stem + '.alloy.json'!r}")]
 
 
 class _JsonConstantError(ValueError):
@@ -205,17 +204,19 @@ def _line_col(raw: bytes, offset: int) -> tuple[int, int]:
 
 
 def _decode(raw: bytes) -> tuple[str | None, list[Finding]]:
+    """UTF-8 text of the file, or None with a finding that locates the bad byte."""
     findings = []
     if raw.startswith(codecs.BOM_UTF8):
-        findings.append(Finding("parse", "$", "\ufeff", "$ starts with a UTF-8 byte-order mark, which JSON forbids", "save the file as UTF-8 without BOM"))
-        raw = raw[len(codecs.BOM_UTF8):]
+        message = "$ starts with a UTF-8 byte-order mark, which JSON forbids"
+        findings.append(_parse_finding("\ufeff", message, "save the file as UTF-8 without BOM"))
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8"), findings
     except UnicodeDecodeError as err:
         line, col = _line_col(raw, err.start)
         bad = raw[err.start : err.end]
         message = f"$ is not UTF-8: byte {bad.hex()} at line {line}, column {col} ({err.reason})"
-        findings.append(Finding("parse", "$", bad, message, "save the file as UTF-8 (re-encode it, e.g. `iconv -t UTF-8`)"))
+        findings.append(_parse_finding(bad, message, "save the file as UTF-8 (re-encode it, e.g. `iconv -t UTF-8`)"))
         return None, findings
 
 
@@ -223,7 +224,31 @@ def _reject_constant(name: str) -> float:
     raise _JsonConstantError(name)
 
 
+def _syntax_finding(err: json.JSONDecodeError) -> Finding:
+    lines = err.doc.splitlines()
+    line_text = lines[err.lineno - 1].strip()[:80] if 0 < err.lineno <= len(lines) else ""
+    where = f"line {err.lineno}, column {err.colno}"
+    fix = f"correct the JSON at {where} (often a missing comma, quote or bracket)"
+    return _parse_finding(line_text, f"$ is not valid JSON: {err.msg} at {where}", fix)
+
+
+_UNPARSED = object()  # _load's data when the text is not JSON at all
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _load(text: str) -> tuple[object, list[Finding]]:
+    """json.loads, with every way it can fail turned into a finding."""
+    dupes = _DuplicateKeys()
+    try:
+        data = json.loads(text, object_pairs_hook=dupes, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        return _UNPARSED, [_syntax_finding(err)]
+    except _JsonConstantError as err:
+        return _UNPARSED, [_parse_finding(str(err), f"$ contains {err}, which is not a JSON value", "write a number, or null")]
+    except RecursionError:
+        return _UNPARSED, [_parse_finding(None, "$ is nested too deeply to read", "flatten the structure")]
+    message = "$ has the key {!r} twice in one object; readers disagree on which one wins"
+    return data, [_parse_finding(k, message.format(k), f"keep one {k!r}") for k in dupes.seen]
 
 
 def _parse(raw: bytes) -> tuple[object, list[Finding]]:
@@ -231,22 +256,15 @@ def _parse(raw: bytes) -> tuple[object, list[Finding]]:
     text, findings = _decode(raw)
     if text is None:
         return None, findings
-    dupes = _DuplicateKeys()
-    try:
-        data = json.loads(text, object_pairs_hook=dupes, parse_constant=_reject_constant)
-    except json.JSONDecodeError as err:
-        line_text = err.doc.splitlines()[err.lineno - 1] if err.doc.splitlines() else ""
-        message = f"$ is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
-        findings.append(Finding("parse", "$", line_text.strip()[:80], message, f"correct the JSON at line {err.lineno}, column {err.colno} (often a missing comma, quote or bracket)"))
+    data, load_findings = _load(text)
+    findings.extend(load_findings)
+    if data is _UNPARSED:
         return None, findings
-    except _JsonConstantError as err:
-        findings.append(Finding("parse", "$", str(err), f"$ contains {err}, which is not a JSON value", "write a number, or null for no value"))
-        return None, findings
-    for key in dupes.seen:
-        findings.append(Finding("parse", "$", key, f"$ has the key {key!r} twice in one object; readers disagree on which one wins", f"keep one {key!r}"))
     if not isinstance(data, dict):
         kind = _JSON_KINDS.get(type(data), "null")
-        findings.append(Finding("parse", "$", _short(data, 60), f"$ is a JSON {kind}, but an alloy is a JSON object", 'wrap the recipe in { ... } with "name", "version", "source" and "stages"'))
+        message = f"$ is a JSON {kind}, but an alloy is a JSON object"
+        fix = 'wrap the recipe in { ... } with "name", "version", "source" and "stages"'
+        findings.append(_parse_finding(_short(data, 60), message, fix))
     return data, findings
 
 
@@ -285,6 +303,9 @@ def _stage_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return None
 
 
+_BOUND_WORDS = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+
+
 def _range_hint(model: type[BaseModel] | None, key: int | str) -> str | None:
     """'between 0.0 and 0.9' for a stage field, read from its Field bounds."""
     if model is None or not isinstance(key, str):
@@ -292,18 +313,18 @@ def _range_hint(model: type[BaseModel] | None, key: int | str) -> str | None:
     info = next((f for name, f in model.model_fields.items() if key in (name, f.alias)), None)
     if info is None:
         return None
-    bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    bounds = {k: getattr(m, k) for m in info.metadata for k in _BOUND_WORDS if getattr(m, k, None) is not None}
     if "ge" in bounds and "le" in bounds:
         return f"between {bounds['ge']} and {bounds['le']}"
-    low = f"at least {bounds['ge']}" if "ge" in bounds else f"above {bounds['gt']}" if "gt" in bounds else None
-    high = f"at most {bounds['le']}" if "le" in bounds else f"below {bounds['lt']}" if "lt" in bounds else None
-    return " and ".join(x for x in (low, high) if x) or None
+    return _bound_phrase(bounds, sep=" and ") if bounds else None
 
 
-def _bound_phrase(ctx: dict[str, Any]) -> str:
-    """'at least 1' from an error's own bound, when the field's range is unknown."""
-    words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
-    return next((f"{w} {ctx[k]}" for k, w in words.items() if k in ctx), "in range")
+def _bound_phrase(bounds: dict[str, Any], *, sep: str | None = None) -> str:
+    """'at least 1' (or 'above 0 and below 1' with `sep`) from pydantic bounds."""
+    parts = [f"{word} {bounds[k]}" for k, word in _BOUND_WORDS.items() if k in bounds]
+    if not parts:
+        return "in range"
+    return sep.join(parts) if sep else parts[0]
 
 
 # error type → (what is wrong, what to do); `{...}` filled from the error ctx.
@@ -396,11 +417,12 @@ def rule_moe_stages_need_moe(alloy: Alloy) -> Iterator[Finding]:
         return
     for i, stage in enumerate(alloy.stages):
         if stage.type in MOE_STAGE_TYPES:
-            yield _schema(
-                "$.source.isMoE", False,
-                f"the source is declared dense, but $.stages[{i}] is an {stage.type} stage, which needs a mixture-of-experts model",
-                f"set source.isMoE to true if {alloy.source.base_model} is an MoE; otherwise remove $.stages[{i}]",
+            problem = (
+                f"the source is declared dense, but $.stages[{i}] is an {stage.type} stage, "
+                "which needs a mixture-of-experts model"
             )
+            fix = f"set source.isMoE to true if {alloy.source.base_model} is an MoE; otherwise remove $.stages[{i}]"
+            yield _schema("$.source.isMoE", False, problem, fix)
 
 
 def _keep(stage: ExpertPruneStage) -> int | None:
@@ -408,34 +430,45 @@ def _keep(stage: ExpertPruneStage) -> int | None:
 
 
 def rule_expert_prune_keep(alloy: Alloy) -> Iterator[Finding]:
-    """keepExpertsPerLayer must exist, agree with keepExperts, and cover top-k."""
+    """keepExpertsPerLayer must exist, agree with keepExperts, and cover top-k:
+    a layer with fewer experts than the router picks per token cannot route."""
     for path, stage in _stages(alloy, ExpertPruneStage):
         keep = _keep(stage)
         if keep is None:
-            yield Finding("schema", f"{path}.keepExpertsPerLayer", None, f"{path}.keepExpertsPerLayer is missing: an expert-prune stage must say how many experts each layer keeps", 'add "keepExpertsPerLayer": <experts to keep per layer>')
+            where = f"{path}.keepExpertsPerLayer"
+            problem = f"{where} is missing: an expert-prune stage must say how many experts each layer keeps"
+            yield Finding("schema", where, None, problem, 'add "keepExpertsPerLayer": <experts to keep per layer>')
             continue
-        if stage.keep_experts is not None and stage.keep_experts_per_layer not in (None, stage.keep_experts):
-            yield _schema(f"{path}.keepExperts", stage.keep_experts, f"contradicts keepExpertsPerLayer = {stage.keep_experts_per_layer}", "keep only keepExpertsPerLayer")
+        per_layer = stage.keep_experts_per_layer
+        if stage.keep_experts is not None and per_layer not in (None, stage.keep_experts):
+            problem = f"contradicts keepExpertsPerLayer = {per_layer}"
+            yield _schema(f"{path}.keepExperts", stage.keep_experts, problem, "keep only keepExpertsPerLayer")
         top_k = stage.top_k or alloy.source.router_top_k
         if top_k is not None and keep < top_k:
-            yield _schema(f"{path}.keepExpertsPerLayer", keep, f"is below the router's top-k of {top_k}: each token is routed to {top_k} experts", f"keep at least {top_k} experts per layer")
+            problem = f"is below the router's top-k of {top_k}: each token is routed to {top_k} experts"
+            yield _schema(f"{path}.keepExpertsPerLayer", keep, problem, f"keep at least {top_k} experts per layer")
 
 
 def rule_expert_prune_counts(alloy: Alloy) -> Iterator[Finding]:
     """originalExpertsPerLayer and prunePct must agree with keep and the source."""
     declared = alloy.source.num_experts_per_layer
     for path, stage in _stages(alloy, ExpertPruneStage):
-        keep, original = _keep(stage), stage.original_experts_per_layer or declared
-        if stage.original_experts_per_layer and declared and stage.original_experts_per_layer != declared:
-            yield _schema(f"{path}.originalExpertsPerLayer", stage.original_experts_per_layer, f"contradicts source.numExpertsPerLayer = {declared}", "make the two agree with the base model's config")
+        keep, stated = _keep(stage), stage.original_experts_per_layer
+        if stated and declared and stated != declared:
+            problem = f"contradicts source.numExpertsPerLayer = {declared}"
+            fix = "make the two agree with the base model's config"
+            yield _schema(f"{path}.originalExpertsPerLayer", stated, problem, fix)
+        original = stated or declared
         if keep is None or original is None:
             continue
         if keep > original:
-            yield _schema(f"{path}.keepExpertsPerLayer", keep, f"is more than the {original} experts each layer has", f"keep at most {original} (fewer to prune anything)")
+            problem = f"is more than the {original} experts each layer has"
+            yield _schema(f"{path}.keepExpertsPerLayer", keep, problem, f"keep at most {original} (fewer to prune anything)")
         elif stage.prune_pct is not None:
             implied = 100.0 * (1 - keep / original)
             if not math.isclose(stage.prune_pct, implied, abs_tol=PRUNE_PCT_TOLERANCE):
-                yield _schema(f"{path}.prunePct", stage.prune_pct, f"contradicts keepExpertsPerLayer = {keep} of {original}, which prunes {implied:g}%", f"set prunePct to {implied:g} or drop it")
+                problem = f"contradicts keepExpertsPerLayer = {keep} of {original}, which prunes {implied:g}%"
+                yield _schema(f"{path}.prunePct", stage.prune_pct, problem, f"set prunePct to {implied:g} or drop it")
 
 
 def rule_lora_aliases_agree(alloy: Alloy) -> Iterator[Finding]:
@@ -445,21 +478,25 @@ def rule_lora_aliases_agree(alloy: Alloy) -> Iterator[Finding]:
             a, b = getattr(stage, short), getattr(stage, long)
             if a is not None and b is not None and a != b:
                 alias = LoraStage.model_fields[long].alias
-                yield _schema(f"{path}.{alias}", b, f"contradicts {short} = {a}", f"keep one of {short!r} and {alias!r}")
+                fix = f"keep one of {short!r} and {alias!r}"
+                yield _schema(f"{path}.{alias}", b, f"contradicts {short} = {a}", fix)
 
 
 def rule_model_hash_matches(alloy: Alloy) -> Iterator[Finding]:
-    """A modelHash beside fileHashes must be the hash of those entries."""
+    """A modelHash beside fileHashes must be the hash of those entries
+    (computed from the recorded entries, not from the file's bytes)."""
     for where, block in alloy.integrity_blocks():
         if not block.file_hashes or block.model_hash is None:
             continue
+        names = [f.filename for f in block.file_hashes]
         try:
             actual = model_hash((f.filename, f.sha256) for f in block.file_hashes)
         except ValueError as err:
-            yield _schema(f"{where}.fileHashes", [f.filename for f in block.file_hashes], str(err).split("; fix:")[0], "list each file once")
+            yield _schema(f"{where}.fileHashes", names, str(err).split("; fix:")[0], "list each file once")
             continue
         if actual != block.model_hash:
-            yield _schema(f"{where}.modelHash", block.model_hash, f"is not the hash of its fileHashes ({actual})", "recompute it with factory.integrity.model_hash, or re-hash the files if they changed")
+            fix = "recompute it with factory.integrity.model_hash, or re-hash the files if they changed"
+            yield _schema(f"{where}.modelHash", block.model_hash, f"is not the hash of its fileHashes ({actual})", fix)
 
 
 def rule_calibration_corpora(alloy: Alloy) -> Iterator[Finding]:
@@ -467,9 +504,11 @@ def rule_calibration_corpora(alloy: Alloy) -> Iterator[Finding]:
     for i, corpus in enumerate(alloy.calibration_corpora or []):
         path = f"$.calibrationCorpora[{i}]"
         if corpus.path is None:
-            yield Finding("schema", f"{path}.path", None, f"{path}.path is missing: a calibration corpus needs a file", 'add "path": "<relative path to the .jsonl>"')
+            problem = f"{path}.path is missing: a calibration corpus needs a file"
+            yield Finding("schema", f"{path}.path", None, problem, 'add "path": "<relative path to the .jsonl>"')
         if corpus.name is None and corpus.id is None:
-            yield Finding("schema", f"{path}.name", None, f"{path}.name is missing: stages refer to a corpus by name or id", 'add "name": "<corpus name>"')
+            problem = f"{path}.name is missing: stages refer to a corpus by name or id"
+            yield Finding("schema", f"{path}.name", None, problem, 'add "name": "<corpus name>"')
 
 
 RULES: tuple[Rule, ...] = (
@@ -516,11 +555,19 @@ def resolve_inside(root: Path, rel: str, *, json_path: str) -> Path:
 
     `rel` may be relative (to root) or absolute (allowed only inside root).
     Symlinks are followed, so a link inside root that points outside is caught;
-    the target need not exist yet (outputs are written later).
+    the target need not exist yet (outputs are written later). A path that
+    cannot be resolved at all (NUL byte, symlink loop) is refused the same way.
     """
     real_root = Path(root).resolve()
     candidate = Path(rel)
-    resolved = (candidate if candidate.is_absolute() else real_root / candidate).resolve()
+    try:
+        if "\x00" in rel:
+            raise ValueError("embedded NUL byte")
+        resolved = (candidate if candidate.is_absolute() else real_root / candidate).resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise PathEscapeError(
+            json_path=json_path, value=rel, root=Path(root), resolved=candidate, reason=f"cannot be resolved ({err})"
+        ) from err
     if resolved == real_root or resolved.is_relative_to(real_root):
         return resolved
     reason = _escape_reason(real_root, candidate)
@@ -554,9 +601,11 @@ def _check_paths(data: dict[str, Any], *, root: Path | None) -> Iterator[Finding
             continue  # a hub dataset id, not a file
         if root is None:
             if _lexical_escape(value):
-                yield _schema(path, value, "climbs out of the alloy's directory with '..'", "use a relative path inside the alloy's directory")
+                problem = "climbs out of the alloy's directory with '..'"
+                yield _schema(path, value, problem, "use a relative path inside the alloy's directory")
             continue
         try:
             resolve_inside(root, value, json_path=path)
         except PathEscapeError as err:
-            yield _schema(path, value, f"{err.reason} and leaves {str(root)!r} (resolves to {str(err.resolved)!r})", f"use a relative path inside {str(root)!r}")
+            problem = f"{err.reason} and leaves {str(root)!r} (resolves to {str(err.resolved)!r})"
+            yield _schema(path, value, problem, f"use a relative path inside {str(root)!r}")

@@ -162,6 +162,8 @@ CASES = [
     Case("path-dotdot-escape", "schema", "$.calibrationCorpora[0].path", "climbs out with '..'", _set("calibrationCorpora.0.path", "../../etc/passwd")),
     Case("path-absolute-outside", "schema", "$.stages[3].calibrationCorpusFile", "is absolute", _set("stages.3.calibrationCorpusFile", "/etc/passwd")),
     Case("dataset-path-escape", "schema", "$.stages[1].dataset", "climbs out with '..'", _set("stages.1.dataset", "../../data/train.jsonl")),
+    Case("path-nul-byte", "schema", "$.calibrationCorpora[0].path", "cannot be resolved", _set("calibrationCorpora.0.path", "a\x00b")),
+    Case("impossible-date", "schema", "$.receipt.issuedAt", "ISO 8601", _set("receipt.issuedAt", "2026-02-30")),
     Case("path-symlink-out", "schema", "$.calibrationCorpora[0].path", "goes through a symlink", setup=_symlink_out, only=False),
 ]
 
