@@ -74,7 +74,7 @@ class Finding:
 
     level: Level
     path: str  # JSON path like "$.stages[1].level" ("$" for the whole file)
-    value: object  # the offending value (or None)
+    value: object  # the offending value (or None); always JSON-serialisable
     message: str  # what is wrong, naming the JSON path and bad value
     fix: str  # what to do
 
@@ -214,8 +214,8 @@ def _decode(raw: bytes) -> tuple[str | None, list[Finding]]:
         return raw.decode("utf-8"), findings
     except UnicodeDecodeError as err:
         line, col = _line_col(raw, err.start)
-        bad = raw[err.start : err.end]
-        message = f"$ is not UTF-8: byte {bad.hex()} at line {line}, column {col} ({err.reason})"
+        bad = raw[err.start : err.end].hex()  # hex text: a Finding's value stays JSON-safe
+        message = f"$ is not UTF-8: byte {bad} at line {line}, column {col} ({err.reason})"
         findings.append(_parse_finding(bad, message, "save the file as UTF-8 (re-encode it, e.g. `iconv -t UTF-8`)"))
         return None, findings
 

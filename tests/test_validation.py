@@ -230,7 +230,14 @@ def test_report_to_json_is_serialisable() -> None:
     assert data["ok"] is False
     assert data["alloyHash"].startswith("sha256:")
     assert data["findings"][0]["level"] == "parse"
-    assert isinstance(data["findings"][0]["value"], str)  # bytes rendered as repr
+    assert data["findings"][0]["value"] == "ff"  # the bad byte, as hex text
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_finding_values_are_json_safe(case: Case, tmp_path: Path) -> None:
+    """Intake writes findings into error.json: values must serialise as is."""
+    report = check_file(_write_case(case, tmp_path))
+    json.dumps([f.value for f in report.findings], allow_nan=False)
 
 
 def test_check_bytes_without_root_still_catches_dotdot() -> None:
