@@ -27,7 +27,10 @@ from adapters import (
 )
 from adapters.registry import FAMILIES_DIR
 from factory.model_files import check_geometry, inspect_checkpoint
-from tiny_models import EXPERTS, TOP_K, tiny_model  # noqa: F401  (session fixture)
+try:  # tests/ as a package (tests/__init__.py) or as plain rootdir modules
+    from tests.tiny_models import EXPERTS, TOP_K, tiny_model  # noqa: F401  (session fixture)
+except ModuleNotFoundError:
+    from tiny_models import EXPERTS, TOP_K, tiny_model  # noqa: F401
 
 ALL = [pytest.param(f, id=f.name) for f in families()]
 MOE = [pytest.param(f, id=f.name) for f in families() if f.is_moe]

@@ -11,7 +11,7 @@ latent attention, Qwen3.5's linear attention, a vision tower) add a line to
 
 Use the session fixture ``tiny_model`` to build each model once per session::
 
-    from tiny_models import tiny_model  # noqa: F401  (pytest fixture)
+    from tests.tiny_models import tiny_model  # noqa: F401  (pytest fixture)
 
     def test_x(tiny_model):
         model_dir = tiny_model("olmoe")
