@@ -11,6 +11,8 @@ nothing is lost.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +120,38 @@ class _Seen:
     since: float
 
 
+def open_for_writing(path: Path) -> bool | None:
+    """Does any process hold `path` open for writing? None when we cannot tell.
+
+    The kernel grants a read lease (F_SETLEASE) only when no one has the file
+    open for writing, so this is exact, not a guess from timestamps. It needs
+    the file to be ours (or CAP_LEASE); otherwise the settle rule decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
 class Adopter:
     """Decides when a hand-dropped alloy (no ticket) is complete.
 
-    A file is adopted once its (size, mtime) held still for `settle` seconds,
-    or at once after inotify reported it closed-after-write or renamed in.
-    Correctness never depends on the event: the settle rule alone suffices.
+    A file someone still holds open for writing is never adopted. A file no
+    one holds open is adopted at once. When the kernel will not say (a file
+    owned by another user), the file is adopted once its (size, mtime) held
+    still for `settle` seconds, or at once after inotify reported it closed
+    after writing or renamed in.
     """
 
     def __init__(self, line: Line, settle: float) -> None:
@@ -147,10 +175,14 @@ class Adopter:
                 st = part.path.stat()
             except FileNotFoundError:
                 continue
+            writing = open_for_writing(part.path)
+            if writing is False:
+                ready.append(part)
+                continue
             prev = self.seen.get(part.path.name)
-            if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            if writing or prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self.seen[part.path.name] = prev = _Seen(st.st_size, st.st_mtime_ns, now)
-                if part.path.name not in self.closed:
+                if writing or part.path.name not in self.closed:
                     continue
             if part.path.name in self.closed or now - prev.since >= self.settle:
                 ready.append(part)

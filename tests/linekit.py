@@ -1,0 +1,111 @@
+"""Helpers for tests that drive a real line: roots, alloys, daemons, waiting.
+
+Everything here uses real processes and files; waiting is polling with a
+deadline (a deadline is a hang guard, not a timing assertion).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from factory.events import read_events
+from factory.line import Line
+from factory.protocol import STATIONS, parse_part
+
+FAST_CONFIG = """
+[daemon]
+heartbeat_interval_seconds = 0.2
+rescan_seconds = 0.5
+stop_grace_seconds = {grace}
+settle_seconds = 0.3
+
+[forge]
+max_retries = {max_retries}
+retry_backoff_seconds = 0
+stage_timeout_seconds = {timeout}
+
+[protocol]
+version = 1
+"""
+
+
+def make_root(path: Path, *, max_retries: int = 3, grace: float = 10.0, timeout: float = 600.0) -> Path:
+    """A factory root made by the real `factory init`, with a fast node config."""
+    subprocess.run([sys.executable, "-m", "factory.cli", "init", str(path)], check=True, capture_output=True)
+    (path / "factory_node.toml").write_text(FAST_CONFIG.format(grace=grace, max_retries=max_retries,
+                                                               timeout=timeout))
+    return path
+
+
+def selftest_alloy(*, stages: int = 1, seconds: float = 0.05, steps: int = 1, outcome: str = "pass",
+                   priority: int | None = None, **stage_extra) -> dict:
+    alloy = {
+        "name": "selftest", "version": "1.0.0",
+        "source": {"baseModel": "selftest", "architecture": "selftest"},
+        "stages": [{"type": "selftest", "seconds": seconds, "steps": steps, "outcome": outcome, **stage_extra}
+                   for _ in range(stages)],
+    }
+    if priority is not None:
+        alloy["priority"] = priority
+    return alloy
+
+
+def write_alloy(path: Path, alloy: dict) -> Path:
+    path.write_text(json.dumps(alloy, indent=2) + "\n")
+    return path
+
+
+def factory(*args: str, root: Path | None = None, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if root is not None:
+        env["FACTORY_ROOT"] = str(root)
+    return subprocess.run([sys.executable, "-m", "factory.cli", *args], capture_output=True, text=True,
+                          env=env, check=check, timeout=timeout)
+
+
+def start_daemon(root: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    e = dict(os.environ, **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "factory.cli", "run", "--root", str(root), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+
+
+def wait_for(predicate, *, timeout: float = 60.0, poll: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def events(root: Path, kind: str | None = None, part: str | None = None) -> list[dict]:
+    evs = read_events(root / "line" / "events.jsonl")
+    return [e for e in evs if (kind is None or e["kind"] == kind) and (part is None or e["part"] == part)]
+
+
+def where(root: Path) -> dict[str, list[tuple[str, int]]]:
+    """base -> [(station, retry)] for every alloy file on the line."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for s in STATIONS:
+        for f in (root / "line" / s).iterdir():
+            p = parse_part(f.name)
+            if p:
+                out.setdefault(p.base, []).append((s, p.retry))
+    return out
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout=timeout)
+
+
+def line(root: Path) -> Line:
+    return Line(root)
