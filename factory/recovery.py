@@ -3,7 +3,7 @@
 Run by the daemon at start-up (holding the worker lock) and by
 `factory recover`. In order:
 
-1. delete temporary files whose writer is dead;
+1. delete temporary files whose writer is dead (line/, stations, work dirs);
 2. reunite bundles split by a crash mid-move: a part caught between
    assembly/ and a terminal station whose terminal sidecar is already there
    is rolled forward (the work was done); any other stray sidecar rejoins
@@ -28,7 +28,8 @@ _ROLL_FORWARD = {"finished": RESULT, "rework": ERROR}
 
 def _sweep_tmp(line: Line) -> list[str]:
     removed = []
-    for d in [*(line.layout.station(s) for s in STATIONS), line.layout.incoming]:
+    work_dirs = [Path(e.path) for e in os.scandir(line.layout.work) if e.is_dir()]
+    for d in [line.layout.line, *(line.layout.station(s) for s in STATIONS), line.layout.incoming, *work_dirs]:
         for entry in os.scandir(d):
             owner = durable.tmp_owner(entry.name)
             if owner is None or owner == os.getpid() or (owner and pid_alive(owner)):
