@@ -19,29 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.schema import Family
+from factory.errors import UnknownArchitectureError, FamilySpecError  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # torch stays out of the daemon's import graph
     import torch
 
 FAMILIES_DIR = Path(__file__).parent / "families"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-class UnknownArchitectureError(ValueError):
-    """No family JSON answers to this architecture string."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        self.name = name
-        self.known = known
-        super().__init__(
-            f"unknown model architecture {name!r}; known families: {', '.join(known)}. "
-            f"To support it, add a family JSON under adapters/families/ "
-            f"(see adapters/schema.py) and its tiny model builds in tests/test_adapters.py."
-        )
-
-
-class FamilySpecError(ValueError):
-    """A family JSON is malformed or two families claim the same name."""
 
 
 def _normalise(name: str) -> str:

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from factory.checkpoint import Checkpoint, hash_outputs
-from factory.errors import StageFailed, StopRequested
+from factory.errors import StopRequested
 from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
 from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, INFRA_EXCEPTIONS

@@ -36,7 +36,7 @@ from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.line import Line, Part
 from factory.locks import WorkerLock
-from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, error_record
+from factory.outcomes import EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, error_record
 from factory.protocol import CANCEL, parse_part
 from factory.sdnotify import Notifier
 

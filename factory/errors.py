@@ -7,6 +7,8 @@ file, key or part, the bad value, and what to do next.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class FactoryError(Exception):
     """Base class: an expected failure with a one-line message."""
@@ -61,3 +63,54 @@ class StageFailed(Exception):
     Running it again would fail the same way, so the part goes to rework
     without retries. The message must say what to change.
     """
+
+
+class VerifyInputError(BadInput):
+    """`verify_path` was given something it cannot verify (not an alloy file,
+    no alloy in the directory, unreadable JSON)."""
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = path, problem, fix
+        super().__init__(f"{path}: {problem}; fix: {fix}")
+
+
+class CheckpointError(BadInput):
+    """A checkpoint directory is missing a file or holds a corrupt one."""
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}; {fix}")
+
+
+class PathEscapeError(BadInput):
+    """A path in an alloy points outside the directory it must stay in.
+
+    An alloy is input from other people; a calibration corpus or output path
+    that climbs out of its root could read or overwrite anything on the node.
+    """
+
+    def __init__(self, *, json_path: str, value: str, root: Path, resolved: Path, reason: str) -> None:
+        self.json_path, self.value, self.root = json_path, value, root
+        self.resolved, self.reason = resolved, reason
+        super().__init__(
+            f"{json_path}: path {value!r} {reason} and leaves {str(root)!r} (resolves to {str(resolved)!r}); "
+            f"fix: use a relative path inside {str(root)!r}"
+        )
+
+
+class UnknownArchitectureError(BadInput):
+    """No family JSON answers to this architecture string."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"unknown model architecture {name!r}; known families: {', '.join(known)}. "
+            f"To support it, add a family JSON under adapters/families/ "
+            f"(see adapters/schema.py) and its tiny model builds in tests/test_adapters.py."
+        )
+
+
+class FamilySpecError(FactoryError):
+    """A family JSON is malformed or two families claim the same name."""

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
+from factory.errors import VerifyInputError  # noqa: F401 - re-exported
 
 HASH_PREFIX = "sha256:"
 # 1 MiB: large enough that syscall overhead vanishes on multi-GB shards, small
@@ -41,15 +42,6 @@ MODEL_FILE_GLOBS = ("*.safetensors", "*.gguf")
 ALLOY_FILE_GLOBS = ("*.alloy.json", "forge-alloy.json")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class VerifyInputError(ValueError):
-    """`verify_path` was given something it cannot verify (not an alloy file,
-    no alloy in the directory, unreadable JSON)."""
-
-    def __init__(self, path: Path, problem: str, fix: str) -> None:
-        self.path, self.problem, self.fix = path, problem, fix
-        super().__init__(f"{path}: {problem}; fix: {fix}")
 
 
 # ── hashing primitives ──────────────────────────────────────────────────────

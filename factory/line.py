@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory import durable, locks
-from factory.errors import BadInput, Conflict, LineEnvironmentError, PartNotFound
+from factory.errors import BadInput, LineEnvironmentError, PartNotFound
 from factory.events import EventLog, utc_now
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import (
-    ERROR, SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
+    SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
 )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.schema import Family, template_regex
+from factory.errors import CheckpointError  # noqa: F401 - re-exported
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,15 +44,6 @@ MAX_HIDDEN_SIZE = 10**6  # largest real models sit near 2e4
 MAX_LAYERS = 10_000
 MAX_VOCAB = 10**7  # real vocabularies stay under ~1e6
 MAX_EXPERTS = 100_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing a file or holds a corrupt one."""
-
-    def __init__(self, path: Path, problem: str, fix: str) -> None:
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{path}: {problem}; {fix}")
 
 
 @dataclass(frozen=True)

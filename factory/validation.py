@@ -41,6 +41,7 @@ from factory.alloy import (
     Stage,
 )
 from factory.integrity import alloy_hash, model_hash
+from factory.errors import PathEscapeError  # noqa: F401 - re-exported
 
 Level = Literal["parse", "schema", "plan"]
 
@@ -112,22 +113,6 @@ def _finding_json(finding: Finding) -> dict[str, Any]:
     except (TypeError, ValueError):
         data["value"] = repr(data["value"])
     return data
-
-
-class PathEscapeError(ValueError):
-    """A path in an alloy points outside the directory it must stay in.
-
-    An alloy is input from other people; a calibration corpus or output path
-    that climbs out of its root could read or overwrite anything on the node.
-    """
-
-    def __init__(self, *, json_path: str, value: str, root: Path, resolved: Path, reason: str) -> None:
-        self.json_path, self.value, self.root = json_path, value, root
-        self.resolved, self.reason = resolved, reason
-        super().__init__(
-            f"{json_path}: path {value!r} {reason} and leaves {str(root)!r} (resolves to {str(resolved)!r}); "
-            f"fix: use a relative path inside {str(root)!r}"
-        )
 
 
 # ── entry points ────────────────────────────────────────────────────────────

@@ -183,7 +183,7 @@ def test_corrupted_expert_count_is_flagged(tiny_model, tmp_path: Path, family: F
     text[key] = EXPERTS + 2
     (model_dir / "config.json").write_text(json.dumps(config))
     problems = check_geometry(inspect_checkpoint(model_dir), family)
-    assert any(f"experts on disk" in p and f"={EXPERTS + 2}" in p for p in problems), problems
+    assert any("experts on disk" in p and f"={EXPERTS + 2}" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("family", ALL)
