@@ -284,6 +284,40 @@ def cmd_selftest(args) -> int:
     return EXIT_OK
 
 
+def cmd_validate(args) -> int:
+    from factory.validation import check_file
+
+    root = _root(args) if (args.root or os.environ.get("FACTORY_ROOT")) else None
+    reports = [check_file(Path(f), root=root) for f in args.files]
+    if args.json:
+        _print_json([r.to_json() for r in reports])
+    else:
+        for r in reports:
+            if r.ok:
+                print(f"{r.file}: ok")
+            for f in r.findings:
+                print(f"{r.file}: {f.level}: {f}")
+    return EXIT_OK if all(r.ok for r in reports) else BadInput.exit_code
+
+
+def cmd_verify(args) -> int:
+    from factory.integrity import verify_path
+
+    result = verify_path(Path(args.path))
+    if args.json:
+        _print_json({"path": str(result.path), "ok": result.ok, "checked": result.checked,
+                     "skipped": result.skipped, "mismatches": [str(m) for m in result.mismatches]})
+    else:
+        for c in result.checked:
+            print(f"checked {c}")
+        for m in result.mismatches:
+            print(f"MISMATCH {m}")
+        if not result.checked:
+            print(f"{args.path}: nothing recorded to verify")
+        print("ok" if result.ok else "FAILED")
+    return EXIT_OK if result.ok else 1
+
+
 # -- parser -------------------------------------------------------------------------
 
 
@@ -338,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seconds", type=float, default=0.2)
     p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang"], default="pass")
+    p = add("validate", cmd_validate, "check alloy files: JSON syntax and the forge-alloy schema "
+            "(paths checked against --root when given); exit 0 when all are valid, 2 otherwise", json_flag=True)
+    p.add_argument("files", nargs="+")
+    p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
+            "(exit 0 when all match)", json_flag=True)
+    p.add_argument("path")
     return ap
 
 
