@@ -64,6 +64,14 @@ class ForgeSection(_Section):
     # First infrastructure retry waits this long, doubling up to an hour, so a
     # node that OOMs every part does not spin.
     retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    # Pickle weights (.bin/.pt) and trust_remote_code both run code written
+    # by the model's authors on this node: off unless the operator says so.
+    allow_pickle_weights: bool = False
+    trust_remote_code: bool = False
+    # A part whose acceptanceCriteria fail: true sends it to rework (the
+    # result is kept in its error.json), false finishes it with the failed
+    # verdict recorded in result.json for people to judge.
+    rework_on_failed_acceptance: bool = True
 
 
 class DaemonSection(_Section):

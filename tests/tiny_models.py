@@ -145,3 +145,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     returned directory as read-only: other tests share it; copy it first
     (``shutil.copytree``) to corrupt or rewrite it."""
     return TinyModelCache(tmp_path_factory.mktemp("tiny_models"))
+
+
+TOKENIZER_VOCAB = 320
+"""Byte-level BPE needs the 256 byte symbols plus merges: build station
+models with ``vocab_size=TOKENIZER_VOCAB`` when they need a tokenizer."""
+
+_TOKENIZER_TEXT = (
+    "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    "The quick brown fox jumps over the lazy dog. Models forget what they are not asked to remember.\n"
+    "for i in range(10):\n    print(i * i)\n"
+) * 20
+
+
+def add_tokenizer(model_dir: Path, *, vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """Train a tiny byte-level BPE tokenizer (deterministic, offline, well
+    under a second) and save it beside the model as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   bos_token="<|endoftext|>")
+    fast.save_pretrained(model_dir)
+    return model_dir

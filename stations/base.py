@@ -1,0 +1,69 @@
+"""What every station shares: its input model, its output dir, earlier results.
+
+Stages hand models to each other through the checkpoint: a stage that writes
+a model returns `metrics["model_dir"]` (relative to the work dir), and the
+next stage's input is the newest such dir, or the source model for the first.
+Relative paths keep a work dir valid after `factory cleanup` moves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from factory.errors import StageFailed
+from factory.stages import StageContext, StageResult
+
+MODEL_DIR = "model_dir"
+
+
+def latest(ctx: StageContext, key: str) -> tuple[dict, Any] | None:
+    """(checkpoint entry, value) of the newest earlier stage whose metrics hold `key`."""
+    for entry in reversed(ctx.previous):
+        metrics = entry.get("metrics") or {}
+        if key in metrics:
+            return entry, metrics[key]
+    return None
+
+
+def source_model_dir(ctx: StageContext) -> Path:
+    """The alloy's source model, resolved (downloaded when the node allows)."""
+    from factory.sources import resolve_source
+
+    resolved = resolve_source(ctx.alloy["source"], root=ctx.layout.root, config=ctx.config,
+                              allow_download=True)
+    if resolved.path is None:
+        raise StageFailed(f"source {ctx.alloy['source'].get('baseModel')!r} names no model; "
+                          "this stage needs real weights")
+    return resolved.path
+
+
+def input_model_dir(ctx: StageContext) -> Path:
+    """The model this stage works on: the newest earlier model output, else the source."""
+    found = latest(ctx, MODEL_DIR)
+    if found is not None:
+        return ctx.work_dir / found[1]
+    return source_model_dir(ctx)
+
+
+def output_model_dir(ctx: StageContext) -> Path:
+    out = ctx.stage_dir / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def model_result(ctx: StageContext, model_dir: Path, metrics: dict, *extra: Path) -> StageResult:
+    """A StageResult that hands `model_dir` on to the next stage."""
+    return StageResult(outputs=[model_dir, *extra],
+                       metrics={MODEL_DIR: str(model_dir.relative_to(ctx.work_dir)), **metrics})
+
+
+def stage_field(ctx: StageContext, *names: str, default: Any = None, required: bool = False) -> Any:
+    """The first of `names` present in the stage (alloys spell fields two ways)."""
+    for name in names:
+        if ctx.stage.get(name) is not None:
+            return ctx.stage[name]
+    if required:
+        raise StageFailed(f"stage {ctx.index} ({ctx.stage.get('type')}) needs {names[0]!r}; "
+                          f"add it to $.stages[{ctx.index}]")
+    return default
