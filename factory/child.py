@@ -66,7 +66,8 @@ def run_part(layout: Layout, filename: str, report) -> int:
     work_dir = layout.work_dir(base)
     stages = alloy.get("stages", [])
     types = [s.get("type") for s in stages]
-    ckpt = Checkpoint.load(work_dir, alloy_hash(raw))
+    raw_hash = alloy_hash(raw)
+    ckpt = Checkpoint.load(work_dir, raw_hash)
     done = ckpt.verified_prefix(work_dir, types)
     if done < len(ckpt.stages):
         ckpt.truncate(done)
@@ -82,7 +83,7 @@ def run_part(layout: Layout, filename: str, report) -> int:
         stage_dir.mkdir(parents=True)
         ctx = StageContext(layout=layout, config=config, alloy=alloy, stage=stage, index=i,
                            work_dir=work_dir, stage_dir=stage_dir, previous=list(ckpt.stages),
-                           report=report, stop_requested=lambda: _stop)
+                           report=report, stop_requested=lambda: _stop, alloy_hash=raw_hash)
         t0 = time.monotonic()
         try:
             result = load_stage(stage.get("type"))(ctx)

@@ -390,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except BrokenPipeError:
         return EXIT_OK
+    except PermissionError as err:
+        print(f"factory {args.command}: permission denied on {err.filename}: run foreman commands as the "
+              "user that owns the root (e.g. `sudo -u forge factory ...`)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

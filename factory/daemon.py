@@ -31,7 +31,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from factory import heartbeat as hb
-from factory import durable, recovery, transitions
+from factory import acceptance, durable, recovery, results, transitions
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.line import Line, Part
@@ -79,14 +79,22 @@ class Running:
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, daemon: "Daemon") -> None:
+    """Wakes the loop for changes in intake/ (new parts) and assembly/
+    (cancel requests). One recursive watch on line/ rather than one per
+    station: watchdog holds an unpaired "moved from" for half a second, and
+    our own claim (intake -> assembly) would be one if the stations were
+    watched separately, delaying every drop right after a claim."""
+
+    def __init__(self, daemon: "Daemon", watched: tuple[str, ...]) -> None:
         self.daemon = daemon
+        self.watched = watched
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("closed", "moved"):
-            name = os.path.basename(os.fsdecode(event.dest_path or event.src_path))
-            if parse_part(name):
-                self.daemon.adopter.note_complete(name)
+        path = os.fsdecode(event.dest_path or event.src_path)
+        if os.path.dirname(path) not in self.watched:
+            return
+        if event.event_type in ("closed", "moved") and parse_part(os.path.basename(path)):
+            self.daemon.adopter.note_complete(os.path.basename(path))
         self.daemon.wake()
 
 
@@ -126,8 +134,8 @@ class Daemon:
                 log.info("recovery: %s", action)
             if not os.environ.get(NO_INOTIFY_ENV):
                 observer = Observer()
-                observer.schedule(_Wake(self), str(line.layout.intake), recursive=False)
-                observer.schedule(_Wake(self), str(line.layout.assembly), recursive=False)
+                watched = (str(line.layout.intake), str(line.layout.assembly))
+                observer.schedule(_Wake(self, watched), str(line.layout.line), recursive=True)
                 observer.start()
             line.events.emit("daemon/started", None, pid=os.getpid(), mode=self.mode,
                              host=self.beat.host, versions=self.beat.versions)
@@ -416,7 +424,16 @@ class Daemon:
                                retries=part.name.retry)
             transitions.rework(line, part, rec, kind="part/cancelled")
         elif rc == EXIT_DONE and ch.done:
-            transitions.finish(line, part, self._result(ch))
+            result = self._result(ch)
+            verdict = result["acceptance"]
+            if verdict["passed"] or not self.cfg.forge.rework_on_failed_acceptance:
+                transitions.finish(line, part, result)
+            else:
+                rec = error_record({"type": "acceptance", "index": None}, "deterministic",
+                                   f"acceptance criteria failed: {acceptance.summary(verdict)}; the forged model "
+                                   f"is kept in {result.get('forged_dir')} (see result in this file)",
+                                   retries=part.name.retry, result=result)
+                transitions.rework(line, part, rec)
         elif rc == EXIT_STOPPED or ch.killed_for == "grace":
             transitions.release(line, part, reason="worker stopping" if ch.killed_for != "grace"
                                 else "worker stopping (child killed after the grace period)")
@@ -450,7 +467,10 @@ class Daemon:
         ckpt = durable.read_json(self.line.layout.work_dir(ch.part.base) / "checkpoint.json")
         peaks = {c["index"]: c.get("peak_rss_mb") for c in ch.completed}
         stages = [{**s, "peak_rss_mb": peaks.get(s["index"])} for s in ckpt["stages"]]
+        work_dir = self.line.layout.work_dir(ch.part.base)
+        alloy = durable.read_json(ch.part.path)
         return {
+            **results.summarize(work_dir, stages, alloy),
             "completed_at": utc_now(),
             "part": ch.part.base,
             "retries": ch.part.name.retry,

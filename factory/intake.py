@@ -202,6 +202,8 @@ class Adopter:
             # RACE: an enqueuer may have written the ticket since our scan.
             if part.sidecar_path(TICKET).exists() or not part.path.exists():
                 return part
+            if len(self.line.alloy_copies(part.base)) > 1:
+                return self._set_aside_duplicate(part)
             durable.write_json(part.sidecar_path(TICKET), _ticket(result.priority, "dropped"))
         self.seen.pop(part.path.name, None)
         self.line.events.emit("part/enqueued", part.base, origin="dropped", priority=result.priority,
@@ -209,3 +211,21 @@ class Adopter:
         if not result.ok:
             return reject(self.line, part, result)
         return part
+
+    def _set_aside_duplicate(self, part: Part) -> Part:
+        """A hand drop whose name is already on the line: never let it touch
+        the other part's files; rename it to a free name in rework/ (caller
+        holds the line lock)."""
+        others = [p for p in self.line.alloy_copies(part.base) if p.path != part.path]
+        new = PartName(self.line.free_base(part.base))
+        rec = error_record({"type": "intake", "index": None}, "deterministic",
+                           f"{part.path.name} was dropped into intake/ but a part named {part.base!r} is already "
+                           f"on the line (in {others[0].station}/); this copy was set aside as {new.base!r}; "
+                           f"enqueue it under another name with `factory enqueue --as NAME`",
+                           retries=0)
+        durable.write_json(self.line.layout.rework / new.sidecar(ERROR), rec)
+        durable.move(part.path, self.line.layout.rework / new.filename)
+        self.seen.pop(part.path.name, None)
+        moved = Part(new, "rework", self.line.layout.rework / new.filename)
+        self.line.events.emit("part/rejected", new.base, station="rework", message=rec["message"], problems=[])
+        return moved

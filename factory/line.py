@@ -114,6 +114,19 @@ class Line:
                                "see `factory list` for the names")
         return part
 
+    def alloy_copies(self, base: str) -> list[Part]:
+        """Every alloy file of `base` on the line (more than one is a clash)."""
+        return [p for s in STATIONS for p in self.parts(s) if p.base == base]
+
+    def free_base(self, base: str) -> str:
+        """`base` if unused, else the first free `<base>-dup<N>`."""
+        n = 0
+        candidate = base
+        while self.base_taken(candidate) is not None:
+            n += 1
+            candidate = f"{base}-dup{n}"
+        return candidate
+
     def base_taken(self, base: str) -> str | None:
         """The station holding any file of `base`, or None."""
         for station in SCAN_ORDER:
@@ -156,6 +169,9 @@ class Line:
     def finish(self, part: Part, station: str, tag: str, record: dict) -> Part:
         """Write the terminal sidecar into the destination first (durable),
         then move the bundle: a reader never sees a terminal alloy without it."""
+        dst = self.layout.station(station) / part.name.filename
+        if dst.exists():  # never touch another part's sidecars
+            raise FileExistsError(f"refusing to overwrite {dst}")
         self.write_sidecar(part, tag, record, station=station)
         return self.move(part, station)
 

@@ -61,6 +61,7 @@ class StageContext:
     previous: list[dict]  # checkpoint entries of the stages before this one
     report: Callable[[dict], None]
     stop_requested: Callable[[], bool]
+    alloy_hash: str = ""  # "sha256:<hex>" of the alloy file's raw bytes
 
     def progress(self, done: float, total: float | None, unit: str) -> None:
         """Report progress as done/total in `unit`; the daemon rate-limits events."""

@@ -7,9 +7,11 @@ StageContext the child process builds and collect what the station reports.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
 from factory.protocol import Layout
 from factory.stages import StageContext, StageResult, load_stage
@@ -38,7 +40,8 @@ def make_ctx(root: Path, alloy: dict, index: int, *, base: str = "part",
     stage_dir.mkdir(parents=True, exist_ok=True)
     return StageContext(layout=layout, config=load_node_config(layout.node_config), alloy=alloy, stage=stage,
                         index=index, work_dir=work, stage_dir=stage_dir, previous=previous or [],
-                        report=reports if reports is not None else Reports(), stop_requested=lambda: False)
+                        report=reports if reports is not None else Reports(), stop_requested=lambda: False,
+                        alloy_hash=alloy_hash(json.dumps(alloy).encode()))
 
 
 def run_stages(root: Path, alloy: dict, *, base: str = "part", upto: int | None = None) -> tuple[list[dict], Reports]:

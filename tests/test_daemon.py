@@ -289,3 +289,21 @@ def test_inotify_disabled_rescan_still_claims(root, tmp_path):
         wait_for(lambda: where(root).get("r") == [("finished", 0)], what="rescan claim")
     finally:
         stop(d)
+
+
+def test_hand_drop_of_a_name_already_finished_is_set_aside(root, tmp_path):
+    write_alloy(tmp_path / "twin.alloy.json", selftest_alloy())
+    factory("enqueue", str(tmp_path / "twin.alloy.json"), root=root, check=True)
+    run_until_empty(root)
+    before = (root / "line/finished/twin.result.json").read_bytes()
+    d = start_daemon(root)
+    try:
+        shutil.copy(tmp_path / "twin.alloy.json", root / "line/intake/twin.alloy.json")
+        wait_for(lambda: "twin-dup1" in where(root), what="duplicate set aside")
+        assert d.poll() is None
+    finally:
+        assert stop(d) == 0
+    assert where(root) == {"twin": [("finished", 0)], "twin-dup1": [("rework", 0)]}
+    assert (root / "line/finished/twin.result.json").read_bytes() == before  # untouched
+    err = json.loads((root / "line/rework/twin-dup1.error.json").read_text())
+    assert "already on the line (in finished/)" in err["message"] and "--as NAME" in err["message"]

@@ -1,0 +1,79 @@
+"""acceptanceCriteria: the gate a forged model must clear, evaluated as data.
+
+    "acceptanceCriteria": {
+      "benchmarks": {"humaneval": {"min": 0.30, "anchorDelta": -0.05},
+                     "perplexity": {"maxRatio": 1.5}},
+      "hardware": {"maxVramGb": 24},
+      "integrity": {"requireModelHash": true, "requireReload": true}
+    }
+
+Benchmark scores are fractions (pass@1 0.36, not 36). `min` is a floor on the
+forged score; `anchorDelta` the lowest allowed forged − source difference
+(negative: a drop of at most that much). Perplexity is lower-better: `max`
+caps the forged value, `maxRatio` forged / source. `hardware.maxVramGb`
+bounds the forged weights' size (GiB, read from disk). Every check is
+recorded with its required and actual value; a check whose number is missing
+fails (an unmeasured gate is not a passed gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Check:
+    check: str
+    required: Any
+    actual: Any
+    passed: bool
+
+
+def _cmp(name: str, required: float, actual: float | None, ok) -> Check:
+    return Check(name, required, actual, actual is not None and ok(actual, required))
+
+
+def _benchmarks(spec: dict, scores: dict) -> list[Check]:
+    checks = []
+    for name, gate in spec.items():
+        got = scores.get(name) or {}
+        if name == "perplexity":
+            forged, source = got.get("forged"), got.get("source")
+            ratio = forged / source if forged and source else None
+            if gate.get("max") is not None:
+                checks.append(_cmp(f"benchmarks.{name}.max", gate["max"], forged, lambda a, r: a <= r))
+            if gate.get("maxRatio") is not None:
+                checks.append(_cmp(f"benchmarks.{name}.maxRatio", gate["maxRatio"], ratio, lambda a, r: a <= r))
+            continue
+        score, base = got.get("score"), got.get("source_score")
+        if gate.get("min") is not None:
+            checks.append(_cmp(f"benchmarks.{name}.min", gate["min"], score, lambda a, r: a >= r))
+        if gate.get("anchorDelta") is not None:
+            delta = score - base if score is not None and base is not None else None
+            checks.append(_cmp(f"benchmarks.{name}.anchorDelta", gate["anchorDelta"], delta, lambda a, r: a >= r))
+    return checks
+
+
+def evaluate(criteria: dict | None, *, scores: dict, forged_bytes: int | None, integrity: dict) -> dict:
+    """The verdict: {"passed", "checks": [...]}; no criteria passes vacuously."""
+    criteria = criteria or {}
+    checks = _benchmarks(criteria.get("benchmarks") or {}, scores)
+    hw = criteria.get("hardware") or {}
+    if hw.get("maxVramGb") is not None:
+        gib = None if forged_bytes is None else round(forged_bytes / GiB, 3)
+        checks.append(_cmp("hardware.maxVramGb", hw["maxVramGb"], gib, lambda a, r: a <= r))
+    flags = criteria.get("integrity") or {}
+    for flag, key in (("requireModelHash", "modelHash"), ("requireFileHashes", "fileHashes"),
+                      ("requireReload", "reload_ok")):
+        if flags.get(flag):
+            have = integrity.get(key)
+            checks.append(Check(f"integrity.{flag}", True, bool(have), bool(have)))
+    return {"passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def summary(verdict: dict) -> str:
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    return "; ".join(f"{c['check']}: required {c['required']}, got {c['actual']}" for c in failed)

@@ -1,0 +1,584 @@
+"""The third validation level: can this node run this alloy, and how.
+
+`factory.validation` answers "is the recipe well-formed" (parse, schema).
+`make_plan` answers what only the node knows, before a part is queued or
+claimed: is the architecture supported, does every stage have a station
+here (or a role that takes it elsewhere), is the source model on disk and
+sane, are the calibration corpora present with the pinned hashes, does the
+model fit in memory and its work dir on the hot tier.
+
+Every problem is a `Finding` at level "plan" naming the JSON path, the value
+and the fix; the plan also lists what it resolved (source, family, station
+per stage, load plan, sizes in GiB), so `factory plan` doubles as a dry run.
+
+The checks are small functions over one shared `_Context`, run in the order
+of `CHECKS`: each reads what the ones above it found (the resolved source,
+the model's config, the checkpoint's headers) and adds findings. Nothing
+here imports torch or reads tensor data: the daemon and the CLI both plan.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters import Family, UnknownArchitectureError, family_for_config, get_family
+from factory.alloy import MOE_STAGE_TYPES, Alloy, CalibrationCorpus, ExpertPruneStage, LoraStage, Stage
+from factory.integrity import alloy_hash, sha256_file
+from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
+from factory.model_files import (
+    CONFIG_FILE,
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    CheckpointInfo,
+    check_config_sanity,
+    check_geometry,
+    inspect_checkpoint,
+    read_config,
+)
+from factory.nodeconfig import NodeConfig, load_node_config
+from factory.protocol import Layout
+from factory.sources import SELFTEST, ResolvedSource, SourceError, resolve_source
+from factory.stages import registered_stage_types
+from factory.tiers import Tier, node_tiers
+from factory.validation import Finding, PathEscapeError, check_file, resolve_inside
+
+SOURCE_PATH = "$.source.baseModel"
+ARCH_PATH = "$.source.architecture"
+
+# Stages another role runs: listed in the plan as handed off, never dropped.
+# Everything else is forge work.
+STAGE_ROLES: dict[str, str] = {"publish": "ship", "deliver": "ship", "deploy": "ship"}
+FORGE_ROLE = "forge"
+# Stages that write a whole new copy of the model into the work dir. Training
+# counts always (a full fine-tune rewrites every weight); adapter stages only
+# when they merge the adapter into the weights.
+FULL_COPY_STAGES = frozenset({"expert-prune", "prune", "train", "quant", "package", "context-extend"})
+MERGING_STAGES = frozenset({"lora", "compensation-lora"})
+# Stages that read a calibration corpus (by `calibrationCorpus` id or file).
+CORPUS_STAGES = frozenset({"expert-activation-profile", "compensation-lora"})
+
+
+# ── the plan ────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Who runs one stage: a station on this node, or another role's node."""
+
+    index: int
+    type: str
+    role: str  # "forge", or the role that runs it ("ship")
+    station: str | None  # "module:callable" from the stage registry
+    runs_here: bool
+    handed_off: bool  # another node's role runs it: listed, not a problem
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """The source's family and geometry: from config.json when the model is on
+    disk (`from_config`), else from what the alloy declares."""
+
+    name: str
+    is_moe: bool
+    expert_count: int | None
+    top_k: int | None
+    layers: int | None
+    from_config: bool
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Measured sizes (bytes here, GiB in `to_json`) and the hot tier's room."""
+
+    model_bytes: int  # tensor bytes on disk, from the safetensors headers
+    bytes_at_16bit: int  # what loading in bf16 takes, and what each copy writes
+    full_copies: int  # stages that write a whole model copy
+    work_dir_bytes: int  # bytes_at_16bit x (1 + full_copies)
+    hot: Tier
+
+    @property
+    def fits(self) -> bool:
+        return self.hot.room_for(self.work_dir_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "modelGiB": _gib(self.model_bytes), "modelGiBAt16bit": _gib(self.bytes_at_16bit),
+            "fullCopies": self.full_copies, "workDirGiB": _gib(self.work_dir_bytes),
+            "hotTier": {"path": str(self.hot.path), "freeGiB": _gib(self.hot.free_bytes),
+                        "minFreeGiB": self.hot.min_free_gb},
+            "fits": self.fits,
+        }
+
+
+@dataclass
+class Plan:
+    """What this node would do with one alloy file, and what stops it."""
+
+    file: Path
+    findings: list[Finding] = field(default_factory=list)
+    alloy_name: str | None = None
+    alloy_hash: str | None = None
+    source: ResolvedSource | None = None
+    family: FamilyPlan | None = None
+    stages: list[StagePlan] = field(default_factory=list)
+    load_plan: LoadPlan | None = None
+    resources: Resources | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": str(self.file), "ok": self.ok, "alloyName": self.alloy_name, "alloyHash": self.alloy_hash,
+            "source": self.source.to_json() if self.source else None,
+            "family": asdict(self.family) if self.family else None,
+            "stages": [asdict(s) for s in self.stages],
+            "loadPlan": asdict(self.load_plan) if self.load_plan else None,
+            "resources": self.resources.to_json() if self.resources else None,
+            "notes": list(self.notes),
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def render_text(self) -> str:
+        """A few lines for people: what runs where, the sizes, then findings."""
+        lines = [f"plan for {self.alloy_name or '?'} ({self.file}) {self.alloy_hash or ''}".rstrip()]
+        if self.source is not None:
+            lines.append(f"  source:    {_source_text(self.source)}")
+        if self.family is not None:
+            lines.append(f"  family:    {_family_text(self.family)}")
+        for s in self.stages:
+            where = s.station if s.runs_here else (f"handed to a {s.role} node" if s.handed_off
+                                                   else "NOT RUNNABLE HERE")
+            lines.append(f"  stage {s.index}:   {s.type:<26} {s.role:<6} {where}")
+        if self.load_plan is not None:
+            lp = self.load_plan
+            lines.append(f"  load:      {lp.strategy} ({lp.dtype}, {lp.quantization or 'no quantization'}, "
+                         f"max_memory {lp.max_memory}): {lp.reason}")
+        if self.resources is not None:
+            lines.append(f"  resources: {_resources_text(self.resources)}")
+        lines += [f"  note:      {n}" for n in self.notes]
+        lines.append("  ok" if self.ok else f"  {len(self.findings)} finding(s):")
+        lines += [f"    {f.level}: {f}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def _gib(nbytes: int) -> float:
+    return round(nbytes / GIB, 6)  # six places: tiny test models still show
+
+
+def _gib_text(nbytes: int) -> str:
+    gib = nbytes / GIB
+    return f"{gib:,.2f} GiB" if gib >= 0.01 or gib == 0 else f"{gib:.1e} GiB"
+
+
+def _source_text(s: ResolvedSource) -> str:
+    where = str(s.path) if s.path else "not on disk"
+    repo = f" {s.repo_id}@{s.revision}" if s.repo_id else ""
+    cached = " (cached)" if s.cached and s.kind == "hub" else ""
+    return f"{s.kind}{repo} {where}{cached}" + (f"; {s.note}" if s.note else "")
+
+
+def _family_text(f: FamilyPlan) -> str:
+    moe = f"MoE, {f.expert_count} experts, top-{f.top_k}" if f.is_moe else "dense"
+    origin = "config.json" if f.from_config else "as the alloy declares"
+    return f"{f.name}, {moe}, {f.layers} layers ({origin})"
+
+
+def _resources_text(r: Resources) -> str:
+    return (f"model {_gib_text(r.model_bytes)} on disk, {_gib_text(r.bytes_at_16bit)} at 16 bit; "
+            f"work dir {_gib_text(r.work_dir_bytes)} (1 + {r.full_copies} full copies); hot tier "
+            f"{r.hot.path} has {_gib_text(r.hot.free_bytes)} free and keeps {r.hot.min_free_gb:g} GiB")
+
+
+# ── entry point ─────────────────────────────────────────────────────────────
+
+
+def make_plan(
+    path: Path,
+    *,
+    root: Path,
+    config: NodeConfig | None = None,
+    node_memory: NodeMemory | None = None,
+    offline: bool | None = None,
+    hf_cache_dir: Path | None = None,
+) -> Plan:
+    """Check `path` at parse, schema and plan level against this node.
+
+    `config` defaults to the root's factory_node.toml; `node_memory` to what
+    `measure_node_memory` sees now (no GPU query: the daemon never inits
+    CUDA). `offline` and `hf_cache_dir` default to huggingface_hub's
+    HF_HUB_OFFLINE and HF_HUB_CACHE. Never downloads anything.
+    """
+    root = Path(root)
+    report = check_file(Path(path), root=root)
+    plan = Plan(file=Path(path), findings=list(report.findings),
+                alloy_hash=alloy_hash(report.raw) if report.raw is not None else None)
+    if report.alloy is None or report.findings:
+        return plan
+    ctx = _Context(alloy=report.alloy, root=root,
+                   config=config if config is not None else load_node_config(Layout(root).node_config),
+                   node_memory=node_memory, offline=offline, hf_cache_dir=hf_cache_dir)
+    for check in CHECKS:
+        plan.findings.extend(check(ctx))
+    plan.alloy_name = report.alloy.name
+    plan.source, plan.family, plan.stages = ctx.source, _family_plan(ctx), ctx.stages
+    plan.load_plan, plan.resources, plan.notes = ctx.load_plan, ctx.resources, ctx.notes
+    return plan
+
+
+@dataclass
+class _Context:
+    """What the checks share. The fields below the line are filled in by the
+    checks, in CHECKS order; a check whose input is missing does nothing."""
+
+    alloy: Alloy
+    root: Path
+    config: NodeConfig
+    node_memory: NodeMemory | None
+    offline: bool | None
+    hf_cache_dir: Path | None
+    # ---
+    family: Family | None = None  # from source.architecture
+    stages: list[StagePlan] = field(default_factory=list)
+    source: ResolvedSource | None = None
+    model_config: dict[str, Any] | None = None  # the source's config.json
+    model_family: Family | None = None  # from config.json's model_type
+    config_sane: bool = False
+    weights_ok: bool = False
+    info: CheckpointInfo | None = None
+    load_plan: LoadPlan | None = None
+    resources: Resources | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_selftest(self) -> bool:
+        return self.alloy.source.base_model == SELFTEST and self.alloy.source.architecture == SELFTEST
+
+    @property
+    def base_model(self) -> str:
+        return self.alloy.source.base_model
+
+    @property
+    def geometry_family(self) -> Family | None:
+        """The family that reads the model's config: config.json's own first."""
+        return self.model_family or self.family
+
+
+def _finding(path: str, value: object, problem: str, fix: str) -> Finding:
+    return Finding("plan", path, value, f"{path} = {value!r}: {problem}", fix)
+
+
+# ── checks, in order ────────────────────────────────────────────────────────
+
+
+def check_architecture(ctx: _Context) -> Iterator[Finding]:
+    """source.architecture names a registered family (or the selftest pair)."""
+    if ctx.is_selftest:
+        return
+    arch = ctx.alloy.source.architecture
+    try:
+        ctx.family = get_family(arch)
+    except UnknownArchitectureError as err:
+        problem = f"is unsupported here, because no family is registered for {arch!r} (known: {', '.join(err.known)})"
+        yield _finding(ARCH_PATH, arch, problem, "use one of the known names, or add a family JSON under "
+                                                 "adapters/families/ (see adapters/schema.py)")
+
+
+def check_stations(ctx: _Context) -> Iterator[Finding]:
+    """Each stage has a station here, or a role that takes it elsewhere."""
+    stations, roles = registered_stage_types(), ctx.config.node.roles
+    known = ", ".join(sorted(stations)) or "none"
+    for i, stage in enumerate(ctx.alloy.stages):
+        role, station = STAGE_ROLES.get(stage.type, FORGE_ROLE), stations.get(stage.type)
+        handed_off = role != FORGE_ROLE and role not in roles
+        ctx.stages.append(StagePlan(i, stage.type, role, station, role in roles and station is not None, handed_off))
+        where = f"$.stages[{i}].type"
+        if role in roles and station is None:
+            problem = f"stage type {stage.type!r} has no station on this node (registered: {known})"
+            yield _finding(where, stage.type, problem, "install the station that provides it "
+                                                       "(a forge_factory.stages entry point) or remove the stage")
+        elif role == FORGE_ROLE and role not in roles:
+            problem = f"stage type {stage.type!r} is forge work, but this node's roles are {list(roles)}"
+            yield _finding(where, stage.type, problem, "queue the alloy on a forge node, or add \"forge\" to "
+                                                       "node.roles in factory_node.toml")
+
+
+def check_source(ctx: _Context) -> Iterator[Finding]:
+    """The source model is on this node (or, online, downloadable later)."""
+    try:
+        ctx.source = resolve_source(ctx.alloy.source, root=ctx.root, config=ctx.config, allow_download=False,
+                                    offline=ctx.offline, cache_dir=ctx.hf_cache_dir)
+    except SourceError as err:
+        yield _finding(err.json_path, err.value, err.problem, err.fix)
+        return
+    if ctx.source.kind == "hub" and ctx.source.path is None:
+        ctx.notes.append(f"{ctx.base_model}: {ctx.source.note}; model checks and sizes wait until then")
+
+
+def check_calibration_corpora(ctx: _Context) -> Iterator[Finding]:
+    """Corpus files exist inside the root and match their pinned sha256."""
+    corpora = ctx.alloy.calibration_corpora or []
+    for i, corpus in enumerate(corpora):
+        if corpus.path is not None:
+            yield from _check_corpus_file(ctx, f"$.calibrationCorpora[{i}].path", corpus.path,
+                                          corpus.sha256, f"$.calibrationCorpora[{i}].sha256")
+    for i, stage in enumerate(ctx.alloy.stages):
+        yield from _check_stage_corpus(ctx, i, stage, corpora)
+
+
+def _check_stage_corpus(ctx: _Context, i: int, stage: Stage, corpora: list[CalibrationCorpus]) -> Iterator[Finding]:
+    data = stage.model_dump(by_alias=True, exclude_unset=True)
+    name, file = data.get("calibrationCorpus"), data.get("calibrationCorpusFile")
+    j, corpus = next(((j, c) for j, c in enumerate(corpora) if name is not None and name in (c.id, c.name)),
+                     (None, None))
+    if isinstance(file, str):
+        # The stage's own file is checked against the corpus it names, unless
+        # that corpus's path is the same file (checked above already).
+        same = corpus is not None and corpus.path is not None and _same_file(ctx.root, corpus.path, file)
+        pinned = corpus.sha256 if corpus is not None and not same else None
+        yield from _check_corpus_file(ctx, f"$.stages[{i}].calibrationCorpusFile", file, pinned,
+                                      f"$.calibrationCorpora[{j}].sha256")
+    elif stage.type in CORPUS_STAGES and isinstance(name, str) and (corpus is None or corpus.path is None):
+        problem = "names a corpus that no calibrationCorpora entry gives a path for, and the stage has no " \
+                  "calibrationCorpusFile: its station would have nothing to read"
+        fix = (f'add {{"name": {name!r}, "path": "calibration/<file>.jsonl", "sha256": "<sha256sum>"}} to '
+               f"calibrationCorpora, or set $.stages[{i}].calibrationCorpusFile")
+        yield _finding(f"$.stages[{i}].calibrationCorpus", name, problem, fix)
+
+
+def _same_file(root: Path, a: str, b: str) -> bool:
+    try:
+        return resolve_inside(root, a, json_path="$") == resolve_inside(root, b, json_path="$")
+    except PathEscapeError:
+        return False
+
+
+def _check_corpus_file(ctx: _Context, where: str, rel: str, sha256: str | None, sha_where: str) -> Iterator[Finding]:
+    try:
+        path = resolve_inside(ctx.root, rel, json_path=where)
+    except PathEscapeError as err:
+        problem = f"{err.reason} and leaves the root {str(ctx.root)!r} (resolves to {str(err.resolved)!r})"
+        yield _finding(where, rel, problem, f"put the corpus under {str(Layout(ctx.root).calibration)!r} "
+                                            "and write its path relative to the root")
+        return
+    if not path.is_file():
+        what = "is a directory, not a corpus file" if path.is_dir() else f"does not exist ({str(path)!r})"
+        yield _finding(where, rel, what, f"copy the corpus to {str(path)!r} (corpora usually live in "
+                                         f"{str(Layout(ctx.root).calibration)!r}) or fix the path")
+        return
+    expected = sha256.removeprefix("sha256:") if sha256 else None
+    actual = sha256_file(path) if expected else None
+    if expected and actual != expected:
+        # A corpus entry's own hash is reported at its sha256; a stage's file
+        # at the stage, since that is the path that points at other bytes.
+        at, value = (where, rel) if where.startswith("$.stages") else (sha_where, sha256)
+        problem = f"the file {str(path)!r} has sha256 {actual}, but {sha_where} pins {expected}"
+        yield _finding(at, value, problem, f"restore the corpus the alloy was written for; if this file is "
+                                           f"intended, set {sha_where} to \"sha256:{actual}\"")
+
+
+def check_model_config(ctx: _Context) -> Iterator[Finding]:
+    """The resolved model has a readable config.json of a registered family."""
+    if ctx.source is None or ctx.source.path is None:
+        return
+    try:
+        ctx.model_config = read_config(ctx.source.path)
+        ctx.model_family = family_for_config(ctx.model_config)
+    except CheckpointError as err:
+        yield _finding(SOURCE_PATH, ctx.base_model, f"the checkpoint's {CONFIG_FILE} is unusable: {err}",
+                       "fix or re-download the checkpoint")
+    except UnknownArchitectureError as err:
+        problem = (f"its {CONFIG_FILE} says model_type {err.name!r}, for which no family is registered "
+                   f"(known: {', '.join(err.known)})")
+        yield _finding(SOURCE_PATH, ctx.base_model, problem, "use a checkpoint of a known family, or add a "
+                                                             "family JSON under adapters/families/")
+
+
+def check_architecture_agrees(ctx: _Context) -> Iterator[Finding]:
+    """source.architecture and config.json name the same family (aliases read)."""
+    if ctx.family is None or ctx.model_family is None or ctx.family.name == ctx.model_family.name:
+        return
+    arch = ctx.alloy.source.architecture
+    problem = (f"is family {ctx.family.name!r}, but {ctx.base_model}/{CONFIG_FILE} says model_type "
+               f"{ctx.model_config.get('model_type')!r} (family {ctx.model_family.name!r})")
+    yield _finding(ARCH_PATH, arch, problem, f"set source.architecture to {ctx.model_family.name!r}, or point "
+                                             f"baseModel at a {ctx.family.name} checkpoint")
+
+
+def check_config_plausible(ctx: _Context) -> Iterator[Finding]:
+    """Absurd or inconsistent geometry is refused from config.json alone,
+    before a single tensor header is read."""
+    if ctx.model_config is None or ctx.model_family is None:
+        return
+    problems = check_config_sanity(ctx.model_config, ctx.model_family)
+    ctx.config_sane = not problems
+    for problem in problems:
+        yield _finding(SOURCE_PATH, ctx.base_model, f"{CONFIG_FILE}: {problem}; refused before reading tensors",
+                       "fix config.json or re-download the checkpoint; a hostile config must not size allocations")
+
+
+def check_weight_files(ctx: _Context) -> Iterator[Finding]:
+    """Weights are safetensors; pickled weights alone are refused."""
+    if not ctx.config_sane:
+        return
+    names = [p.name for p in ctx.source.path.iterdir()]
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    ctx.weights_ok = any(n.endswith(".safetensors") for n in names)
+    if ctx.weights_ok:
+        return
+    if pickles:
+        problem = (f"holds only pickled weights ({', '.join(pickles[:3])}); loading them runs arbitrary code, "
+                   "so no station reads them")
+        fix = ("convert the checkpoint to safetensors on a trusted machine (transformers: "
+               "`model.save_pretrained(dir, safe_serialization=True)`) or use a revision that ships *.safetensors")
+    else:
+        problem, fix = "holds no *.safetensors weights", "finish the download or copy the weight shards"
+    yield _finding(SOURCE_PATH, ctx.base_model, problem, fix)
+
+
+def check_checkpoint(ctx: _Context) -> Iterator[Finding]:
+    """Tensor headers are readable and agree with config.json's geometry."""
+    if not ctx.weights_ok:
+        return
+    try:
+        info = inspect_checkpoint(ctx.source.path)
+    except CheckpointError as err:
+        yield _finding(SOURCE_PATH, ctx.base_model, f"the checkpoint is unreadable: {err}",
+                       "re-download or re-save the checkpoint")
+        return
+    ctx.info = info
+    for problem in check_geometry(info, ctx.model_family):
+        yield _finding(SOURCE_PATH, ctx.base_model, f"{CONFIG_FILE} and the tensors on disk disagree: {problem}",
+                       "the config and the weights come from different models; re-download or re-save them together")
+
+
+def check_declared_geometry(ctx: _Context) -> Iterator[Finding]:
+    """Numbers the alloy declares about its source match config.json."""
+    family, cfg = ctx.model_family, ctx.model_config
+    if family is None or cfg is None or not ctx.config_sane:
+        return
+    src = ctx.alloy.source
+    actual = {"is_moe": family.is_moe, "num_experts_per_layer": family.expert_count(cfg),
+              "num_layers": family.read(cfg, "num_hidden_layers"), "num_activated_experts": family.top_k(cfg),
+              "num_experts_per_tok": family.top_k(cfg), "top_k": family.top_k(cfg)}
+    for name, real in actual.items():
+        declared = getattr(src, name)
+        if declared is None or real is None or declared == real:
+            continue
+        alias = type(src).model_fields[name].alias
+        problem = f"contradicts {ctx.base_model}/{CONFIG_FILE}, which gives {real!r}"
+        yield _finding(f"$.source.{alias}", declared, problem, f"set it to {real!r} or drop it")
+
+
+def check_moe_stages(ctx: _Context) -> Iterator[Finding]:
+    """Expert stages need an MoE; expert-prune keeps between top-k and the
+    experts each layer has (after any earlier expert-prune)."""
+    family = ctx.geometry_family
+    if family is None:
+        return
+    if not family.is_moe:
+        for i, stage in enumerate(ctx.alloy.stages):
+            if stage.type in MOE_STAGE_TYPES:
+                problem = f"needs a mixture-of-experts model, but {ctx.base_model} is {family.name}, which is dense"
+                yield _finding(f"$.stages[{i}].type", stage.type, problem,
+                               f"remove $.stages[{i}], or start from an MoE model")
+        return
+    if ctx.model_config is None or not ctx.config_sane:
+        return
+    experts, top_k = family.expert_count(ctx.model_config), family.top_k(ctx.model_config)
+    for i, stage in enumerate(ctx.alloy.stages):
+        if isinstance(stage, ExpertPruneStage):
+            experts = yield from _check_keep(ctx, i, stage, experts, stage.top_k or top_k)
+
+
+def _check_keep(ctx: _Context, i: int, stage: ExpertPruneStage, experts: int, top_k: int | None
+                ) -> Iterator[Finding]:
+    """Findings for one expert-prune; returns the experts per layer after it."""
+    per_layer = stage.keep_experts_per_layer is not None
+    keep = stage.keep_experts_per_layer if per_layer else stage.keep_experts
+    if keep is None:
+        return experts
+    where = f"$.stages[{i}].{'keepExpertsPerLayer' if per_layer else 'keepExperts'}"
+    if top_k is not None and keep < top_k:
+        problem = f"is below the model's top-k of {top_k}: each token is routed to {top_k} experts"
+        yield _finding(where, keep, problem, f"keep at least {top_k} experts per layer")
+    if keep > experts:
+        problem = f"is more than the {experts} experts each layer of {ctx.base_model} has at this stage"
+        yield _finding(where, keep, problem, f"keep at most {experts} (fewer, to prune anything)")
+        return experts
+    return keep
+
+
+def check_load_plan(ctx: _Context) -> Iterator[Finding]:
+    """The model fits somewhere on this node (GPU, RAM, or streamed)."""
+    if ctx.info is None:
+        return
+    memory = ctx.node_memory or measure_node_memory(query_gpu=False)
+    cuda = memory.cuda_available
+    ctx.load_plan = decide_load_plan(
+        model_bytes=ctx.info.bytes_at_16bit, free_vram_bytes=memory.free_vram_bytes,
+        free_ram_bytes=memory.free_ram_bytes, has_cold_tier=bool(ctx.config.storage.cold), cuda_available=cuda,
+        bnb_available=cuda and importlib.util.find_spec("bitsandbytes") is not None,
+    )
+    if not ctx.load_plan.fits:
+        fix = "run it on a node with more memory" + ("" if ctx.config.storage.cold else
+                                                     ", or give this one a cold tier ([[storage.cold]]) to offload to")
+        yield _finding(SOURCE_PATH, ctx.base_model, f"cannot be loaded here: {ctx.load_plan.reason}", fix)
+
+
+def check_disk(ctx: _Context) -> Iterator[Finding]:
+    """The work dir's model copies fit on the hot tier above its reserve."""
+    if ctx.info is None:
+        return
+    copies = sum(1 for s in ctx.alloy.stages if _writes_full_copy(s))
+    hot = node_tiers(ctx.root, ctx.config)[0]
+    need = ctx.info.bytes_at_16bit * (1 + copies)
+    ctx.resources = Resources(ctx.info.total_bytes, ctx.info.bytes_at_16bit, copies, need, hot)
+    if not ctx.resources.fits:
+        problem = (f"the work dir needs about {_gib_text(need)} (the model at 16 bit, "
+                   f"{_gib_text(ctx.info.bytes_at_16bit)}, x (1 + {copies} stages writing a full copy)), but the hot "
+                   f"tier {str(hot.path)!r} has {_gib_text(hot.free_bytes)} free and keeps "
+                   f"{hot.min_free_gb:g} GiB (storage.hot.min_free_gb)")
+        yield _finding("$.stages", len(ctx.alloy.stages), problem, "free space on the hot tier, lower "
+                       "storage.hot.min_free_gb, or run the alloy on a node with a larger disk")
+
+
+def _writes_full_copy(stage: Stage) -> bool:
+    if stage.type in FULL_COPY_STAGES:
+        return True
+    return isinstance(stage, LoraStage) and bool(stage.merge_after or stage.merged_at_save)
+
+
+CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
+    check_architecture,
+    check_stations,
+    check_source,
+    check_calibration_corpora,
+    check_model_config,
+    check_architecture_agrees,
+    check_config_plausible,
+    check_weight_files,
+    check_checkpoint,
+    check_declared_geometry,
+    check_moe_stages,
+    check_load_plan,
+    check_disk,
+)
+
+
+def _family_plan(ctx: _Context) -> FamilyPlan | None:
+    family, cfg = ctx.geometry_family, ctx.model_config
+    if family is None:
+        return None
+    if cfg is not None and ctx.model_family is not None:
+        return FamilyPlan(family.name, family.is_moe, family.expert_count(cfg), family.top_k(cfg),
+                          family.read(cfg, "num_hidden_layers"), from_config=True)
+    src = ctx.alloy.source
+    return FamilyPlan(family.name, family.is_moe, src.num_experts_per_layer, src.router_top_k, src.num_layers,
+                      from_config=False)

@@ -1,0 +1,50 @@
+"""result.json: what a finished part produced, assembled from its checkpoint.
+
+Pure and light (the daemon calls it): it reads the stages' recorded metrics
+and the sizes of files on disk, never the weights. The acceptance verdict is
+computed here so every part gets one, with or without a package stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from factory import acceptance
+
+
+def _newest(stages: list[dict], key: str):
+    for s in reversed(stages):
+        m = s.get("metrics") or {}
+        if m.get(key) is not None:
+            return m[key]
+    return None
+
+
+def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
+    """The forged-model keys of result.json (docs/FACTORY-PROTOCOL.md §9)."""
+    out: dict = {}
+    model_dir = _newest(stages, "model_dir")
+    forged = work_dir / model_dir if model_dir else None
+    if forged is not None:
+        out["forged_dir"] = str(forged)
+    for key in ("modelHash", "fileHashes", "params", "experts_per_layer", "load_plan"):
+        value = _newest(stages, key)
+        if value is not None:
+            out[key] = value
+    size = _newest(stages, "size_bytes")
+    if size is None and forged is not None and forged.is_dir():
+        size = sum(f.stat().st_size for f in forged.glob("*.safetensors"))
+    out["size_bytes"] = size
+    ppl = _newest(stages, "perplexity")
+    benchmarks = _newest(stages, "benchmarks") or {}
+    if ppl is not None:
+        out["perplexity"] = ppl
+    if benchmarks:
+        out["benchmarks"] = benchmarks
+    smoke = _newest(stages, "smoke")
+    integrity = {"modelHash": out.get("modelHash"), "fileHashes": out.get("fileHashes"),
+                 "reload_ok": bool(smoke and smoke.get("ok"))}
+    scores = {**benchmarks, **({"perplexity": ppl} if ppl is not None else {})}
+    out["acceptance"] = acceptance.evaluate(alloy.get("acceptanceCriteria"), scores=scores,
+                                            forged_bytes=size, integrity=integrity)
+    return out
