@@ -106,10 +106,10 @@ class Resources:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "modelGiB": _gib(self.model_bytes), "modelGiBAt16bit": _gib(self.bytes_at_16bit),
-            "fullCopies": self.full_copies, "workDirGiB": _gib(self.work_dir_bytes),
-            "hotTier": {"path": str(self.hot.path), "freeGiB": _gib(self.hot.free_bytes),
-                        "minFreeGiB": self.hot.min_free_gb},
+            "model_gib": _gib(self.model_bytes), "model_gib_at_16bit": _gib(self.bytes_at_16bit),
+            "full_copies": self.full_copies, "work_dir_gib": _gib(self.work_dir_bytes),
+            "hot_tier": {"path": str(self.hot.path), "free_gib": _gib(self.hot.free_bytes),
+                         "min_free_gb": self.hot.min_free_gb},
             "fits": self.fits,
         }
 
@@ -134,6 +134,9 @@ class Plan:
         return not self.findings
 
     def to_json(self) -> dict[str, Any]:
+        """Top-level keys as in `Report.to_json` (this extends a validation
+        report); nested objects keep their dataclass field names, as the
+        load plan already does in `model/load` events. Sizes are GiB."""
         return {
             "file": str(self.file), "ok": self.ok, "alloyName": self.alloy_name, "alloyHash": self.alloy_hash,
             "source": self.source.to_json() if self.source else None,
@@ -419,7 +422,7 @@ def check_config_plausible(ctx: _Context) -> Iterator[Finding]:
     problems = check_config_sanity(ctx.model_config, ctx.model_family)
     ctx.config_sane = not problems
     for problem in problems:
-        yield _finding(SOURCE_PATH, ctx.base_model, f"{CONFIG_FILE}: {problem}; refused before reading tensors",
+        yield _finding(SOURCE_PATH, ctx.base_model, f"refused from {CONFIG_FILE} before reading tensors: {problem}",
                        "fix config.json or re-download the checkpoint; a hostile config must not size allocations")
 
 
@@ -541,12 +544,14 @@ def check_disk(ctx: _Context) -> Iterator[Finding]:
     need = ctx.info.bytes_at_16bit * (1 + copies)
     ctx.resources = Resources(ctx.info.total_bytes, ctx.info.bytes_at_16bit, copies, need, hot)
     if not ctx.resources.fits:
-        problem = (f"the work dir needs about {_gib_text(need)} (the model at 16 bit, "
+        # The whole recipe is the cause, so the finding sits at $.stages and
+        # its value is the GiB the work dir needs.
+        problem = (f"$.stages: the work dir needs about {_gib_text(need)} (the model at 16 bit, "
                    f"{_gib_text(ctx.info.bytes_at_16bit)}, x (1 + {copies} stages writing a full copy)), but the hot "
                    f"tier {str(hot.path)!r} has {_gib_text(hot.free_bytes)} free and keeps "
                    f"{hot.min_free_gb:g} GiB (storage.hot.min_free_gb)")
-        yield _finding("$.stages", len(ctx.alloy.stages), problem, "free space on the hot tier, lower "
-                       "storage.hot.min_free_gb, or run the alloy on a node with a larger disk")
+        yield Finding("plan", "$.stages", _gib(need), problem, "free space on the hot tier, lower "
+                      "storage.hot.min_free_gb, or run the alloy on a node with a larger disk")
 
 
 def _writes_full_copy(stage: Stage) -> bool:

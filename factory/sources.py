@@ -96,7 +96,7 @@ class ResolvedSource:
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path) if self.path else None, "repoId": self.repo_id,
+        return {"kind": self.kind, "path": str(self.path) if self.path else None, "repo_id": self.repo_id,
                 "revision": self.revision, "commit": self.commit, "cached": self.cached, "note": self.note}
 
 
