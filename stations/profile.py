@@ -59,7 +59,9 @@ IMPORTANCE_FILE = "importance.json"
 
 @dataclass
 class LayerStats:
-    """Running sums for one MoE layer's experts (float64, on the router's device)."""
+    """Running sums for one MoE layer's experts, float64. They move to the
+    device the routing arrives on at the first block (a router offloaded by
+    accelerate has its weight on "meta", so its weight says nothing)."""
 
     counts: Any  # [E] top-k selections
     gate: Any  # [E] routing weight sums
@@ -80,6 +82,8 @@ class LayerStats:
         import torch
 
         T, k = index.shape
+        if self.counts.device != index.device:
+            self.counts, self.gate, self.reap = (t.to(index.device) for t in (self.counts, self.gate, self.reap))
         flat_idx, flat_w = index.reshape(-1), weights.reshape(-1).to(torch.float64)
         self.counts.index_add_(0, flat_idx, torch.ones_like(flat_w))
         self.gate.index_add_(0, flat_idx, flat_w)
@@ -87,8 +91,8 @@ class LayerStats:
         rows = hidden.reshape(T, 1, -1).expand(T, k, -1).reshape(T * k, -1)  # [T*k, H]
         ones = torch.ones(T * k, 1, dtype=hidden.dtype, device=hidden.device)
         out = self.experts(rows, flat_idx.reshape(-1, 1), ones)  # [T*k, H]
-        norms = torch.linalg.vector_norm(out.to(torch.float64), dim=-1).to(self.reap.device)
-        self.reap.index_add_(0, flat_idx.to(self.reap.device), flat_w.to(self.reap.device) * norms)
+        norms = torch.linalg.vector_norm(out.to(torch.float64), dim=-1).to(index.device)
+        self.reap.index_add_(0, flat_idx, flat_w * norms)
 
 
 def experts_module(model: Any, router: Any, num_experts: int, layer: int) -> Any:
@@ -179,8 +183,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     if sorted(routers) != moe_layers:
         raise StageFailed(f"{model_dir}: routers found on layers {sorted(routers)}, but the config makes layers "
                           f"{moe_layers} MoE; the family data ({family.name}) and the model disagree")
-    stats = {layer: LayerStats.zeros(num_experts, r.weight.device,
-                                     experts_module(loaded.model, r, num_experts, layer))
+    stats = {layer: LayerStats.zeros(num_experts, "cpu", experts_module(loaded.model, r, num_experts, layer))
              for layer, r in routers.items()}
     handles = [r.register_forward_hook(_router_hook(stats[layer], layer)) for layer, r in routers.items()]
     try:
