@@ -1,0 +1,233 @@
+"""The train / lora / compensation-lora stations on tiny real checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from factory.errors import StageFailed
+from stations.lora import IGNORE_INDEX, causal_lm_loss, collate, distillation_loss, lr_factor, record_text
+from tests.linekit import factory, where, write_alloy
+from tests.stationkit import run_stages
+from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model, tiny_model  # noqa: F401
+
+TRAIN_TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(24)]
+HELD_OUT = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40, 44)]  # same kind, never trained on
+
+
+def _model(root: Path, family: str = "llama", **overrides) -> Path:
+    out = build_tiny_model(family, root / "models" / "m", vocab_size=TOKENIZER_VOCAB, **overrides)
+    return add_tokenizer(out)
+
+
+def _dataset(root: Path, texts: list[str] = TRAIN_TEXTS) -> str:
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    return "data/train.jsonl"
+
+
+def _alloy(family: str, *stages: dict) -> dict:
+    return {"name": "lora-test", "version": "1.0.0",
+            "source": {"baseModel": "models/m", "architecture": family}, "stages": list(stages)}
+
+
+def _lora(**extra) -> dict:
+    return {"type": "lora", "dataset": "data/train.jsonl", "steps": 30, "learningRate": "1e-2", "rank": 4,
+            "scheduler": "constant", **extra}
+
+
+def _out(root: Path, entry: dict) -> Path:
+    return root / "work" / "part" / entry["metrics"]["model_dir"]
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# ── pieces ──────────────────────────────────────────────────────────────────
+
+
+def test_pads_are_masked_in_labels_and_attention():
+    batch = collate([[5, 6, 7], [8, 9, 10, 11, 12]], pad_id=1)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 1], [8, 9, 10, 11, 12]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch.labels.tolist() == [[5, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [8, 9, 10, 11, 12]]
+
+
+def test_padded_batch_loss_equals_the_unpadded_computation(tiny_model):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model("llama")).eval()
+    examples = [[3, 17, 40, 9], [5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        padded = causal_lm_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                batch.labels)
+        total, count = 0.0, 0
+        for e in examples:  # each sequence alone, no padding anywhere
+            ids = torch.tensor([e])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += len(e) - 1
+    assert float(padded) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_ignores_pads():
+    logits = torch.randn(2, 4, 10)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert float(distillation_loss(logits, logits, mask, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
+    other = logits.clone()
+    other[1, 2:] = torch.randn(2, 10) * 50  # differs only at pad positions
+    assert float(distillation_loss(other, logits, mask, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_record_shapes():
+    assert record_text({"text": "a"}) == "a"
+    assert record_text({"prompt": "q", "completion": "a"}) == "q\na"
+    assert record_text({"instruction": "do", "input": "", "output": "done"}) == "do\ndone"
+    assert record_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) \
+        == "hi\nyo"
+    assert record_text({"label": 3}) is None
+
+
+def test_lr_schedules():
+    assert lr_factor(0, total=10, warmup=2, scheduler="cosine") == 0.5
+    assert lr_factor(2, total=10, warmup=2, scheduler="cosine") == 1.0
+    assert lr_factor(9, total=10, warmup=0, scheduler="linear") == pytest.approx(0.1)
+    assert lr_factor(9, total=10, warmup=0, scheduler="constant") == 1.0
+
+
+# ── the stations ───────────────────────────────────────────────────────────
+
+
+def test_lora_lowers_the_loss_and_merges_into_a_plain_checkpoint(root):
+    import peft
+
+    src = _model(root, "qwen2")
+    _dataset(root)
+    entries, reports = run_stages(root, _alloy("qwen2", _lora()))
+    metrics, out = entries[0]["metrics"], _out(root, entries[0])
+    assert metrics["finalLoss"] < metrics["initialLoss"]
+    assert metrics["probeLossAfter"] < metrics["probeLossBefore"]
+    assert metrics["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert [p["done"] for p in reports.progress() if p["unit"] == "steps"] == list(range(1, 31))
+    sidecar = json.loads((out.parent / "training.json").read_text())
+    assert len(sidecar["lossCurve"]) == 30 and sidecar["rank"] == 4 and sidecar["alpha"] == 8.0
+    assert sidecar["trainableParams"] > 0
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # no peft involved
+    before, after = _tensors(src), _tensors(out)
+    assert set(before) == set(after)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.split(".")[-2] in metrics["targets"] for n in changed)
+
+    # The file merge equals peft's own view of base + adapter.
+    adapter = out.parent / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    base = transformers.AutoModelForCausalLM.from_pretrained(src)
+    with_adapter = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.tensor([[1, 50, 100, 7, 3]])
+    with torch.no_grad():
+        got, want = merged(ids).logits, with_adapter(ids).logits
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-4)
+
+
+def test_training_is_deterministic(root):
+    _model(root)
+    _dataset(root)
+    first, _ = run_stages(root, _alloy("llama", _lora(steps=3)), base="a")
+    second, _ = run_stages(root, _alloy("llama", _lora(steps=3)), base="b")
+    a = load_file(root / "work/a/stages/0-lora/adapter/adapter_model.safetensors")
+    b = load_file(root / "work/b/stages/0-lora/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first[0]["metrics"]["finalLoss"] == second[0]["metrics"]["finalLoss"]
+
+
+def _held_out_kl(student_dir: Path, teacher_dir: Path) -> float:
+    tok = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = transformers.AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    total = 0.0
+    with torch.no_grad():
+        for text in HELD_OUT:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            mask = torch.ones_like(ids)
+            total += float(distillation_loss(student(ids).logits, teacher(ids).logits, mask, temperature=1.0))
+    return total / len(HELD_OUT)
+
+
+def test_compensation_brings_the_pruned_student_closer_to_the_teacher(root):
+    src = _model(root, "qwen3")
+    # A random tiny model predicts almost uniformly; a sharper head gives the
+    # teacher distributions worth matching (KL in the tenths, not 1e-4).
+    weights = load_file(src / "model.safetensors")
+    weights["lm_head.weight"] *= 20
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    _dataset(root)
+    comp = {"type": "compensation-lora", "teacher": "source", "dataset": "data/train.jsonl", "steps": 30,
+            "learningRate": "1e-2", "rank": 4, "scheduler": "constant"}
+    entries, _ = run_stages(root, _alloy("qwen3", {"type": "prune", "strategy": "magnitude", "level": 0.5}, comp))
+    pruned, compensated = _out(root, entries[0]), _out(root, entries[1])
+    metrics = entries[1]["metrics"]
+    assert (metrics["mode"], metrics["lossType"], metrics["kdTemperature"]) == ("compensation", "kl", 2.0)
+    assert metrics["probeLossAfter"] < metrics["probeLossBefore"]
+    assert _held_out_kl(compensated, src) < _held_out_kl(pruned, src)
+    assert transformers.AutoConfig.from_pretrained(compensated).num_attention_heads == 2  # still pruned
+
+
+def test_lora_with_a_teacher_distils_with_kl_plus_ce(root):
+    _model(root)
+    _dataset(root)
+    entries, _ = run_stages(root, _alloy("llama", _lora(steps=2, teacher="models/m", lossType="kl+ce")))
+    metrics = entries[0]["metrics"]
+    assert metrics["mode"] == "compensation" and metrics["lossType"] == "kl+ce"
+    assert metrics["initialLoss"] > 1.0  # CE term present: KL against itself alone would be ~0
+
+
+def test_train_stage_runs_the_lora_path_with_explicit_targets(root):
+    _model(root)
+    (root / "data").mkdir()
+    pairs = [json.dumps({"prompt": f"square {i}", "completion": str(i * i)}) for i in range(8)]
+    (root / "data" / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    entries, _ = run_stages(root, _alloy("llama", {"type": "train", "dataset": "data/pairs.jsonl", "steps": 2,
+                                                    "targetModules": ["q_proj", "v_proj"], "rank": 2}))
+    metrics = entries[0]["metrics"]
+    assert metrics["targets"] == ["q_proj", "v_proj"] and metrics["mergedWeights"] == 4  # 2 layers x 2
+    assert metrics["examples"] == 8
+    transformers.AutoModelForCausalLM.from_pretrained(_out(root, entries[0]))
+
+
+@pytest.mark.parametrize("stage, match", [
+    ({"dataset": "org/some-dataset"}, "`datasets` package"),
+    ({"dataset": "../outside.jsonl"}, "climbs out"),
+    ({"dataset": "data/missing.jsonl"}, "does not exist"),
+    ({"lossType": "mse", "teacher": "source"}, "lossType = 'mse'"),
+    ({"targetModules": ["nope_proj"]}, "do not fit this model"),
+])
+def test_bad_parameters_are_refused_with_the_fix(root, stage, match):
+    _model(root)
+    _dataset(root)
+    with pytest.raises(StageFailed, match=match):
+        run_stages(root, _alloy("llama", _lora(steps=1, **stage)))
+
+
+def test_prune_then_lora_through_the_daemon(root, tmp_path):
+    _model(root, "mistral")
+    _dataset(root)
+    alloy = _alloy("mistral", {"type": "prune", "strategy": "magnitude", "level": 0.5}, _lora(steps=3))
+    enq = factory("enqueue", str(write_alloy(tmp_path / "pl.json", alloy)), root=root)
+    assert enq.returncode == 0, enq.stderr
+    run = factory("run", "--until-empty", root=root, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert where(root)["pl"] == [("finished", 0)]
+    merged = root / "work" / "pl" / "stages" / "1-lora" / "model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    assert model.config.num_attention_heads == 2
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
