@@ -333,12 +333,12 @@ def distillation_loss(student_logits, teacher_logits, attention_mask, *, tempera
 
 def teacher_dir(ctx: StageContext, teacher: str) -> Path:
     """"source" or the alloy's own baseModel: the source; else resolved like a source."""
-    if teacher in ("source", ctx.alloy["source"].get("baseModel")):
-        return source_model_dir(ctx)
     from factory.errors import BadInput
     from factory.sources import resolve_source
 
     try:
+        if teacher in ("source", ctx.alloy["source"].get("baseModel")):
+            return source_model_dir(ctx)
         resolved = resolve_source({"baseModel": teacher, "architecture": ctx.alloy["source"]["architecture"]},
                                   root=ctx.layout.root, config=ctx.config, allow_download=True)
     except BadInput as err:
@@ -512,6 +512,17 @@ def write_merged(ctx: StageContext, model_dir: Path, adapter_dir: Path, out: Pat
     return len(deltas)
 
 
+def _free_memory() -> None:
+    """Give the training models' memory back before merging (GPU caches too)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ── the stages ──────────────────────────────────────────────────────────────
 
 
@@ -551,6 +562,7 @@ def run_training(ctx: StageContext, mode: str) -> StageResult:
     adapter_dir = ctx.stage_dir / ADAPTER_DIR
     peft_model.save_pretrained(adapter_dir)
     del peft_model, model, student, teacher, objective
+    _free_memory()
     out = output_model_dir(ctx)
     merged = write_merged(ctx, model_dir, adapter_dir, out)
     # 6. record

@@ -231,3 +231,19 @@ def test_prune_then_lora_through_the_daemon(root, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     assert model.config.num_attention_heads == 2
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_stop_request_is_honoured_between_steps(root):
+    from factory.errors import StopRequested
+    from stations.lora import run_lora
+    from tests.stationkit import Reports, make_ctx
+
+    _model(root)
+    _dataset(root)
+    reports = Reports()
+    ctx = make_ctx(root, _alloy("llama", _lora(steps=30)), 0, reports=reports)
+    ctx.stop_requested = lambda: len(reports.progress()) >= 2  # SIGTERM after step 2
+    with pytest.raises(StopRequested):
+        run_lora(ctx)
+    assert [p["done"] for p in reports.progress()] == [1, 2]
+    assert not (ctx.stage_dir / "model" / "config.json").exists()
