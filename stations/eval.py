@@ -1,0 +1,127 @@
+"""eval: measure the forged model (and, where asked, the source) on benchmarks.
+
+Stage fields (camelCase, as alloys write them):
+
+  benchmarks        [{"name": ..., "subset": ..., options}]: names from the
+                    registry in stations/benchmarks (`known_benchmarks()`);
+                    an unknown name is refused before any model loads.
+  evalCorpusFile    held-out text for perplexity: a path inside the factory
+   | evalCorpus     root, or an id into $.calibrationCorpora (sha256 checked).
+   | heldOutCorpus  Naming one runs perplexity even without a "perplexity"
+                    entry; `{"name": "perplexity", "subset": "<id or path>"}`
+                    names the corpus in the entry instead.
+  compareToBase     also run the forged-only benchmarks on the source model.
+  evalBlockSize, evalTokens, evalBatchSize
+                    perplexity's block length, token budget, batch size.
+  limit, nSamples, maxNewTokens, temperature, timeout, workers, seed
+                    humaneval options (also accepted inside the entry).
+
+Perplexity always measures both models on the same token blocks; the forged
+model is this stage's input (the newest earlier model output), the source is
+the alloy's source. Models are loaded one at a time (source first), so eval
+needs the memory of one model, not two.
+
+Metrics: {"perplexity": {"source", "forged", "tokens", "corpus_sha256", ...},
+"benchmarks": {name: {"forged": {...}, "source": {...}}}}; the same, with the
+resolved options, is written to <stage_dir>/eval.json.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from factory.durable import write_json
+from factory.errors import StageFailed
+from factory.stages import StageContext, StageResult
+from stations import loader
+from stations.base import input_model_dir, source_model_dir, stage_field
+from stations.benchmarks import BenchJob, benchmark_for, benchmark_problem, load_runner
+from stations.benchmarks.perplexity import FILE_KEYS, ID_KEYS
+
+ROLES = ("source", "forged")
+
+
+def benchmark_specs(ctx: StageContext) -> list[dict]:
+    """The stage's benchmark entries, plus an implied perplexity entry when
+    a held-out corpus is named; each checked to be runnable here."""
+    specs = [b if isinstance(b, dict) else {"name": b} for b in ctx.stage.get("benchmarks") or []]
+    corpus_named = any(ctx.stage.get(k) for k in FILE_KEYS + ID_KEYS)
+    if corpus_named and not any(s.get("name") == "perplexity" for s in specs):
+        specs.append({"name": "perplexity"})
+    if not specs:
+        raise StageFailed(f"eval stage {ctx.index} names no benchmark; add $.stages[{ctx.index}].benchmarks "
+                          "(e.g. [{\"name\": \"perplexity\"}]) or an evalCorpusFile")
+    for i, spec in enumerate(specs):
+        problem = benchmark_problem(str(spec.get("name")), check_installed=True)
+        if problem:
+            raise StageFailed(f"$.stages[{ctx.index}].benchmarks[{i}]: {problem}")
+    return specs
+
+
+def roles_for(spec: dict, compare_to_base: bool) -> tuple[str, ...]:
+    bench = benchmark_for(spec["name"])
+    return ROLES if bench.always_compare or compare_to_base else bench.roles
+
+
+def _free(loaded) -> None:
+    """Drop a model before the next loads: eval holds one model at a time."""
+    del loaded
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_benchmarks(ctx: StageContext, specs: list[dict], dirs: dict[str, Path], compare: bool) -> dict:
+    """{name: {role: result}}: each model loaded once, its benchmarks run, freed."""
+    results: dict[str, dict] = {s["name"]: {} for s in specs}
+    shared: dict[str, dict] = {s["name"]: {} for s in specs}
+    same = dirs["source"].resolve() == dirs["forged"].resolve()
+    for role in ROLES:
+        wanted = [s for s in specs if role in roles_for(s, compare)]
+        if not wanted or (same and role == "source"):
+            continue
+        loaded = loader.load(ctx, dirs[role], with_tokenizer=True, purpose=f"eval {role}")
+        for spec in wanted:
+            job = BenchJob(ctx=ctx, spec=spec, loaded=loaded, role=role, out_dir=ctx.stage_dir,
+                           shared=shared[spec["name"]])
+            results[spec["name"]][role] = load_runner(benchmark_for(spec["name"]))(job)
+            ctx.stop_point()
+        _free(loaded)
+    if same:  # no earlier stage changed the model: the source IS the forged model
+        for spec in specs:
+            if "source" in roles_for(spec, compare):
+                results[spec["name"]]["source"] = dict(results[spec["name"]]["forged"], same_model=True)
+    return results
+
+
+def perplexity_summary(per_role: dict) -> dict:
+    forged, source = per_role["forged"], per_role["source"]
+    return {"source": source["perplexity"], "forged": forged["perplexity"], "tokens": forged["tokens"],
+            "corpus_sha256": forged["corpus_sha256"], "corpus": forged["corpus"],
+            "block_size": forged["block_size"], "blocks": forged["blocks"],
+            "ratio": forged["perplexity"] / source["perplexity"]}
+
+
+def run_stage(ctx: StageContext) -> StageResult:
+    # 1. What to run, refused before any model is touched.
+    specs = benchmark_specs(ctx)
+    compare = bool(stage_field(ctx, "compareToBase", "compare_to_base", default=False))
+    # 2. Which models: the alloy's source and this stage's input.
+    dirs = {"source": source_model_dir(ctx), "forged": input_model_dir(ctx)}
+    # 3. Measure, one model at a time.
+    results = run_benchmarks(ctx, specs, dirs, compare)
+    metrics: dict = {"benchmarks": results}
+    if "perplexity" in results:
+        metrics["perplexity"] = perplexity_summary(results["perplexity"])
+    # 4. Record what was measured and how.
+    report = ctx.stage_dir / "eval.json"
+    write_json(report, {"metrics": metrics, "benchmarks": specs, "compare_to_base": compare,
+                        "models": {r: str(p) for r, p in dirs.items()}})
+    outputs = [report, *sorted(ctx.stage_dir.glob("humaneval_*_samples.jsonl"))]
+    return StageResult(outputs=outputs, metrics=metrics)
