@@ -300,6 +300,17 @@ def cmd_validate(args) -> int:
     return EXIT_OK if all(r.ok for r in reports) else BadInput.exit_code
 
 
+def cmd_plan(args) -> int:
+    from factory.plan import make_plan
+
+    plan = make_plan(Path(args.file), root=_root(args))
+    if args.json:
+        _print_json(plan.to_json())
+    else:
+        print(plan.render_text())
+    return EXIT_OK if plan.ok else BadInput.exit_code
+
+
 def cmd_verify(args) -> int:
     from factory.integrity import verify_path
 
@@ -375,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check alloy files: JSON syntax and the forge-alloy schema "
             "(paths checked against --root when given); exit 0 when all are valid, 2 otherwise", json_flag=True)
     p.add_argument("files", nargs="+")
+    p = add("plan", cmd_plan, "check an alloy against this node (model, corpora, stations, memory, disk) and "
+            "show how it would run; exit 0 when it can run here, 2 otherwise", json_flag=True)
+    p.add_argument("file")
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
     p.add_argument("path")

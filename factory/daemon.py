@@ -237,7 +237,7 @@ class Daemon:
         for part in self.line.queue():
             if not self.line.eligible(part, now_iso):
                 continue
-            result = gate(part.path.read_bytes(), file_name=part.path.name)
+            result = gate(part.path.read_bytes(), file_name=part.path.name, line=self.line)
             if not result.ok:  # e.g. queued by an older factory: reject, never run
                 reject(self.line, part, result)
                 continue

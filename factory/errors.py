@@ -114,3 +114,32 @@ class UnknownArchitectureError(BadInput):
 
 class FamilySpecError(FactoryError):
     """A family JSON is malformed or two families claim the same name."""
+
+
+class SourceError(BadInput):
+    """The alloy's source model cannot be used on this node."""
+
+    def __init__(self, *, value: str, problem: str, fix: str, json_path: str = "$.source.baseModel") -> None:
+        self.json_path, self.value, self.problem, self.fix = json_path, value, problem, fix
+        super().__init__(f"{json_path} = {value!r}: {problem}; fix: {fix}")
+
+
+class SourceOutsideRoot(SourceError):
+    """A local baseModel resolves outside the root and every cold tier."""
+
+
+class SourceNotFound(SourceError, FileNotFoundError):
+    """A local baseModel names no directory, or a repo id is not resolvable."""
+
+
+class SourceNotAModel(SourceError):
+    """The directory exists but is not a Hugging Face checkpoint (no config.json)."""
+
+
+class SourceNotCached(SourceNotFound):
+    """A repo id is absent from the local HF cache and may not be downloaded."""
+
+    def __init__(self, *, repo_id: str, revision: str, cache_dir: Path, fix: str) -> None:
+        self.repo_id, self.revision, self.cache_dir = repo_id, revision, cache_dir
+        problem = f"{repo_id!r} at revision {revision!r} is not in the Hugging Face cache at {str(cache_dir)!r}"
+        super().__init__(value=repo_id, problem=problem, fix=fix)

@@ -38,25 +38,30 @@ class GateResult:
         return f"{first['path']}: {first['message']}; fix: {first['fix']}{more}"
 
 
-def gate(raw: bytes, *, file_name: str) -> GateResult:
-    """Parse + schema check of an alloy's bytes (no model is touched)."""
-    from factory.validation import check_bytes  # pydantic models: loaded on first use
+def gate(raw: bytes, *, file_name: str, line: Line) -> GateResult:
+    """Parse + schema check of an alloy's bytes, plus the plan checks that
+    need no model (known architecture, a station or role for every stage)."""
+    from factory.plan import quick_findings  # pydantic models: loaded on first use
+    from factory.validation import check_bytes
 
-    report = check_bytes(raw, file_name=file_name)
+    report = check_bytes(raw, file_name=file_name, root=line.root)
+    findings = list(report.findings)
+    if report.alloy is not None and not findings:
+        findings = quick_findings(report.alloy, root=line.root, config=line.config)
     problems = [
         {"level": f.level, "path": f.path, "value": f.value, "message": f.message, "fix": f.fix}
-        for f in report.findings
+        for f in findings
     ]
     priority = 0
     if report.alloy is not None:
         priority = int(getattr(report.alloy, "priority", None) or 0)
-    return GateResult(ok=report.ok, priority=priority, problems=problems)
+    return GateResult(ok=not findings, priority=priority, problems=problems)
 
 
 def reject(line: Line, part: Part, result: GateResult) -> Part:
     """Send a part that failed the gate to rework with a readable error.json."""
     rec = error_record({"type": "intake", "index": None}, "deterministic",
-                        f"{part.path.name} is not a valid alloy: {result.summary()}",
+                        f"{part.path.name} was refused at intake: {result.summary()}",
                         retries=part.name.retry, problems=result.problems)
     with line.locked():
         moved = line.finish(part, "rework", ERROR, rec)
@@ -82,7 +87,7 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
     if why:
         raise BadInput(f"{src}: part name {base!r} {why}; pass --as NAME to choose another")
     pn = PartName(base)
-    result = gate(raw, file_name=src.name)
+    result = gate(raw, file_name=src.name, line=line)
     # Stage durably under hidden tmp names: a crash leaves only files the
     # recovery sweep deletes, never a half-written part in intake/.
     staged_alloy = durable.tmp_path_for(Path(pn.filename), directory=line.layout.incoming)
@@ -197,7 +202,7 @@ class Adopter:
 
     def adopt(self, part: Part) -> Part:
         raw = part.path.read_bytes()
-        result = gate(raw, file_name=part.path.name)
+        result = gate(raw, file_name=part.path.name, line=self.line)
         with self.line.locked():
             # RACE: an enqueuer may have written the ticket since our scan.
             if part.sidecar_path(TICKET).exists() or not part.path.exists():

@@ -577,6 +577,18 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
 )
 
 
+# What the intake gate can afford on every drop: no model, no corpus read.
+QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (check_architecture, check_stations)
+
+
+def quick_findings(alloy: Alloy, *, root: Path, config: NodeConfig) -> list[Finding]:
+    """The cheap plan-level checks, for the intake gate: an alloy this node
+    can never run is refused before it is queued, not hours later."""
+    ctx = _Context(alloy=alloy, root=Path(root), config=config, node_memory=None, offline=None,
+                   hf_cache_dir=None)
+    return [f for check in QUICK_CHECKS for f in check(ctx)]
+
+
 def _family_plan(ctx: _Context) -> FamilyPlan | None:
     family, cfg = ctx.geometry_family, ctx.model_config
     if family is None:

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from factory.alloy import Source
-from factory.errors import BadInput
+from factory.errors import (  # noqa: F401 - re-exported
+    SourceError, SourceNotAModel, SourceNotCached, SourceNotFound, SourceOutsideRoot,
+)
 from factory.nodeconfig import NodeConfig
 from factory.validation import PathEscapeError, is_local_path_like, resolve_inside
 
@@ -45,38 +47,6 @@ DOWNLOAD_PATTERNS = (*WEIGHT_PATTERNS, "*.json", "tokenizer.model", "*.tiktoken"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 Kind = Literal["local", "hub", "selftest"]
-
-
-# ── errors ──────────────────────────────────────────────────────────────────
-
-
-class SourceError(BadInput):
-    """The alloy's source model cannot be used on this node."""
-
-    def __init__(self, *, value: str, problem: str, fix: str, json_path: str = JSON_PATH) -> None:
-        self.json_path, self.value, self.problem, self.fix = json_path, value, problem, fix
-        super().__init__(f"{json_path} = {value!r}: {problem}; fix: {fix}")
-
-
-class SourceOutsideRoot(SourceError):
-    """A local baseModel resolves outside the root and every cold tier."""
-
-
-class SourceNotFound(SourceError, FileNotFoundError):
-    """A local baseModel names no directory, or a repo id is not resolvable."""
-
-
-class SourceNotAModel(SourceError):
-    """The directory exists but is not a Hugging Face checkpoint (no config.json)."""
-
-
-class SourceNotCached(SourceNotFound):
-    """A repo id is absent from the local HF cache and may not be downloaded."""
-
-    def __init__(self, *, repo_id: str, revision: str, cache_dir: Path, fix: str) -> None:
-        self.repo_id, self.revision, self.cache_dir = repo_id, revision, cache_dir
-        problem = f"{repo_id!r} at revision {revision!r} is not in the Hugging Face cache at {str(cache_dir)!r}"
-        super().__init__(value=repo_id, problem=problem, fix=fix)
 
 
 # ── result ──────────────────────────────────────────────────────────────────

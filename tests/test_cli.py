@@ -140,3 +140,39 @@ def test_tail_follow_prints_new_events(root, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_intake_gate_refuses_what_this_node_can_never_run(root, tmp_path):
+    unknown_stage = {**selftest_alloy(), "stages": [{"type": "x-frobnicate"}]}
+    unknown_arch = {**selftest_alloy(), "source": {"baseModel": "models/x", "architecture": "no-such-arch"}}
+    for name, alloy in [("stage", unknown_stage), ("arch", unknown_arch)]:
+        r = factory("enqueue", str(write_alloy(tmp_path / f"{name}.alloy.json", alloy)), root=root)
+        assert r.returncode == 2
+        err = json.loads((root / f"line/rework/{name}.error.json").read_text())
+        assert err["problems"][0]["level"] == "plan"
+    err = json.loads((root / "line/rework/stage.error.json").read_text())
+    assert err["problems"][0]["path"] == "$.stages[0].type" and "no station on this node" in err["message"]
+    err = json.loads((root / "line/rework/arch.error.json").read_text())
+    assert err["problems"][0]["path"] == "$.source.architecture" and "no-such-arch" in err["message"]
+
+
+def test_unknown_stage_type_at_run_time_is_a_clear_stage_failure():
+    import pytest
+
+    from factory.errors import StageFailed
+    from factory.stages import load_stage
+
+    with pytest.raises(StageFailed, match="has no station on this node"):
+        load_stage("x-frobnicate")
+
+
+def test_plan_and_validate_exit_codes(root, tmp_path):
+    good = write_alloy(tmp_path / "good.alloy.json", selftest_alloy())
+    r = factory("plan", str(good), "--json", root=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["stages"][0]["station"] == "factory.selftest:run_stage"
+    assert factory("validate", str(good)).returncode == 0
+    bad = write_alloy(tmp_path / "bad.alloy.json", {**selftest_alloy(), "stages": []})
+    r = factory("validate", str(bad), "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)[0]["findings"][0]["path"] == "$.stages"
+    assert factory("plan", str(bad), root=root).returncode == 2
