@@ -1,0 +1,121 @@
+"""context-extend: RoPE scaling to a longer context, written into the config.
+
+Fields: targetLength (tokens), method (yarn | linear | dynamic; "ntk" and
+"dynamic-ntk" mean dynamic), optional trainingDataset/trainingSteps.
+
+transformers 5 reads RoPE settings from `rope_parameters` ({"rope_type",
+"factor", "original_max_position_embeddings", "rope_theta", ...}); 4.x and
+llama.cpp's converter read `rope_scaling` and a top-level `rope_theta`. Both
+are written so the output loads anywhere. factor = targetLength / the
+ORIGINAL context (an earlier extension's original_max_position_embeddings
+when there is one, so extending twice does not compound), and
+max_position_embeddings becomes targetLength. Multimodal configs carry this
+in their text config (the family JSON says where).
+
+Weights are not touched: every file but config.json is hard-linked (copied
+across filesystems), so their hashes equal the input's. Training after the
+extension is not implemented here: a stage with trainingSteps is refused
+with what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from adapters import family_for_config
+from factory.durable import write_json
+from factory.errors import StageFailed
+from factory.stages import StageContext, StageResult
+from stations.base import input_model_dir, model_result, output_model_dir, stage_field
+
+# alloy method -> transformers rope_type
+METHODS: dict[str, str] = {"yarn": "yarn", "linear": "linear", "dynamic": "dynamic", "ntk": "dynamic",
+                           "dynamic-ntk": "dynamic"}
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
+# Keys that describe the old scaling and must not survive into the new one.
+_SCALING_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "attention_factor",
+                 "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor", "long_factor", "short_factor"}
+
+
+def _check_fields(ctx: StageContext) -> tuple[int, str]:
+    if stage_field(ctx, "trainingSteps", "training_steps") or stage_field(ctx, "trainingDataset",
+                                                                          "training_dataset"):
+        raise StageFailed(f"$.stages[{ctx.index}]: context-extend training is not implemented; run a train "
+                          "stage after it (remove trainingSteps/trainingDataset here)")
+    target = stage_field(ctx, "targetLength", "target_length", required=True)
+    method = stage_field(ctx, "method", default="yarn")
+    if not isinstance(target, int) or target <= 0:
+        raise StageFailed(f"$.stages[{ctx.index}].targetLength must be a positive integer, got {target!r}")
+    if method not in METHODS:
+        raise StageFailed(f"$.stages[{ctx.index}].method {method!r} is unknown; use one of "
+                          f"{', '.join(sorted(METHODS))}")
+    return target, METHODS[method]
+
+
+def rope_extension(text: dict, *, target: int, rope_type: str, where: str) -> dict:
+    """The new rope parameters for a text config (not applied)."""
+    old = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in old.values()):
+        raise StageFailed(f"{where}: per-layer-type rope_parameters are not supported by context-extend yet")
+    original = old.get("original_max_position_embeddings") or text.get("max_position_embeddings")
+    if not isinstance(original, int) or original <= 0:
+        raise StageFailed(f"{where}: no max_position_embeddings to extend from; the config must state it")
+    if target <= original:
+        raise StageFailed(f"{where}: targetLength {target} is not longer than the original context {original}")
+    kept = {k: v for k, v in old.items() if k not in _SCALING_KEYS}
+    kept.setdefault("rope_theta", text.get("rope_theta", DEFAULT_ROPE_THETA))
+    return {**kept, "rope_type": rope_type, "factor": target / original,
+            "original_max_position_embeddings": original}
+
+
+def extend_config(config: dict, *, target: int, rope_type: str, where: str) -> dict:
+    """Apply the extension to a parsed config.json in place; returns the new rope parameters."""
+    text = family_for_config(config).text_config(config)
+    params = rope_extension(text, target=target, rope_type=rope_type, where=where)
+    text["rope_parameters"] = params
+    text["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}  # 4.x / llama.cpp readers
+    text["rope_theta"] = params["rope_theta"]
+    text["max_position_embeddings"] = target
+    return params
+
+
+def link_or_copy(src_dir: Path, dst_dir: Path, *, skip: set[str]) -> int:
+    """Hard-link every file under src_dir into dst_dir (copy across
+    filesystems); returns how many were linked."""
+    linked = 0
+    for src in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+        rel = src.relative_to(src_dir)
+        if str(rel) in skip:
+            continue
+        dst = dst_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+            linked += 1
+        except OSError:  # another filesystem, or links not allowed: same bytes either way
+            shutil.copy2(src, dst)
+    return linked
+
+
+def run_stage(ctx: StageContext) -> StageResult:
+    # 1. Fields, refused before anything is written.
+    target, rope_type = _check_fields(ctx)
+    src = input_model_dir(ctx)
+    config_path = src / "config.json"
+    config = json.loads(config_path.read_text())
+    # 2. The new config.
+    params = extend_config(config, target=target, rope_type=rope_type, where=str(config_path))
+    out = output_model_dir(ctx)
+    write_json(out / "config.json", config)
+    # 3. Weights and tokenizer unchanged.
+    linked = link_or_copy(src, out, skip={"config.json"})
+    ctx.progress(1, 1, "models")
+    metrics = {"target_length": target, "method": ctx.stage.get("method", "yarn"), "rope_parameters": params,
+               "original_max_position_embeddings": params["original_max_position_embeddings"],
+               "factor": params["factor"], "files_linked": linked}
+    report = ctx.stage_dir / "context_extend.json"
+    write_json(report, {"source": str(src), **metrics})
+    return model_result(ctx, out, {"context_extend": metrics}, report)
