@@ -363,12 +363,15 @@ def _explicit_indices(ctx: StageContext, moe_layers: list[int], experts: int) ->
     where = f"$.stages[{ctx.index}].keepExpertIndices"
     if not isinstance(raw, dict):
         raise StageFailed(f"{where} must map each MoE layer to a list of expert indices, got {type(raw).__name__}")
-    out = {int(k): v for k, v in raw.items()}
+    try:
+        out = {int(k): v for k, v in raw.items()}
+    except ValueError as err:
+        raise StageFailed(f"{where} keys must be layer numbers (\"0\", \"1\", ...): {err}") from err
     if sorted(out) != moe_layers:
         raise StageFailed(f"{where} lists layers {sorted(out)}, but the MoE layers are {moe_layers}; list each once")
     for layer, idx in out.items():
         if (not isinstance(idx, list) or len(set(idx)) != len(idx)
-                or not all(isinstance(i, int) and 0 <= i < experts for i in idx)):
+                or not all(type(i) is int and 0 <= i < experts for i in idx)):
             raise StageFailed(f"{where}.{layer} = {idx!r}: need distinct expert indices in 0..{experts - 1}")
     if len({len(v) for v in out.values()}) != 1:
         raise StageFailed(f"{where}: every layer must keep the same number of experts (the config holds one count)")
@@ -407,7 +410,7 @@ def select_experts(ctx: StageContext, *, model_dir: Path, family: Family, moe_la
     if explicit is not None:
         return Selection("explicit", explicit, None)
     metric = metric_name(stage_field(ctx, "metric", default="reap"))
-    if metric == "router_l2" and latest(ctx, "importance") is None:
+    if metric == "router_l2":  # always from the weights being pruned, profile or not
         scores = {layer: router_l2_from_disk(model_dir, family, layer, weight_files) for layer in moe_layers}
         return Selection(metric, {layer: top_experts(s, keep, groups) for layer, s in scores.items()}, None)
     data, rel = _importance(ctx, metric, moe_layers, experts)
