@@ -9,8 +9,9 @@
 
 Benchmark scores are fractions (pass@1 0.36, not 36). `min` is a floor on the
 forged score; `anchorDelta` the lowest allowed forged − source difference
-(negative: a drop of at most that much). Perplexity is lower-better: `max`
-caps the forged value, `maxRatio` forged / source. `hardware.maxVramGb`
+(negative: a drop of at most that much; needs the eval stage's
+compareToBase). Perplexity is lower-better and gated on every held-out corpus
+measured: `max` caps the forged value, `maxRatio` forged / source. `hardware.maxVramGb`
 bounds the forged weights' size (GiB, read from disk). Every check is
 recorded with its required and actual value; a check whose number is missing
 fails (an unmeasured gate is not a passed gate).
@@ -36,19 +37,37 @@ def _cmp(name: str, required: float, actual: float | None, ok) -> Check:
     return Check(name, required, actual, actual is not None and ok(actual, required))
 
 
-def _benchmarks(spec: dict, scores: dict) -> list[Check]:
+# The headline number of a benchmark result, in order of preference.
+SCORE_KEYS = ("pass@1", "score", "accuracy", "acc")
+
+
+def _score(result: dict | None) -> float | None:
+    result = result or {}
+    return next((result[k] for k in SCORE_KEYS if result.get(k) is not None), None)
+
+
+def _perplexity_checks(gate: dict, perplexities: list[dict]) -> list[Check]:
+    """Every measured held-out perplexity must clear the gate."""
+    checks = []
+    for p in perplexities or [{}]:
+        where = f"benchmarks.perplexity[{p.get('corpus', '?')}]"
+        forged, source = p.get("forged"), p.get("source")
+        ratio = forged / source if forged and source else None
+        if gate.get("max") is not None:
+            checks.append(_cmp(f"{where}.max", gate["max"], forged, lambda a, r: a <= r))
+        if gate.get("maxRatio") is not None:
+            checks.append(_cmp(f"{where}.maxRatio", gate["maxRatio"], ratio, lambda a, r: a <= r))
+    return checks
+
+
+def _benchmarks(spec: dict, benchmarks: dict, perplexities: list[dict]) -> list[Check]:
     checks = []
     for name, gate in spec.items():
-        got = scores.get(name) or {}
         if name == "perplexity":
-            forged, source = got.get("forged"), got.get("source")
-            ratio = forged / source if forged and source else None
-            if gate.get("max") is not None:
-                checks.append(_cmp(f"benchmarks.{name}.max", gate["max"], forged, lambda a, r: a <= r))
-            if gate.get("maxRatio") is not None:
-                checks.append(_cmp(f"benchmarks.{name}.maxRatio", gate["maxRatio"], ratio, lambda a, r: a <= r))
+            checks += _perplexity_checks(gate, perplexities)
             continue
-        score, base = got.get("score"), got.get("source_score")
+        got = benchmarks.get(name) or {}
+        score, base = _score(got.get("forged")), _score(got.get("source"))
         if gate.get("min") is not None:
             checks.append(_cmp(f"benchmarks.{name}.min", gate["min"], score, lambda a, r: a >= r))
         if gate.get("anchorDelta") is not None:
@@ -57,10 +76,15 @@ def _benchmarks(spec: dict, scores: dict) -> list[Check]:
     return checks
 
 
-def evaluate(criteria: dict | None, *, scores: dict, forged_bytes: int | None, integrity: dict) -> dict:
-    """The verdict: {"passed", "checks": [...]}; no criteria passes vacuously."""
+def evaluate(criteria: dict | None, *, benchmarks: dict, perplexities: list[dict], forged_bytes: int | None,
+             integrity: dict) -> dict:
+    """The verdict: {"passed", "checks": [...]}; no criteria passes vacuously.
+
+    `benchmarks` is the eval stations' {name: {"forged": {...}, "source": {...}}};
+    `perplexities` one {"corpus", "source", "forged"} per held-out corpus.
+    """
     criteria = criteria or {}
-    checks = _benchmarks(criteria.get("benchmarks") or {}, scores)
+    checks = _benchmarks(criteria.get("benchmarks") or {}, benchmarks, perplexities)
     hw = criteria.get("hardware") or {}
     if hw.get("maxVramGb") is not None:
         gib = None if forged_bytes is None else round(forged_bytes / GiB, 3)

@@ -35,16 +35,19 @@ def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
     if size is None and forged is not None and forged.is_dir():
         size = sum(f.stat().st_size for f in forged.glob("*.safetensors"))
     out["size_bytes"] = size
-    ppl = _newest(stages, "perplexity")
-    benchmarks = _newest(stages, "benchmarks") or {}
-    if ppl is not None:
-        out["perplexity"] = ppl
+    perplexities = [s["metrics"]["perplexity"] for s in stages if (s.get("metrics") or {}).get("perplexity")]
+    benchmarks: dict = {}
+    for s in stages:  # later eval stages win for a benchmark measured twice
+        if s.get("type") == "eval":
+            benchmarks.update({k: v for k, v in (s.get("metrics") or {}).get("benchmarks", {}).items()
+                               if k != "perplexity"})
+    if perplexities:
+        out["perplexity"] = perplexities
     if benchmarks:
         out["benchmarks"] = benchmarks
     smoke = _newest(stages, "smoke")
     integrity = {"modelHash": out.get("modelHash"), "fileHashes": out.get("fileHashes"),
                  "reload_ok": bool(smoke and smoke.get("ok"))}
-    scores = {**benchmarks, **({"perplexity": ppl} if ppl is not None else {})}
-    out["acceptance"] = acceptance.evaluate(alloy.get("acceptanceCriteria"), scores=scores,
-                                            forged_bytes=size, integrity=integrity)
+    out["acceptance"] = acceptance.evaluate(alloy.get("acceptanceCriteria"), benchmarks=benchmarks,
+                                            perplexities=perplexities, forged_bytes=size, integrity=integrity)
     return out

@@ -76,11 +76,12 @@ def _collect_results(ctx: StageContext, info, family, plan) -> dict:
     if family.is_moe:
         results["expertsPerLayer"] = family.expert_count(config)
         results["topK"] = family.top_k(config)
-    ppl = latest(ctx, "perplexity")
-    if ppl:
-        results["perplexity"] = ppl[1]
-        results["baselinePerplexity"] = ppl[1].get("source")
-        results["finalPerplexity"] = ppl[1].get("forged")
+    ppls = [e["metrics"]["perplexity"] for e in ctx.previous if (e.get("metrics") or {}).get("perplexity")]
+    if ppls:
+        results["perplexity"] = ppls
+        # forge-alloy's own fields hold the first held-out corpus
+        results["baselinePerplexity"] = ppls[0].get("source")
+        results["finalPerplexity"] = ppls[0].get("forged")
     bench = latest(ctx, "benchmarks")
     if bench:
         results["benchmarks"] = bench[1]
@@ -101,9 +102,9 @@ def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
     src = alloy.get("source", {})
     tags = "".join(f"- {t}\n" for t in alloy.get("tags") or [])
     stages = "".join(f"| {i} | {s.get('type')} |\n" for i, s in enumerate(alloy.get("stages", [])))
-    ppl = results.get("perplexity") or {}
-    ppl_line = (f"Held-out perplexity: source {ppl.get('source'):.3f}, forged {ppl.get('forged'):.3f} "
-                f"over {ppl.get('tokens')} tokens.\n\n" if ppl.get("source") and ppl.get("forged") else "")
+    ppl_line = "".join(
+        f"Held-out perplexity on `{p.get('corpus')}`: source {p['source']:.3f}, forged {p['forged']:.3f} "
+        f"over {p.get('tokens')} tokens.\n\n" for p in results.get("perplexity") or [])
     return (
         "---\n"
         f"license: {alloy.get('license') or 'other'}\n"
