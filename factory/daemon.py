@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from watchdog.observers import Observer
 
 from factory import heartbeat as hb
 from factory import acceptance, durable, recovery, results, transitions
+from factory.errors import FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.line import Line, Part
@@ -233,11 +235,19 @@ class Daemon:
                 self.adopter.adopt(part)
             except FileNotFoundError:
                 continue  # RACE: removed by hand while we looked
+            except Exception:  # noqa: BLE001 - one bad file must not stop the line
+                self._set_aside(part)
         now_iso = utc_now()
         for part in self.line.queue():
             if not self.line.eligible(part, now_iso):
                 continue
-            result = gate(part.path.read_bytes(), file_name=part.path.name, line=self.line)
+            try:
+                result = gate(part.path.read_bytes(), file_name=part.path.name, line=self.line)
+            except FileNotFoundError:
+                continue  # RACE: cancelled or deferred since the scan
+            except Exception:  # noqa: BLE001
+                self._set_aside(part)
+                continue
             if not result.ok:  # e.g. queued by an older factory: reject, never run
                 reject(self.line, part, result)
                 continue
@@ -245,6 +255,19 @@ class Daemon:
             if claimed is not None:
                 return claimed
         return None
+
+    def _set_aside(self, part: Part) -> None:
+        """The gate itself crashed on this part (a bug of ours): log it, move
+        the part to rework with the traceback, and keep serving."""
+        tb = traceback.format_exc()
+        log.error("checking %s failed:\n%s", part.path.name, tb)
+        rec = error_record({"type": "intake", "index": None}, "deterministic",
+                           f"the factory failed while checking {part.path.name} (a bug: please report the "
+                           "traceback); `factory retry` after upgrading", retries=part.name.retry, tb=tb)
+        try:
+            transitions.rework(self.line, part, rec)
+        except (FactoryError, OSError):
+            log.exception("could not set %s aside", part.path.name)
 
     def _next_backoff_expiry(self) -> float | None:
         """Seconds until the earliest retry backoff ends, if any part waits on one."""

@@ -19,6 +19,7 @@ here imports torch or reads tensor data: the daemon and the CLI both plan.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -479,6 +480,40 @@ def check_declared_geometry(ctx: _Context) -> Iterator[Finding]:
         yield _finding(f"$.source.{alias}", declared, problem, f"set it to {real!r} or drop it")
 
 
+# Stage types whose station can tell from the stage alone (no model, no torch)
+# that this node cannot run it: "module:function(stage) -> reason | None".
+SUPPORT_PROBES = {
+    "quant": "stations.quant:supported_here",
+}
+
+
+def _probe(spec: str) -> Callable[[dict], str | None]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def check_stage_support(ctx: _Context) -> Iterator[Finding]:
+    """Stages this node has a station for but cannot run (a converter or a
+    GPU it lacks), and eval benchmarks that are unknown or not installed."""
+    from stations.benchmarks import benchmark_problem
+
+    for plan in ctx.stages:
+        if not plan.runs_here:
+            continue
+        stage = ctx.alloy.stages[plan.index].model_dump(by_alias=True, exclude_unset=True)
+        if plan.type in SUPPORT_PROBES:
+            reason = _probe(SUPPORT_PROBES[plan.type])(stage)
+            if reason:
+                yield _finding(f"$.stages[{plan.index}]", plan.type, f"is unsupported here: {reason}",
+                               "run the part on a node that has it, or drop the stage")
+        for j, bench in enumerate(stage.get("benchmarks") or [] if plan.type == "eval" else []):
+            name = bench.get("name") if isinstance(bench, dict) else bench
+            problem = benchmark_problem(str(name), check_installed=True)
+            if problem:
+                yield _finding(f"$.stages[{plan.index}].benchmarks[{j}].name", name, problem,
+                               "use a known benchmark name, or install its runner on this node")
+
+
 def check_moe_stages(ctx: _Context) -> Iterator[Finding]:
     """Expert stages need an MoE; expert-prune keeps between top-k and the
     experts each layer has (after any earlier expert-prune)."""
@@ -563,6 +598,7 @@ def _writes_full_copy(stage: Stage) -> bool:
 CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     check_architecture,
     check_stations,
+    check_stage_support,
     check_source,
     check_calibration_corpora,
     check_model_config,
@@ -578,7 +614,8 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
 
 
 # What the intake gate can afford on every drop: no model, no corpus read.
-QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (check_architecture, check_stations)
+QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
+    check_architecture, check_stations, check_stage_support)
 
 
 def quick_findings(alloy: Alloy, *, root: Path, config: NodeConfig) -> list[Finding]:

@@ -176,3 +176,16 @@ def test_plan_and_validate_exit_codes(root, tmp_path):
     r = factory("validate", str(bad), "--json")
     assert r.returncode == 2 and json.loads(r.stdout)[0]["findings"][0]["path"] == "$.stages"
     assert factory("plan", str(bad), root=root).returncode == 2
+
+
+def test_plan_refuses_unknown_benchmarks_and_quant_this_node_cannot_do(root, tmp_path):
+    alloy = {**selftest_alloy(), "stages": [
+        {"type": "eval", "benchmarks": [{"name": "perplexity"}, {"name": "no-such-bench"}]},
+        {"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M"]},
+    ]}
+    r = factory("enqueue", str(write_alloy(tmp_path / "q.alloy.json", alloy)), root=root)
+    assert r.returncode == 2
+    problems = json.loads((root / "line/rework/q.error.json").read_text())["problems"]
+    paths = {p["path"]: p["message"] for p in problems}
+    assert "unknown benchmark 'no-such-bench'" in paths["$.stages[0].benchmarks[1].name"]
+    assert "convert_hf_to_gguf.py" in paths["$.stages[1]"]
