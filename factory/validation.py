@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from factory.alloy import (
+    ExpertActivationProfileStage,
     GENERIC_TAG,
     MOE_STAGE_TYPES,
     STAGE_TYPES,
@@ -496,8 +497,18 @@ def rule_calibration_corpora(alloy: Alloy) -> Iterator[Finding]:
             yield Finding("schema", f"{path}.name", None, problem, 'add "name": "<corpus name>"')
 
 
+def rule_profile_names_corpus(alloy: Alloy) -> Iterator[Finding]:
+    """A profile without a corpus has nothing to route through the model."""
+    for path, stage in _stages(alloy, ExpertActivationProfileStage):
+        if not stage.calibration_corpus and not stage.calibration_corpus_file:
+            yield _schema(f"{path}.calibrationCorpus", None, "the profile names no calibration corpus",
+                          "set calibrationCorpus to an id in $.calibrationCorpora, or calibrationCorpusFile "
+                          "to a file inside the factory root")
+
+
 RULES: tuple[Rule, ...] = (
     rule_moe_stages_need_moe,
+    rule_profile_names_corpus,
     rule_expert_prune_keep,
     rule_expert_prune_counts,
     rule_lora_aliases_agree,

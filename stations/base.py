@@ -8,10 +8,13 @@ Relative paths keep a work dir valid after `factory cleanup` moves it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+
 from factory.errors import StageFailed
+from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES
 from factory.stages import StageContext, StageResult
 
 MODEL_DIR = "model_dir"
@@ -67,3 +70,16 @@ def stage_field(ctx: StageContext, *names: str, default: Any = None, required: b
         raise StageFailed(f"stage {ctx.index} ({ctx.stage.get('type')}) needs {names[0]!r}; "
                           f"add it to $.stages[{ctx.index}]")
     return default
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer, generation config and the like, verbatim: every plain
+    top-level file except weights, the index and config.json (stations that
+    rewrite weights write those themselves)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if (p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES)
+                and p.name not in (INDEX_FILE, CONFIG_FILE)):
+            shutil.copy2(p, dst / p.name)
+            copied.append(p.name)
+    return copied

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from factory.errors import StageFailed
 from factory.integrity import HashingWriter
 from factory.model_files import INDEX_FILE, inspect_checkpoint
 from factory.stages import StageContext, StageResult
-from stations.base import input_model_dir, latest, model_result, output_model_dir, stage_field
+from stations.base import copy_side_files, input_model_dir, latest, model_result, output_model_dir, stage_field
 
 FORMAT = "forge-factory/expert-prune"
 VERSION = 1
@@ -432,16 +431,6 @@ def _updated_config(config: dict, family: Family, keep: int, group_updates: dict
     return new
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, generation config and other non-weight files, verbatim."""
-    copied = []
-    for p in sorted(src.iterdir()):
-        if p.is_file() and p.name not in (CONFIG_FILE, INDEX_FILE) and p.suffix not in _NOT_COPIED_SUFFIXES:
-            shutil.copy2(p, dst / p.name)
-            copied.append(p.name)
-    return copied
-
-
 def run_stage(ctx: StageContext) -> StageResult:
     # 1. What we prune: headers and config only.
     src = input_model_dir(ctx)
@@ -510,7 +499,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     weight_map = {t.name: f for f, p in plans.items() for t in p}
     write_json(out_dir / INDEX_FILE, {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))})
     write_json(out_dir / CONFIG_FILE, _updated_config(info.config, family, keep, groups.config_updates))
-    copied = _copy_side_files(src, out_dir)
+    copied = copy_side_files(src, out_dir)
     fsync_dir(out_dir)
     warnings = [w for w in [groups.warning] if w]
     stray = stray_expert_layers(family, list(info.tensors), moe_layers)

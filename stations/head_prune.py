@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from factory.errors import StageFailed
 from factory.model_files import CheckpointInfo, inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
-from stations.base import input_model_dir, model_result, output_model_dir, stage_field
+from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, stage_field
 
 DATA_FREE_STRATEGY = "magnitude"
 # Calibration strategies and the measure each one runs (see module docstring).
@@ -374,15 +373,6 @@ def pruned_config(family: Family, config: dict, geo: Geometry, plan: HeadPlan) -
     _set_key(family, text, "num_key_value_heads", plan.kv_keep)
     _set_key(family, text, "head_dim", geo.head_dim)  # no longer hidden_size / heads
     return new
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config and the like: every plain top-level file
-    except weights, the index and config.json (written separately)."""
-    for p in src.iterdir():
-        if (p.is_file() and p.suffix not in WEIGHT_SUFFIXES + PICKLE_SUFFIXES
-                and p.name not in (INDEX_FILE, "config.json")):
-            shutil.copy2(p, dst / p.name)
 
 
 # ── the stage ───────────────────────────────────────────────────────────────

@@ -54,7 +54,9 @@ from factory.model_files import inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from factory.validation import PathEscapeError, is_local_path_like, resolve_inside
 from stations import corpus as corpus_mod
-from stations.base import input_model_dir, model_result, output_model_dir, source_model_dir, stage_field
+from stations.base import (
+    copy_side_files, input_model_dir, model_result, output_model_dir, source_model_dir, stage_field,
+)
 
 # Defaults when the alloy is silent. Alloys usually give steps and lr; these
 # are small on purpose: a forgotten field should cost minutes, not hours.
@@ -488,7 +490,6 @@ def write_merged(ctx: StageContext, model_dir: Path, adapter_dir: Path, out: Pat
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from stations.head_prune import copy_side_files
 
     info = inspect_checkpoint(model_dir)
     deltas = adapter_deltas(adapter_dir)

@@ -27,14 +27,11 @@ from adapters import (
 )
 from adapters.registry import FAMILIES_DIR
 from factory.model_files import check_geometry, inspect_checkpoint
-try:  # tests/ as a package (tests/__init__.py) or as plain rootdir modules
-    from tests.tiny_models import EXPERTS, TOP_K, tiny_model  # noqa: F401  (session fixture)
-except ModuleNotFoundError:
-    from tiny_models import EXPERTS, TOP_K, tiny_model  # noqa: F401
+from tests.tiny_models import EXPERTS, TOP_K
 
 ALL = [pytest.param(f, id=f.name) for f in families()]
 MOE = [pytest.param(f, id=f.name) for f in families() if f.is_moe]
-CORPUS = Path("/work/shared/corpus/alloys")
+from tests.shared_corpus import ALLOYS as CORPUS
 
 
 @pytest.fixture(scope="session")

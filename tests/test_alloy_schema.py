@@ -18,7 +18,7 @@ from factory.alloy import (
     SelftestStage,
 )
 
-CORPUS = Path("/work/shared/corpus")
+from tests.shared_corpus import CORPUS
 CORPUS_FILES = sorted((CORPUS / "alloys").glob("*.json")) + sorted((CORPUS / "alloy_versions").glob("*.json"))
 
 needs_corpus = pytest.mark.skipif(not CORPUS_FILES, reason="shared alloy corpus not present")

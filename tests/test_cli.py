@@ -189,3 +189,16 @@ def test_plan_refuses_unknown_benchmarks_and_quant_this_node_cannot_do(root, tmp
     paths = {p["path"]: p["message"] for p in problems}
     assert "unknown benchmark 'no-such-bench'" in paths["$.stages[0].benchmarks[1].name"]
     assert "convert_hf_to_gguf.py" in paths["$.stages[1]"]
+
+
+def test_score_humaneval_reproduces_a_published_figure():
+    # Published: qwen2.5-coder-7b-compacted alloy, results.benchmarks humaneval pass@1 61.0
+    # (/work/shared/corpus/samples/SOURCES.md); 100 of 164 problems.
+    from tests.shared_corpus import SAMPLES
+
+    path = SAMPLES / "continuum-ai_qwen2.5-coder-7b-compacted__eval_humaneval_humaneval_samples.jsonl"
+    r = factory("score", "humaneval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["passed"], out["total"]) == (100, 164) and round(100 * out["pass@1"], 1) == 61.0
+    assert factory("score", "humaneval", "/nonexistent.jsonl").returncode == 2

@@ -18,7 +18,7 @@ from factory.integrity import sha256_file
 from stations.expert_prune import tensor_roles
 from tests.linekit import events, factory, make_root, where, write_alloy
 from tests.stationkit import run_stages
-from tests.test_profile import CORPUS, MOE_FAMILIES, alloy, make_station_root, moe_model, profile_stage
+from tests.test_profile import MOE_FAMILIES, alloy, make_station_root, moe_model, profile_stage
 from tests.tiny_models import TOP_K
 
 

@@ -12,7 +12,6 @@ Scoring all 7 files x 164 problems takes about 40 s on 2 cores.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ from factory.errors import BadInput
 from stations.benchmarks.humaneval import (check_program, load_problems, run_program, score_samples,
                                            truncate_at_stop)
 
-SAMPLES = Path("/work/shared/corpus/samples")
+from tests.shared_corpus import SAMPLES
 OLMOE = "continuum-ai_olmoe-1b-7b-compacted-5b__eval_humaneval_"
 Q3C30 = "continuum-ai_qwen3-coder-30b-a3b-compacted-19b-256k__eval_humaneval_"
 PUBLISHED = [

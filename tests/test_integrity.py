@@ -18,7 +18,7 @@ from factory.integrity import (
     verify_path,
 )
 
-CORPUS = Path("/work/shared/corpus")
+from tests.shared_corpus import CORPUS
 CORPUS_FILES = sorted((CORPUS / "alloys").glob("*.json")) + sorted((CORPUS / "alloy_versions").glob("*.json"))
 
 

@@ -15,7 +15,7 @@ from factory.errors import StageFailed
 from stations.lora import IGNORE_INDEX, causal_lm_loss, collate, distillation_loss, lr_factor, record_text
 from tests.linekit import factory, where, write_alloy
 from tests.stationkit import run_stages
-from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model, tiny_model  # noqa: F401
+from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
 
 TRAIN_TEXTS = [f"def f{i}(x):\n    return x * {i}\n" for i in range(24)]
 HELD_OUT = [f"def f{i}(x):\n    return x * {i}\n" for i in range(40, 44)]  # same kind, never trained on

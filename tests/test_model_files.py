@@ -22,10 +22,6 @@ from factory.model_files import (
     inspect_checkpoint,
     read_safetensors_header,
 )
-try:  # tests/ as a package (tests/__init__.py) or as plain rootdir modules
-    from tests.tiny_models import tiny_model  # noqa: F401  (session fixture)
-except ModuleNotFoundError:
-    from tiny_models import tiny_model  # noqa: F401
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:

@@ -30,10 +30,7 @@ from factory.nodeconfig import NodeConfig
 from factory.plan import FamilyPlan, Plan, StagePlan, make_plan
 from factory.stages import registered_stage_types
 
-try:  # tests/ as a package (tests/__init__.py) or as plain rootdir modules
-    from tests.tiny_models import EXPERTS, LAYERS, TOP_K, tiny_model  # noqa: F401  (session fixture)
-except ModuleNotFoundError:
-    from tiny_models import EXPERTS, LAYERS, TOP_K, tiny_model  # noqa: F401
+from tests.tiny_models import EXPERTS, LAYERS, TOP_K
 
 GIB = 1 << 30
 ROOMY = NodeMemory(free_ram_bytes=64 * GIB, free_vram_bytes=None, cuda_available=False)

@@ -27,7 +27,7 @@ from factory.validation import (
     resolve_inside,
 )
 
-CORPUS = Path("/work/shared/corpus")
+from tests.shared_corpus import CORPUS
 CORPUS_FILES = sorted((CORPUS / "alloys").glob("*.json")) + sorted((CORPUS / "alloy_versions").glob("*.json"))
 
 # A valid alloy touching every rule: MoE source with top-k 8 of 64 experts.

@@ -57,10 +57,10 @@ _QWEN3_5_LINEAR = {"layer_types": ["linear_attention", "full_attention"], "linea
 _FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     # Layer 0 dense, layer 1 MoE: exercises first_k_dense_replace.
     # Two groups of two experts, pick one group: exercises group-limited routing.
-    "deepseek_v2": {"first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 16,
+    "deepseek_v2": {"first_k_dense_replace": 1, "num_key_value_heads": HEADS, "n_shared_experts": 1, "kv_lora_rank": 16,
                     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
                     "n_group": 2, "topk_group": 1},
-    "deepseek_v3": {"first_k_dense_replace": 1, "n_shared_experts": 1, "kv_lora_rank": 16,
+    "deepseek_v3": {"first_k_dense_replace": 1, "num_key_value_heads": HEADS, "n_shared_experts": 1, "kv_lora_rank": 16,
                     "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
                     "n_group": 2, "topk_group": 1},
     # One Gated-DeltaNet layer, one full-attention layer.
