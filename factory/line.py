@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from factory.errors import BadInput, LineEnvironmentError, PartNotFound
 from factory.events import EventLog, utc_now
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import (
+    PROTOCOL_VERSION,
     SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
 )
 
@@ -206,3 +208,26 @@ class Line:
 
 def glob_escape(s: str) -> str:
     return glob.escape(s)
+
+
+def _starter_config(root: Path) -> str:
+    """A minimal node config; every other key keeps its documented default
+    (factory_node.toml.example in the repository lists them all)."""
+    return (f"# forge-factory node config for {root}\n"
+            "# All keys and defaults: factory_node.toml.example in the forge-factory repository.\n\n"
+            f"[node]\nname = {json.dumps(socket.gethostname())}\nroles = [\"forge\"]\n\n"
+            f"[protocol]\nversion = {PROTOCOL_VERSION}\n")
+
+
+def init_root(root: Path) -> Line:
+    """Create a root (idempotent): stations, work/, calibration/, and a
+    starter factory_node.toml unless one exists."""
+    root = Path(root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = Layout(root).node_config
+    if not cfg_path.exists():
+        durable.write_bytes(cfg_path, _starter_config(root).encode(), overwrite=False)
+    line = Line(root, load_node_config(cfg_path))
+    line.create()
+    line.check_one_filesystem()
+    return line
