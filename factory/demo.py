@@ -1,6 +1,6 @@
 """`factory demo`: the factory's real job, end to end, on a fresh root.
 
-It makes a root, ships the tiny trained MoE and its corpora into it, drops
+It makes a root, ships the tiny trained models and the corpora into it, drops
 examples/demo.alloy.json into intake, runs the real daemon (a `factory run
 --until-empty` subprocess) while showing its events live, then prints what
 came out: source vs forged perplexity on held-out code and prose, experts
@@ -25,6 +25,8 @@ from factory.line import Line, init_root
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_ALLOY = EXAMPLES / "demo.alloy.json"
 MODEL = "tiny-moe"
+# Every shipped example model goes into the root, so every examples/*.alloy.json runs there.
+MODELS = ("tiny-moe", "tiny-dense")
 CORPORA = ("code.calib", "code.eval", "prose.calib", "prose.eval")
 POLL_SECONDS = 0.2
 
@@ -36,8 +38,9 @@ def prepare(root: Path) -> Line:
                            "(git clone, then pip install -e .)")
     line = init_root(root)
     models = line.root / "models"
-    if not (models / MODEL).is_dir():
-        shutil.copytree(EXAMPLES / MODEL, models / MODEL)
+    for name in MODELS:
+        if not (models / name).is_dir():
+            shutil.copytree(EXAMPLES / name, models / name)
     for name in CORPORA:
         target = line.layout.calibration / f"{name}.jsonl"
         if not target.exists():

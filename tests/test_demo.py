@@ -34,3 +34,23 @@ def test_demo_forges_the_tiny_moe(tmp_path):
              "print(m.config.num_local_experts, bool(torch.isfinite(m(**t('def f():', return_tensors='pt')).logits).all()))")
     out = subprocess.run([sys.executable, "-c", probe, str(forged)], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["8", "True"]
+
+
+def test_every_example_alloy_validates_and_the_dense_recipe_runs(tmp_path):
+    from factory.demo import EXAMPLES, prepare
+
+    root = tmp_path / "examples"
+    prepare(root)
+    alloys = sorted(EXAMPLES.glob("*.alloy.json"))
+    assert {a.name for a in alloys} >= {"demo.alloy.json", "dense.alloy.json", "baseline-router-l2.alloy.json",
+                                        "baseline-prose-calibration.alloy.json"}
+    for alloy in alloys:
+        r = factory("plan", str(alloy), "--json", root=root)
+        assert r.returncode == 0, (alloy.name, r.stdout[-2000:])
+    assert factory("enqueue", str(EXAMPLES / "dense.alloy.json"), root=root).returncode == 0
+    assert factory("run", "--until-empty", root=root, timeout=900).returncode == 0
+    result = json.loads((root / "line/finished/dense.result.json").read_text())
+    assert result["acceptance"]["passed"]
+    types = [s["type"] for s in result["stages"]]
+    assert types[:2] == ["prune", "lora"] and types[-1] == "package"
+    assert all(p["forged"] < 2 * p["source"] for p in result["perplexity"])
