@@ -199,6 +199,8 @@ def cmd_recover(args) -> int:
     lock.acquire()  # Conflict while a live daemon holds the root
     try:
         actions = recovery.sweep(line)
+        if actions:
+            line.events.emit("daemon/recovery", None, actions=actions, by="factory recover")
     finally:
         lock.release()
     if args.json:

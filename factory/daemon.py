@@ -132,8 +132,11 @@ class Daemon:
         try:
             self.beat_now()
             self._install_signals()
-            for action in recovery.sweep(line):
+            actions = recovery.sweep(line)
+            for action in actions:
                 log.info("recovery: %s", action)
+            if actions:
+                line.events.emit("daemon/recovery", None, actions=actions)
             if not os.environ.get(NO_INOTIFY_ENV):
                 observer = Observer()
                 watched = (str(line.layout.intake), str(line.layout.assembly))

@@ -220,6 +220,7 @@ def test_daemon_kill_leaves_part_recovered_on_restart(root, tmp_path):
     assert where(root)["k"] == [("intake", 1)]
     rec = events(root, "part/recovered", "k")
     assert rec and rec[0]["retry"] == 1
+    assert any("recovered 'k'" in a for a in events(root, "daemon/recovery")[-1]["actions"])
     run_until_empty(root)
     assert where(root)["k"] == [("finished", 1)]
 
