@@ -194,6 +194,11 @@ def test_cancel_running_part_stops_child_and_reworks(root, tmp_path):
     d = start_daemon(root)
     try:
         wait_for(lambda: events(root, "stage/progress", "c"), what="progress")
+        time.sleep(0.5)  # > heartbeat_interval_seconds: the beat carries the progress
+        st = json.loads(factory("status", "--json", root=root).stdout)["worker"]
+        assert (st["state"], st["part"], st["stale"]) == ("building", "c", False)
+        assert st["stage"]["index"] == 0 and st["progress"]["unit"] == "step" and st["progress"]["total"] == 300
+        assert st["pid"] == d.pid and st["eta_s"] is not None and st["eta_s"] > 0
         r = factory("cancel", "c", root=root)
         assert r.returncode == 0, r.stderr
         assert where(root)["c"] == [("rework", 0)]
