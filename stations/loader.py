@@ -25,6 +25,8 @@ from factory.stages import StageContext
 # support; it is chosen when twice the bf16 size still fits what the plan
 # allowed for weights.
 CPU_FP32_HEADROOM = 2.0
+# Module names bitsandbytes must leave unquantised under a 4-bit plan.
+QUANT_SKIP_MODULES = ("lm_head", "router")
 
 
 @dataclass
@@ -85,6 +87,10 @@ def _from_pretrained_kwargs(ctx: StageContext, plan: LoadPlan, dtype_name: str) 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
+            # Routers decide which experts run: keep them exact. Most families'
+            # routers are not nn.Linear (never quantised), but PhiMoE's
+            # subclasses it; the output head stays exact as by default.
+            llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
             llm_int8_enable_fp32_cpu_offload=plan.strategy == "gpu-4bit-cpu-offload")
         kwargs["device_map"] = "auto" if plan.max_memory else {"": 0}
         if plan.max_memory:
