@@ -25,8 +25,9 @@ from factory.stages import StageContext
 # support; it is chosen when twice the bf16 size still fits what the plan
 # allowed for weights.
 CPU_FP32_HEADROOM = 2.0
-# Module names bitsandbytes must leave unquantised under a 4-bit plan.
-QUANT_SKIP_MODULES = ("lm_head", "router")
+# Module names bitsandbytes must leave unquantised under a 4-bit plan
+# (transformers matches them as name suffixes: "mlp.gate" is not "gate_proj").
+QUANT_SKIP_MODULES = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate")
 
 
 @dataclass
