@@ -209,12 +209,6 @@ class Daemon:
         waits = [self.next_scan - now, self.next_beat - now]
         if self.notifier.watchdog_interval:
             waits.append(self.next_watchdog - now)
-        settle = self.adopter.next_check_in(now)
-        if settle is not None:
-            waits.append(settle)
-        backoff = self._next_backoff_expiry()
-        if backoff is not None:
-            waits.append(backoff)
         return max(0.0, min(waits))
 
     def _wait(self, timeout: float) -> None:
@@ -240,10 +234,20 @@ class Daemon:
                 continue  # RACE: removed by hand while we looked
             except Exception:  # noqa: BLE001 - one bad file must not stop the line
                 self._set_aside(part)
+        settle = self.adopter.next_check_in(now)
+        if settle is not None:  # an unsettled hand drop: look again when it may have settled
+            self.next_scan = min(self.next_scan, now + settle)
         now_iso = utc_now()
-        for part in self.line.queue():
-            if not self.line.eligible(part, now_iso):
+        for waiting in self.line.queue():
+            part = waiting.part
+            if waiting.not_before and waiting.not_before > now_iso:
+                # backing off: scan again the moment its backoff ends
+                until = datetime.fromisoformat(waiting.not_before.replace("Z", "+00:00")).timestamp()
+                self.next_scan = min(self.next_scan, now + until - time.time() + 0.01)
                 continue
+            # Gated again at claim, not only at enqueue: the plan checks
+            # depend on this node (stations installed, roles), which may
+            # have changed while the part waited.
             try:
                 result = gate(part.path.read_bytes(), file_name=part.path.name, line=self.line)
             except FileNotFoundError:
@@ -271,16 +275,6 @@ class Daemon:
             transitions.rework(self.line, part, rec)
         except (FactoryError, OSError):
             log.exception("could not set %s aside", part.path.name)
-
-    def _next_backoff_expiry(self) -> float | None:
-        """Seconds until the earliest retry backoff ends, if any part waits on one."""
-        soonest = None
-        for part in self.line.parts("intake"):
-            nb = self.line.ticket(part).get("not_before")
-            if nb:
-                t = datetime.fromisoformat(nb.replace("Z", "+00:00")).timestamp() - time.time()
-                soonest = t if soonest is None else min(soonest, t)
-        return None if soonest is None else max(0.0, soonest) + 0.01
 
     # -- running a part -----------------------------------------------------------
 
@@ -435,6 +429,7 @@ class Daemon:
         os.close(ch.fd)
         self.child = None
         self.handled += 1
+        self.next_scan = 0.0  # claim the next part now, not at the next rescan
         rc = ch.proc.returncode
         try:
             self._route(ch, rc)

@@ -47,6 +47,19 @@ class Part:
             return None
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A part in intake with its ticket."""
+
+    part: Part
+    ticket: dict
+
+    @property
+    def not_before(self) -> str | None:
+        """When its retry backoff ends (UTC ISO), or None."""
+        return self.ticket.get("not_before")
+
+
 class Line:
     """One root's line. Cheap to construct; holds no locks between calls."""
 
@@ -182,21 +195,16 @@ class Line:
     def ticket(self, part: Part) -> dict:
         return part.read_sidecar(TICKET) or {}
 
-    def order_key(self, part: Part) -> tuple:
-        """Claim order: higher alloy priority first, then oldest enqueue."""
-        t = self.ticket(part)
-        return (-int(t.get("priority", 0)), t.get("enqueued_at", "~"), part.base)
-
-    def eligible(self, part: Part, now_iso: str | None = None) -> bool:
-        """A ticketed part whose retry backoff (if any) has expired."""
-        t = part.read_sidecar(TICKET)
-        if t is None:
-            return False
-        nb = t.get("not_before")
-        return not nb or nb <= (now_iso or utc_now())
-
-    def queue(self) -> list[Part]:
-        return sorted(self.parts("intake"), key=self.order_key)
+    def queue(self) -> list["Waiting"]:
+        """Adopted parts in intake, in claim order (higher alloy priority
+        first, then oldest enqueue, then name), each ticket read once."""
+        waiting = []
+        for part in self.parts("intake"):
+            ticket = part.read_sidecar(TICKET)
+            if ticket is not None:  # no ticket: a hand drop not yet adopted
+                waiting.append(Waiting(part, ticket))
+        return sorted(waiting, key=lambda w: (-int(w.ticket.get("priority", 0)),
+                                              w.ticket.get("enqueued_at", "~"), w.part.base))
 
     # -- throughput -----------------------------------------------------------
 

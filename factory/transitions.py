@@ -114,24 +114,24 @@ def foreman_retry(line: Line, part: Part) -> Part:
     return moved
 
 
-def defer(line: Line, part: Part) -> Part:
-    if part.station != "intake":
-        raise Conflict(f"part {part.base!r} is in {part.station}/; only parts waiting in intake/ can be deferred")
+def _shelve(line: Line, part: Part, *, src: str, dst: str, verb: str, kind: str) -> Part:
+    """intake <-> deferred: a plain move between two waiting stations."""
+    if part.station != src:
+        raise Conflict(f"part {part.base!r} is in {part.station}/, not {src}/; "
+                       f"`factory {verb}` works on parts waiting in {src}/")
     with line.locked():
         _still_there(part)
-        moved = line.move(part, "deferred")
-    line.events.emit("part/deferred", part.base)
+        moved = line.move(part, dst)
+    line.events.emit(kind, part.base)
     return moved
+
+
+def defer(line: Line, part: Part) -> Part:
+    return _shelve(line, part, src="intake", dst="deferred", verb="defer", kind="part/deferred")
 
 
 def resume(line: Line, part: Part) -> Part:
-    if part.station != "deferred":
-        raise Conflict(f"part {part.base!r} is in {part.station}/, not deferred/; nothing to resume")
-    with line.locked():
-        _still_there(part)
-        moved = line.move(part, "intake")
-    line.events.emit("part/resumed", part.base)
-    return moved
+    return _shelve(line, part, src="deferred", dst="intake", verb="resume", kind="part/resumed")
 
 
 def cancel_waiting(line: Line, part: Part) -> Part:

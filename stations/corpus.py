@@ -30,6 +30,17 @@ class Corpus:
     ref: str  # what the alloy called it (id or path), for reports
 
 
+def local_file(ctx: StageContext, rel: str, *, where: str, what: str) -> Path:
+    """An existing file an alloy names, resolved inside the factory root."""
+    try:
+        path = resolve_inside(ctx.layout.root, rel, json_path=where)
+    except ValueError as err:  # PathEscapeError: .., absolute outside, symlink out
+        raise StageFailed(str(err)) from err
+    if not path.is_file():
+        raise StageFailed(f"{where}: {what} file {path} does not exist; put it there or fix the path")
+    return path
+
+
 def _entry_for(ctx: StageContext, ref: str) -> tuple[int, dict] | None:
     for i, c in enumerate(ctx.alloy.get("calibrationCorpora") or []):
         if ref in (c.get("id"), c.get("name"), c.get("path")):
@@ -52,12 +63,7 @@ def resolve(ctx: StageContext, *, file_keys: tuple[str, ...], id_keys: tuple[str
         raise StageFailed(f"corpus {ref!r} has no path: add it to $.calibrationCorpora with a \"path\" "
                           "inside the factory root")
     where = f"$.stages[{ctx.index}].{file_keys[0]}" if path_ref else f"$.calibrationCorpora[{found[0]}].path"
-    try:
-        path = resolve_inside(ctx.layout.root, rel, json_path=where)
-    except ValueError as err:
-        raise StageFailed(str(err)) from err
-    if not path.is_file():
-        raise StageFailed(f"{where}: corpus file {path} does not exist; put it there or fix the path")
+    path = local_file(ctx, rel, where=where, what="corpus")
     digest = sha256_file(path)
     want = (entry.get("sha256") or "").removeprefix("sha256:")
     if want and want != digest:

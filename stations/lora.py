@@ -52,7 +52,7 @@ from factory.errors import StageFailed
 from factory.integrity import sha256_file
 from factory.model_files import inspect_checkpoint
 from factory.stages import StageContext, StageResult
-from factory.validation import PathEscapeError, is_local_path_like, resolve_inside
+from factory.validation import is_local_path_like
 from stations import corpus as corpus_mod
 from stations.base import (
     copy_side_files, input_model_dir, model_result, output_model_dir, source_model_dir, stage_field,
@@ -237,12 +237,7 @@ def _dataset(ctx: StageContext, key: str, ref: str) -> TextData:
     where = _where(ctx, key)
     if not is_local_path_like(ref, root=ctx.layout.root):
         return TextData(ref, None, None, _hub_texts(ctx, ref, where))
-    try:
-        path = resolve_inside(ctx.layout.root, ref, json_path=where)
-    except PathEscapeError as err:
-        raise StageFailed(str(err)) from err
-    if not path.is_file():
-        raise StageFailed(f"{where}: dataset file {path} does not exist; put it there or fix the path")
+    path = corpus_mod.local_file(ctx, ref, where=where, what="dataset")
     return TextData(ref, str(path), sha256_file(path), _read_file_texts(path, where))
 
 

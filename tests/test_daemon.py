@@ -313,3 +313,25 @@ def test_hand_drop_of_a_name_already_finished_is_set_aside(root, tmp_path):
     assert (root / "line/finished/twin.result.json").read_bytes() == before  # untouched
     err = json.loads((root / "line/rework/twin-dup1.error.json").read_text())
     assert "already on the line (in finished/)" in err["message"] and "--as NAME" in err["message"]
+
+
+def test_without_inotify_backoff_expiry_and_a_finished_part_trigger_the_next_scan(tmp_path):
+    root = make_root(tmp_path / "root", max_retries=1)
+    cfg = (root / "factory_node.toml").read_text()
+    cfg = cfg.replace("rescan_seconds = 0.5", "rescan_seconds = 3600").replace("retry_backoff_seconds = 0",
+                                                                           "retry_backoff_seconds = 0.5")
+    (root / "factory_node.toml").write_text(cfg)
+    for name, outcome in [("a", "pass"), ("b", "pass"), ("c", "crash")]:
+        write_alloy(tmp_path / f"{name}.alloy.json", selftest_alloy(outcome=outcome))
+        factory("enqueue", str(tmp_path / f"{name}.alloy.json"), root=root, check=True)
+    d = start_daemon(root, env={"FACTORY_NO_INOTIFY": "1"})
+    try:
+        # With an hour between rescans, only "scan after each part" and "scan
+        # when a backoff ends" can move these parts along (hang guard: 60 s).
+        wait_for(lambda: where(root) == {"a": [("finished", 0)], "b": [("finished", 0)], "c": [("rework", 1)]},
+                 timeout=60, what="all parts terminal")
+    finally:
+        stop(d)
+    retried = events(root, "part/retried", "c")[0]
+    claimed_again = [e for e in events(root, "part/claimed", "c") if e["retry"] == 1][0]
+    assert claimed_again["ts"] >= retried["not_before"]  # the backoff was honoured
