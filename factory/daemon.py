@@ -65,7 +65,7 @@ class Running:
     proc: subprocess.Popen
     fd: int
     started: float
-    stage_timeouts: list[float]
+    alloy: dict  # parsed once at start (it passed the gate: stages is a list of objects)
     buf: bytes = b""
     stage: dict | None = None
     stage_started: float = 0.0
@@ -297,18 +297,14 @@ class Daemon:
             )
         os.close(w)
         self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
-                             stage_timeouts=self._stage_timeouts(part))
+                             alloy=durable.read_json(part.path))
         self.sel.register(r, selectors.EVENT_READ, "child")
         self.beat.part = part.base
         self.set_state("building")
 
-    def _stage_timeouts(self, part: Part) -> list[float]:
-        default = self.cfg.forge.stage_timeout_seconds
-        try:
-            stages = durable.read_json(part.path).get("stages", [])
-            return [float(s.get("timeoutSeconds") or default) for s in stages]
-        except (ValueError, AttributeError, TypeError):
-            return []
+    def _timeout(self, ch: Running, index: int) -> float:
+        """The stage's own timeoutSeconds, else the node's stage_timeout_seconds."""
+        return float(ch.alloy["stages"][index].get("timeoutSeconds") or self.cfg.forge.stage_timeout_seconds)
 
     def _tend(self, now: float) -> None:
         ch = self.child
@@ -341,9 +337,8 @@ class Daemon:
         if ch.proc.poll() is not None or ch.killed_for:
             return
         reason = None
-        if ch.stage is not None and ch.stage["index"] < len(ch.stage_timeouts):
-            if now - ch.stage_started > ch.stage_timeouts[ch.stage["index"]]:
-                reason = "timeout"
+        if ch.stage is not None and now - ch.stage_started > self._timeout(ch, ch.stage["index"]):
+            reason = "timeout"
         if ch.stop_sent_at is not None:
             grace = 0.0 if self.stop_requested > 1 else self.cfg.daemon.stop_grace_seconds
             if now - ch.stop_sent_at > grace:
@@ -459,7 +454,7 @@ class Daemon:
             transitions.release(line, part, reason="worker stopping" if ch.killed_for != "grace"
                                 else "worker stopping (child killed after the grace period)")
         elif ch.killed_for == "timeout":
-            limit = ch.stage_timeouts[stage["index"]]
+            limit = self._timeout(ch, stage["index"])
             self._infra(ch, f"stage {stage['index']} ({stage['type']}) ran past its timeout of {limit:g}s")
         elif rc < 0:
             name = signal.Signals(-rc).name
@@ -489,9 +484,8 @@ class Daemon:
         peaks = {c["index"]: c.get("peak_rss_mb") for c in ch.completed}
         stages = [{**s, "peak_rss_mb": peaks.get(s["index"])} for s in ckpt["stages"]]
         work_dir = self.line.layout.work_dir(ch.part.base)
-        alloy = durable.read_json(ch.part.path)
         return {
-            **results.summarize(work_dir, stages, alloy),
+            **results.summarize(work_dir, stages, ch.alloy),
             "completed_at": utc_now(),
             "part": ch.part.base,
             "retries": ch.part.name.retry,

@@ -48,10 +48,6 @@ def prepare(root: Path) -> Line:
     return line
 
 
-def _part_name(line: Line, base: str) -> str:
-    return line.free_base(base)
-
-
 def _describe(ev: dict) -> str | None:
     stage = ev.get("stage") or {}
     label = f"stage {stage.get('index')} {stage.get('type')}"
@@ -154,7 +150,7 @@ def demo(root: Path | None) -> int:
     t0 = time.monotonic()
     root = root or Path(tempfile.mkdtemp(prefix="forge-demo-"))
     line = prepare(root)
-    part = _part_name(line, json.loads(DEMO_ALLOY.read_text())["name"])
+    part = line.free_base(json.loads(DEMO_ALLOY.read_text())["name"])
     console.print(f"root {line.root}: enqueueing {DEMO_ALLOY.name} as {part}")
     enqueued = enqueue(line, DEMO_ALLOY, name=part)
     if enqueued.station != "intake":
