@@ -20,6 +20,18 @@ def _newest(stages: list[dict], key: str):
     return None
 
 
+def measurements(stages: list[dict]) -> tuple[list[dict], dict]:
+    """Every held-out perplexity measured, and the other benchmarks by name
+    (a later eval stage wins for a benchmark measured twice)."""
+    perplexities = [s["metrics"]["perplexity"] for s in stages if (s.get("metrics") or {}).get("perplexity")]
+    benchmarks: dict = {}
+    for s in stages:
+        if s.get("type") == "eval":
+            benchmarks.update({k: v for k, v in (s.get("metrics") or {}).get("benchmarks", {}).items()
+                               if k != "perplexity"})
+    return perplexities, benchmarks
+
+
 def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
     """The forged-model keys of result.json (docs/FACTORY-PROTOCOL.md §9)."""
     out: dict = {}
@@ -35,12 +47,7 @@ def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
     if size is None and forged is not None and forged.is_dir():
         size = sum(f.stat().st_size for f in forged.glob("*.safetensors"))
     out["size_bytes"] = size
-    perplexities = [s["metrics"]["perplexity"] for s in stages if (s.get("metrics") or {}).get("perplexity")]
-    benchmarks: dict = {}
-    for s in stages:  # later eval stages win for a benchmark measured twice
-        if s.get("type") == "eval":
-            benchmarks.update({k: v for k, v in (s.get("metrics") or {}).get("benchmarks", {}).items()
-                               if k != "perplexity"})
+    perplexities, benchmarks = measurements(stages)
     if perplexities:
         out["perplexity"] = perplexities
     if benchmarks:

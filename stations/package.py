@@ -25,8 +25,9 @@ from adapters import family_for_config
 from factory.errors import StageFailed
 from factory.integrity import hash_model_dir, model_hash
 from factory.model_files import inspect_checkpoint
+from factory.results import measurements
 from factory.stages import StageContext, StageResult
-from stations.base import input_model_dir, latest, model_result, output_model_dir
+from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
 
 EXECUTED_ALLOY = "forge-alloy.json"
@@ -76,15 +77,14 @@ def _collect_results(ctx: StageContext, info, family, plan) -> dict:
     if family.is_moe:
         results["expertsPerLayer"] = family.expert_count(config)
         results["topK"] = family.top_k(config)
-    ppls = [e["metrics"]["perplexity"] for e in ctx.previous if (e.get("metrics") or {}).get("perplexity")]
+    ppls, benchmarks = measurements(ctx.previous)
     if ppls:
         results["perplexity"] = ppls
         # forge-alloy's own fields hold the first held-out corpus
         results["baselinePerplexity"] = ppls[0].get("source")
         results["finalPerplexity"] = ppls[0].get("forged")
-    bench = latest(ctx, "benchmarks")
-    if bench:
-        results["benchmarks"] = bench[1]
+    if benchmarks:
+        results["benchmarks"] = benchmarks
     return results
 
 
