@@ -85,3 +85,18 @@ def node_tiers(root: Path, config: NodeConfig) -> list[Tier]:
         tiers.append(measure(c.path, name=f"cold[{i}]", min_free_gb=c.min_free_gb,
                              declared=c.fs_type, read_mb_s=c.read_mb_s, write_mb_s=c.write_mb_s))
     return tiers
+
+
+# Cold-tier folders the factory writes into (docs/FACTORY-PROTOCOL.md).
+OFFLOAD_DIR = "factory-offload"
+EVICTED_DIR = "factory-evicted"
+
+
+def offload_dir(config: NodeConfig, base: str) -> Path | None:
+    """Where a streaming load of part `base` spills weights: the first cold
+    tier's `factory-offload/<base>`, or None on a node without cold tiers.
+    The part's process removes it after every stage; cleanup removes those
+    of parts that are not running."""
+    if not config.storage.cold:
+        return None
+    return Path(config.storage.cold[0].path) / OFFLOAD_DIR / base

@@ -20,6 +20,7 @@ from factory.errors import StageFailed
 from factory.load_plan import LoadPlan, decide_load_plan, measure_node_memory
 from factory.model_files import check_config_sanity, inspect_checkpoint
 from factory.stages import StageContext
+from factory.tiers import offload_dir
 
 # On a CPU, float32 is exact and uses fast kernels on CPUs without bf16
 # support; it is chosen when twice the bf16 size still fits what the plan
@@ -100,7 +101,7 @@ def _from_pretrained_kwargs(ctx: StageContext, plan: LoadPlan, dtype_name: str) 
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = plan.max_memory
         if plan.offload_folder_needed:
-            cold = ctx.config.storage.cold[0].path / "factory-offload" / ctx.work_dir.name
+            cold = offload_dir(ctx.config, ctx.work_dir.name)
             cold.mkdir(parents=True, exist_ok=True)
             kwargs["offload_folder"] = str(cold)
     return kwargs
