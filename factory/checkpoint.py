@@ -15,9 +15,9 @@ from pathlib import Path
 from factory import durable
 from factory.events import utc_now
 from factory.integrity import sha256_file
-from factory.protocol import PROTOCOL_VERSION
+from factory.protocol import CHECKPOINT, PROTOCOL_VERSION
 
-FILE_NAME = "checkpoint.json"
+FILE_NAME = CHECKPOINT
 
 
 def hash_outputs(work_dir: Path, outputs: list[Path]) -> dict[str, str]:

@@ -24,9 +24,10 @@ from factory.checkpoint import Checkpoint, hash_outputs
 from factory.errors import StopRequested
 from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
-from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, INFRA_EXCEPTIONS
-from factory.protocol import Layout, parse_part
+from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, classify
+from factory.protocol import CLAIMED_ALLOY, FAILURE_TEXT, Layout, parse_part
 from factory.stages import StageContext, load_stage, write_report_line
+from factory.tiers import offload_dir
 
 _PR_SET_PDEATHSIG = 1
 _stop = False
@@ -58,12 +59,34 @@ def _peak_vram_mb() -> float | None:
     return round(peak, 1)
 
 
+def _failure_report(err: BaseException, info: dict, work_dir: Path) -> dict:
+    """The `failed` report: class from factory.outcomes.classify; a message
+    too long for error.json is kept whole in work/<base>/failure.txt."""
+    verdict = classify(err)
+    message = str(err) or type(err).__name__
+    tb = traceback.format_exc()
+    if len(message) > MAX_MESSAGE_CHARS:
+        (work_dir / FAILURE_TEXT).write_text(f"{message}\n\n{tb}", encoding="utf-8", errors="replace")
+    return {"t": "failed", **info, "class": verdict.cls, "cause": verdict.cause,
+            "no_room_path": verdict.no_room_path, "message": message, "exception": type(err).__name__,
+            "traceback": tb}
+
+
+def _drop_offload(config, base: str) -> None:
+    """A streaming load's spilled weights are scratch: gone after every stage."""
+    folder = offload_dir(config, base)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_part(layout: Layout, filename: str, report) -> int:
     config = load_node_config(layout.node_config)
-    raw = (layout.assembly / filename).read_bytes()
-    alloy = json.loads(raw)
     base = parse_part(filename).base
     work_dir = layout.work_dir(base)
+    # The bytes the daemon gated and hashed at claim, not the file in
+    # assembly/ (which someone may edit or delete while the part runs).
+    raw = (work_dir / CLAIMED_ALLOY).read_bytes()
+    alloy = json.loads(raw)
     stages = alloy.get("stages", [])
     types = [s.get("type") for s in stages]
     raw_hash = alloy_hash(raw)
@@ -91,12 +114,11 @@ def run_part(layout: Layout, filename: str, report) -> int:
             report({"t": "stopped", **info})
             return EXIT_STOPPED
         except BaseException as err:  # noqa: BLE001 - every failure is reported, then classified
-            infra = type(err).__name__ in INFRA_EXCEPTIONS
-            report({"t": "failed", **info, "class": "infrastructure" if infra else "deterministic",
-                    "message": str(err) or type(err).__name__,
-                    "exception": type(err).__name__,
-                    "traceback": traceback.format_exc()})
-            return EXIT_INFRA if infra else EXIT_FAILED
+            failure = _failure_report(err, info, work_dir)
+            report(failure)
+            return EXIT_INFRA if failure["class"] == "infrastructure" else EXIT_FAILED
+        finally:
+            _drop_offload(config, base)
         entry = {**info, "elapsed_s": round(time.monotonic() - t0, 3),
                  "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
         vram = _peak_vram_mb()

@@ -13,10 +13,12 @@ observer thread. A periodic full rescan is the safety net under inotify.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,14 +35,20 @@ from watchdog.observers import Observer
 
 from factory import heartbeat as hb
 from factory import acceptance, durable, recovery, results, transitions
-from factory.errors import FactoryError
+from factory.durable import NotARegularFile
+from factory.errors import Conflict, FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
+from factory.integrity import alloy_hash
 from factory.line import Line, Part
 from factory.locks import WorkerLock
-from factory.outcomes import EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, error_record
-from factory.protocol import CANCEL, parse_part
+from factory.outcomes import (
+    EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_CAUSE, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
+)
+from factory.protocol import CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, TICKET, parse_part
 from factory.sdnotify import Notifier
+
+GiB = 2**30
 
 log = logging.getLogger("factory.daemon")
 
@@ -55,6 +63,15 @@ NO_INOTIFY_ENV = "FACTORY_NO_INOTIFY"
 SAMPLE_SECONDS = 0.1
 # After a hard kill, how long to wait for the child to be reaped.
 KILL_WAIT_SECONDS = 10.0
+# inotify events that can mean "a part arrived" or "a cancel was asked for".
+WAKING_EVENTS = frozenset({"created", "moved", "closed"})
+# After an unexpected error in the loop (a bug, a full disk under our own
+# writes), wait this long before the next try, doubling up to the cap.
+ERROR_PAUSE_SECONDS = (0.5, 30.0)
+# A part waiting for disk room is claimed again once its filesystem has this
+# much more free than when it filled (and the tier's min_free_gb): at least
+# 1 MiB, a sixteenth of the filesystem, at most 256 MiB.
+ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
 
 
 @dataclass
@@ -66,6 +83,7 @@ class Running:
     fd: int
     started: float
     alloy: dict  # parsed once at start (it passed the gate: stages is a list of objects)
+    alloy_sha256: str  # of the bytes gated at claim: what the part runs and its result names
     buf: bytes = b""
     stage: dict | None = None
     stage_started: float = 0.0
@@ -78,6 +96,8 @@ class Running:
     killed_for: str | None = None  # "timeout" | "grace" | "cancel"
     cancelling: bool = False
     completed: list[dict] = field(default_factory=list)
+    stalled: bool = False  # the child is stopped (SIGSTOP): not making progress
+    budget_rss: int = 0  # the RSS that broke the memory budget, when killed for it
 
 
 class _Wake(FileSystemEventHandler):
@@ -92,6 +112,8 @@ class _Wake(FileSystemEventHandler):
         self.watched = watched
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in WAKING_EVENTS:
+            return  # our own scan's reads (opened, closed_no_write) must not wake us: that spins
         path = os.fsdecode(event.dest_path or event.src_path)
         if os.path.dirname(path) not in self.watched:
             return
@@ -111,7 +133,12 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.child: Running | None = None
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
+        self.stopping_announced = False
         self.handled = 0
+        # Parts whose child ended but whose move failed (e.g. a full disk
+        # under error.json): routed again before anything new is claimed.
+        self.unrouted: list[tuple[Running, int]] = []
+        self.memory_budget = _memory_budget(self.cfg)
         self.beat = hb.new_heartbeat(self.cfg.daemon.heartbeat_interval_seconds)
         self.next_beat = 0.0
         self.next_watchdog = 0.0
@@ -132,11 +159,7 @@ class Daemon:
         try:
             self.beat_now()
             self._install_signals()
-            actions = recovery.sweep(line)
-            for action in actions:
-                log.info("recovery: %s", action)
-            if actions:
-                line.events.emit("daemon/recovery", None, actions=actions)
+            self._recover()
             if not os.environ.get(NO_INOTIFY_ENV):
                 observer = Observer()
                 watched = (str(line.layout.intake), str(line.layout.assembly))
@@ -158,6 +181,20 @@ class Daemon:
             self.lock.release()
         return 0
 
+    def _recover(self) -> None:
+        """The start-up sweep. A sweep that fails (a full disk, a file it
+        cannot move) is reported and the worker serves anyway: the sweep is
+        idempotent and runs again at the next start or `factory recover`."""
+        try:
+            actions = recovery.sweep(self.line)
+        except Exception as err:  # noqa: BLE001
+            self._survive(err, where="recovery sweep")
+            return
+        for action in actions:
+            log.info("recovery: %s", action)
+        if actions:
+            self.line.events.emit("daemon/recovery", None, actions=actions)
+
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,26 +214,48 @@ class Daemon:
     # -- main loop --------------------------------------------------------------
 
     def _loop(self) -> None:
-        stopping_announced = False
+        pause = ERROR_PAUSE_SECONDS[0]
         while True:
-            now = time.monotonic()
-            if self.stop_requested and not stopping_announced:
-                stopping_announced = True
-                self.notifier.stopping()
-                self.set_state("stopping")
-            if self.child is not None:
-                self._tend(now)
-            elif self.stop_requested or (self.mode == "once" and self.handled >= 1):
-                return
-            else:
-                part = self._next_part(now)
-                if part is not None:
-                    self._start(part)
-                    continue
-                if self.mode == "until-empty" and not self.line.parts("intake"):
+            try:
+                if self._turn():
                     return
+                pause = ERROR_PAUSE_SECONDS[0]
+            except Exception as err:  # noqa: BLE001 - one bad file or a full disk must not stop the line
+                self._survive(err, where="main loop")
+                self._wait(pause)
+                pause = min(2 * pause, ERROR_PAUSE_SECONDS[1])
+
+    def _turn(self) -> bool:
+        """One pass of the loop; True when the daemon should exit."""
+        now = time.monotonic()
+        if self.stop_requested and not self.stopping_announced:
+            self.stopping_announced = True
+            self.notifier.stopping()
+            self.set_state("stopping")
+        if self.child is not None:
+            self._tend(now)
+        elif self.unrouted:
+            self._route_pending()
+            if self.unrouted:
                 self._wait(self._idle_timeout(now))
-            self._periodic(time.monotonic())
+        elif self.stop_requested or (self.mode == "once" and self.handled >= 1):
+            return True
+        else:
+            claimed = self._next_part(now)
+            if claimed is not None:
+                self._start(*claimed)
+                return False
+            if self.mode == "until-empty" and not self.line.parts("intake"):
+                return True
+            self._wait(self._idle_timeout(now))
+        self._periodic(time.monotonic())
+        return False
+
+    def _survive(self, err: Exception, *, where: str) -> None:
+        """Log an unexpected error and say so in the event stream; the loop
+        goes on after a pause (the only exits are the documented ones)."""
+        log.error("%s: %s", where, err, exc_info=True)
+        self.line.events.emit("daemon/error", None, where=where, message=f"{type(err).__name__}: {err}"[:500])
 
     def _periodic(self, now: float) -> None:
         if now >= self.next_beat:
@@ -223,15 +282,22 @@ class Daemon:
 
     # -- claiming ---------------------------------------------------------------
 
-    def _next_part(self, now: float) -> Part | None:
+    def _next_part(self, now: float) -> tuple[Part, bytes] | None:
+        """The next part to build, claimed, with the bytes gated at claim."""
         if now < self.next_scan:
             return None
         self.next_scan = now + self.cfg.daemon.rescan_seconds
+        for odd in self.line.irregular("intake"):
+            self._set_aside(odd, f"{odd.path.name} in intake/ is not a regular file (a symlink, FIFO or "
+                                 "directory); it was moved aside unread; enqueue a copy of the real file")
         for part in self.adopter.pending(now):
             try:
                 self.adopter.adopt(part)
             except FileNotFoundError:
                 continue  # RACE: removed by hand while we looked
+            except NotARegularFile as err:
+                self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}; "
+                                      "enqueue a regular file under the size limit")
             except Exception:  # noqa: BLE001 - one bad file must not stop the line
                 self._set_aside(part)
         settle = self.adopter.next_check_in(now)
@@ -240,18 +306,31 @@ class Daemon:
         now_iso = utc_now()
         for waiting in self.line.queue():
             part = waiting.part
+            if waiting.problem:
+                self._set_aside(part, f"{part.sidecar_path(TICKET).name} {waiting.problem}; the part was set "
+                                      f"aside unrun; `factory retry {part.base}` gives it a fresh ticket")
+                continue
             if waiting.not_before and waiting.not_before > now_iso:
                 # backing off: scan again the moment its backoff ends
                 until = datetime.fromisoformat(waiting.not_before.replace("Z", "+00:00")).timestamp()
                 self.next_scan = min(self.next_scan, now + until - time.time() + 0.01)
                 continue
+            if waiting.wait_for_room:
+                if not _has_room(waiting.wait_for_room):
+                    continue  # looked at again every rescan
+                transitions.room_returned(self.line, part)
             # Gated again at claim, not only at enqueue: the plan checks
             # depend on this node (stations installed, roles), which may
-            # have changed while the part waited.
+            # have changed while the part waited. The gated bytes are the
+            # ones the part runs and its result hashes.
             try:
-                result = gate(part.path.read_bytes(), file_name=part.path.name, line=self.line)
+                raw = durable.read_regular(part.path)
+                result = gate(raw, file_name=part.path.name, line=self.line)
             except FileNotFoundError:
                 continue  # RACE: cancelled or deferred since the scan
+            except NotARegularFile as err:
+                self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}")
+                continue
             except Exception:  # noqa: BLE001
                 self._set_aside(part)
                 continue
@@ -260,30 +339,41 @@ class Daemon:
                 continue
             claimed = transitions.claim(self.line, part)
             if claimed is not None:
-                return claimed
+                return claimed, raw
         return None
 
-    def _set_aside(self, part: Part) -> None:
-        """The gate itself crashed on this part (a bug of ours): log it, move
-        the part to rework with the traceback, and keep serving."""
-        tb = traceback.format_exc()
-        log.error("checking %s failed:\n%s", part.path.name, tb)
-        rec = error_record({"type": "intake", "index": None}, "deterministic",
-                           f"the factory failed while checking {part.path.name} (a bug: please report the "
-                           "traceback); `factory retry` after upgrading", retries=part.name.retry, tb=tb)
+    def _set_aside(self, part: Part, message: str | None = None) -> None:
+        """Move a part the line cannot use to rework with `message`, and keep
+        serving. Without a message the gate itself crashed on it (a bug of
+        ours): the traceback goes into error.json."""
+        tb = None
+        if message is None:
+            tb = traceback.format_exc()
+            log.error("checking %s failed:\n%s", part.path.name, tb)
+            message = (f"the factory failed while checking {part.path.name} (a bug: please report the "
+                       "traceback); `factory retry` after upgrading")
+        rec = error_record({"type": "intake", "index": None}, "deterministic", message,
+                           retries=part.name.retry, tb=tb)
         try:
             transitions.rework(self.line, part, rec)
         except (FactoryError, OSError):
             log.exception("could not set %s aside", part.path.name)
+            return
+        self.line.events.emit("part/set-aside", part.base, file=part.path.name, station=part.station,
+                              message=rec["message"])
 
     # -- running a part -----------------------------------------------------------
 
-    def _start(self, part: Part) -> None:
+    def _start(self, part: Part, raw: bytes) -> None:
         work = self.line.layout.work_dir(part.base)
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            logf = self._prepare_work_dir(work, raw)
+        except OSError as err:
+            self._unstartable(part, work, err)
+            return
         r, w = os.pipe()
         os.set_blocking(r, False)
-        with open(work / "child.log", "ab") as logf:
+        with logf:
             logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()})\n".encode())
             logf.flush()
             # The child inherits the worker lock's fd: while any child of
@@ -297,10 +387,34 @@ class Daemon:
             )
         os.close(w)
         self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
-                             alloy=durable.read_json(part.path))
+                             alloy=json.loads(raw), alloy_sha256=alloy_hash(raw))
         self.sel.register(r, selectors.EVENT_READ, "child")
         self.beat.part = part.base
         self.set_state("building")
+
+    @staticmethod
+    def _prepare_work_dir(work: Path, raw: bytes):
+        """work/<base>/ with the claimed alloy's bytes in it; the open child.log."""
+        if work.is_symlink():
+            raise NotADirectoryError(errno.ENOTDIR, "is a symbolic link (never followed)", str(work))
+        work.mkdir(parents=True, exist_ok=True)
+        durable.write_bytes(work / CLAIMED_ALLOY, raw)
+        fd = os.open(work / CHILD_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                     durable.file_mode_for(work))
+        return os.fdopen(fd, "ab")
+
+    def _unstartable(self, part: Part, work: Path, err: OSError) -> None:
+        """The part's work dir cannot be made: wait for room, or set it aside."""
+        if err.errno in NO_ROOM_ERRNOS:
+            stage = {"type": "start", "index": None}
+            transitions.wait_for_room(self.line, part, stage=stage, path=str(self.line.layout.work),
+                                      message=f"cannot write {work}: {err.strerror}",
+                                      free_bytes=_free_bytes(self.line.layout.work))
+            return
+        rec = error_record({"type": "start", "index": None}, "deterministic",
+                           f"cannot use {work} as this part's work dir ({err.strerror or err}); move whatever is "
+                           f"there away, then `factory retry {part.base}`", retries=part.name.retry)
+        transitions.rework(self.line, part, rec)
 
     def _timeout(self, ch: Running, index: int) -> float:
         """The stage's own timeoutSeconds, else the node's stage_timeout_seconds."""
@@ -345,13 +459,15 @@ class Daemon:
                 reason = "cancel" if ch.cancelling else "grace"
         if reason:
             ch.killed_for = reason
-            ch.proc.kill()
+            _kill_tree(ch.proc)
             ch.proc.wait(timeout=KILL_WAIT_SECONDS)
 
     def _sample(self, ch: Running) -> None:
+        """Peak RSS of the part's process tree; the memory budget; SIGSTOP."""
         try:
             proc = psutil.Process(ch.proc.pid)
             rss = proc.memory_info().rss
+            state = proc.status()
             for kid in proc.children(recursive=True):
                 try:
                     rss += kid.memory_info().rss
@@ -360,6 +476,23 @@ class Daemon:
         except psutil.Error:
             return
         ch.peak_rss = max(ch.peak_rss, rss)
+        if rss > self.memory_budget and not ch.killed_for and ch.proc.poll() is None:
+            ch.killed_for = "memory"
+            ch.budget_rss = rss
+            _kill_tree(ch.proc)
+        self._note_stall(ch, state)
+
+    def _note_stall(self, ch: Running, state: str) -> None:
+        stopped = state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        if stopped == ch.stalled:
+            return
+        ch.stalled = stopped
+        why = (f"the part's process (pid {ch.proc.pid}) is stopped (state {state}: SIGSTOP or a debugger) "
+               "and makes no progress; `kill -CONT` it or `factory cancel` the part") if stopped else None
+        self.beat.stalled = why
+        if stopped:
+            self.line.events.emit("part/stalled", ch.part.base, pid=ch.proc.pid, state=state, message=why)
+        self.beat_now()
 
     def _read_reports(self, ch: Running) -> None:
         while True:
@@ -374,8 +507,8 @@ class Daemon:
             for raw in lines:
                 try:
                     self._on_report(ch, json.loads(raw))
-                except ValueError:
-                    log.warning("unparseable report from child of %s: %r", ch.part.base, raw[:200])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    log.warning("unusable report from child of %s: %r", ch.part.base, raw[:200])
 
     def _on_report(self, ch: Running, msg: dict) -> None:
         ev = self.line.events
@@ -425,54 +558,99 @@ class Daemon:
         self.child = None
         self.handled += 1
         self.next_scan = 0.0  # claim the next part now, not at the next rescan
-        rc = ch.proc.returncode
-        try:
-            self._route(ch, rc)
-        finally:
-            self.beat.part = self.beat.stage = self.beat.progress = None
-            self.set_state("stopping" if self.stop_requested else "idle")
+        self.beat.part = self.beat.stage = self.beat.progress = self.beat.stalled = None
+        self.unrouted.append((ch, ch.proc.returncode))
+        self._route_pending()
+
+    def _route_pending(self) -> None:
+        """Move every part whose child has ended; one that cannot move now
+        (a full disk under its record) stays pending and is tried again."""
+        while self.unrouted:
+            ch, rc = self.unrouted[0]
+            try:
+                self._route(ch, rc)
+            except (Conflict, FileNotFoundError) as err:
+                self._vanished(ch, err)
+            self.unrouted.pop(0)
+        self.set_state("stopping" if self.stop_requested else "idle")
+
+    def _vanished(self, ch: Running, err: Exception) -> None:
+        """Someone removed the running part's bundle: nothing to move; the
+        work dir is kept, the line goes on."""
+        msg = (f"{ch.part.path.name} disappeared from assembly/ while it ran ({type(err).__name__}); "
+               f"nothing was moved; its work dir {self.line.layout.work_dir(ch.part.base)} is kept")
+        log.warning(msg)
+        self.line.events.emit("part/vanished", ch.part.base, station="assembly", message=msg)
 
     def _route(self, ch: Running, rc: int) -> None:
         line, part = self.line, ch.part
         stage = ch.stage
+        if not os.path.lexists(part.path):
+            raise FileNotFoundError(errno.ENOENT, "vanished", str(part.path))
+        failure = ch.failure or {}
         if ch.cancelling:
             rec = error_record(stage, "cancelled", "cancelled by a foreman while running",
                                retries=part.name.retry)
             transitions.rework(line, part, rec, kind="part/cancelled")
         elif rc == EXIT_DONE and ch.done:
-            result = self._result(ch)
-            verdict = result["acceptance"]
-            if verdict["passed"] or not self.cfg.forge.rework_on_failed_acceptance:
-                transitions.finish(line, part, result)
-            else:
-                rec = error_record({"type": "acceptance", "index": None}, "deterministic",
-                                   f"acceptance criteria failed: {acceptance.summary(verdict)}; the forged model "
-                                   f"is kept in {result.get('forged_dir')} (see result in this file)",
-                                   retries=part.name.retry, result=result)
-                transitions.rework(line, part, rec)
+            self._finished(ch)
         elif rc == EXIT_STOPPED or ch.killed_for == "grace":
             transitions.release(line, part, reason="worker stopping" if ch.killed_for != "grace"
                                 else "worker stopping (child killed after the grace period)")
         elif ch.killed_for == "timeout":
             limit = self._timeout(ch, stage["index"])
             self._infra(ch, f"stage {stage['index']} ({stage['type']}) ran past its timeout of {limit:g}s")
+        elif ch.killed_for == "memory":
+            self._deterministic(ch, rc, {"message": (
+                f"the part's processes used {ch.budget_rss / GiB:.1f} GiB of RAM, over this node's part memory "
+                f"budget of {self.memory_budget / GiB:.1f} GiB; the part was stopped before the node ran out. "
+                "Lower the stage's calibrationTokens / batch size, or raise [forge] part_memory_gb")})
         elif rc < 0:
-            name = signal.Signals(-rc).name
+            name = signal_name(-rc)
             hint = " (usually the kernel's OOM killer: see `journalctl -k | grep -i oom`)" if name == "SIGKILL" else ""
             self._infra(ch, f"the part's process was killed by {name}{hint}")
-        elif rc == EXIT_INFRA and ch.failure:
-            self._infra(ch, ch.failure["message"], tb=ch.failure.get("traceback"))
+        elif rc == EXIT_INFRA and (failure.get("cause") or "").startswith(NO_ROOM_CAUSE):
+            path = failure.get("no_room_path") or str(line.layout.work_dir(part.base))
+            line.events.emit("stage/failed", part.base, stage=stage, failure_class="infrastructure",
+                             message=self._message(ch, failure["message"]))
+            transitions.wait_for_room(line, part, stage=stage, path=path, free_bytes=_free_bytes(Path(path)),
+                                      message=self._message(ch, failure["message"]))
+        elif rc == EXIT_INFRA and failure:
+            cause = failure.get("cause")
+            message = self._message(ch, failure["message"])
+            self._infra(ch, f"{cause}: {message}" if cause else message, tb=failure.get("traceback"))
         else:
-            failure = ch.failure or {}
-            message = failure.get("message") or (
-                f"the part's process exited with code {rc} without reporting why; "
-                f"see {line.layout.work_dir(part.base) / 'child.log'}")
-            ev_stage = stage or {"index": failure.get("index"), "type": failure.get("type")}
-            line.events.emit("stage/failed", part.base, stage=ev_stage, failure_class="deterministic",
-                             message=message)
-            rec = error_record(ev_stage, "deterministic", message, retries=part.name.retry,
-                               tb=failure.get("traceback"), exception=failure.get("exception"))
-            transitions.rework(line, part, rec)
+            self._deterministic(ch, rc, failure)
+
+    def _finished(self, ch: Running) -> None:
+        line, part = self.line, ch.part
+        result = self._result(ch)
+        verdict = result["acceptance"]
+        if verdict["passed"] or not self.cfg.forge.rework_on_failed_acceptance:
+            transitions.finish(line, part, result)
+            return
+        rec = error_record({"type": "acceptance", "index": None}, "deterministic",
+                           f"acceptance criteria failed: {acceptance.summary(verdict)}; the forged model "
+                           f"is kept in {result.get('forged_dir')} (see result in this file)",
+                           retries=part.name.retry, result=result)
+        transitions.rework(line, part, rec)
+
+    def _deterministic(self, ch: Running, rc: int, failure: dict) -> None:
+        line, part, stage = self.line, ch.part, ch.stage
+        message = self._message(ch, failure.get("message") or (
+            f"the part's process exited with code {rc} without reporting why; "
+            f"see {line.layout.work_dir(part.base) / CHILD_LOG}"))
+        ev_stage = stage or {"index": failure.get("index"), "type": failure.get("type")}
+        line.events.emit("stage/failed", part.base, stage=ev_stage, failure_class="deterministic",
+                         message=message)
+        rec = error_record(ev_stage, "deterministic", message, retries=part.name.retry,
+                           tb=failure.get("traceback"), exception=failure.get("exception"))
+        transitions.rework(line, part, rec)
+
+    def _message(self, ch: Running, message: str) -> str:
+        """A failure message short enough for error.json and events; the
+        child wrote the whole text to work/<base>/failure.txt."""
+        return cap_message(str(message), full_text_at=str(self.line.layout.work_dir(ch.part.base) / FAILURE_TEXT))
 
     def _infra(self, ch: Running, message: str, tb: str | None = None) -> None:
         self.line.events.emit("stage/failed", ch.part.base, stage=ch.stage,
@@ -480,7 +658,7 @@ class Daemon:
         transitions.infrastructure_failure(self.line, ch.part, stage=ch.stage, message=message, tb=tb)
 
     def _result(self, ch: Running) -> dict:
-        ckpt = durable.read_json(self.line.layout.work_dir(ch.part.base) / "checkpoint.json")
+        ckpt = durable.read_json(self.line.layout.work_dir(ch.part.base) / CHECKPOINT)
         peaks = {c["index"]: c.get("peak_rss_mb") for c in ch.completed}
         stages = [{**s, "peak_rss_mb": peaks.get(s["index"])} for s in ckpt["stages"]]
         work_dir = self.line.layout.work_dir(ch.part.base)
@@ -489,7 +667,7 @@ class Daemon:
             "completed_at": utc_now(),
             "part": ch.part.base,
             "retries": ch.part.name.retry,
-            "alloy_sha256": ckpt["alloy_sha256"],
+            "alloy_sha256": ch.alloy_sha256,
             "elapsed_s": round(time.monotonic() - ch.started, 3),
             "work_dir": str(self.line.layout.work_dir(ch.part.base)),
             "node": self.cfg.node.name,
@@ -505,8 +683,13 @@ class Daemon:
         self.notifier.status(self.status_line())
 
     def beat_now(self) -> None:
-        hb.write(self.line.layout.heartbeat, self.beat)
+        """Write the heartbeat; a failed write (a full disk) is logged and
+        tried again at the next beat: it never stops the worker."""
         self.next_beat = time.monotonic() + self.cfg.daemon.heartbeat_interval_seconds
+        try:
+            hb.write(self.line.layout.heartbeat, self.beat)
+        except OSError as err:
+            log.warning("cannot write the heartbeat %s: %s", self.line.layout.heartbeat, err)
 
     def status_line(self) -> str:
         b = self.beat
@@ -514,6 +697,51 @@ class Daemon:
             st = f" stage {b.stage['index']} {b.stage['type']}" if b.stage else ""
             return f"building {b.part}{st}"
         return b.state
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the part's whole session (it runs in its own process group),
+    so no grandchild (a sandbox, a tokenizer worker) outlives it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+def _memory_budget(cfg) -> int:
+    """Bytes the part's process tree may hold: [forge] part_memory_gb, else
+    90% of the node's RAM (the daemon, the OS and the page cache keep the rest)."""
+    gb = getattr(cfg.forge, "part_memory_gb", None)
+    return int(gb * GiB) if gb else int(0.9 * psutil.virtual_memory().total)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(_existing(Path(path))).free
+    except OSError:
+        return 0
+
+
+def _has_room(room: dict) -> bool:
+    """Has the filesystem that filled up (room["path"]) gained room since?
+    Enough means ROOM_MARGIN_BYTES more free than when the part stopped."""
+    try:
+        usage = shutil.disk_usage(_existing(Path(room["path"])))
+    except OSError:
+        return False
+    low, high = ROOM_MARGIN_BYTES
+    margin = min(high, max(low, usage.total // 16))
+    return usage.free >= int(room.get("free_bytes") or 0) + margin
 
 
 def run(root: Path, *, mode: Mode = "forever") -> int:

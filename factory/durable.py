@@ -9,13 +9,33 @@ scan ignores them and the recovery sweep deletes those of dead writers.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 TMP_MARKER = ".tmp."
+# The most a protocol file (alloy, sidecar, checkpoint) may hold. Real ones
+# are kilobytes; a bigger one is hostile or broken and is refused unread.
+MAX_PROTOCOL_FILE_BYTES = 16 * 2**20
+
+
+class NotARegularFile(OSError):
+    """A line file that is a symlink, FIFO, device or directory: never
+    followed or read (a symlink in intake/ could point at a secret)."""
+
+
+def file_mode_for(directory: Path) -> int:
+    """Files get their directory's permissions minus execute, never wider:
+    an operator who closes the root to other users closes its files too."""
+    try:
+        return stat.S_IMODE(os.stat(directory).st_mode) & 0o666
+    except OSError:
+        return 0o600
 
 
 def fsync_dir(path: Path) -> None:
@@ -50,7 +70,7 @@ def write_bytes(path: Path, data: bytes, *, overwrite: bool = True) -> None:
     FileExistsError instead of replacing an existing file.
     """
     tmp = tmp_path_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode_for(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -67,17 +87,57 @@ def write_bytes(path: Path, data: bytes, *, overwrite: bool = True) -> None:
     fsync_dir(path.parent)
 
 
-def dumps_json(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+def finite(obj: Any) -> Any:
+    """`obj` with every inf/nan float replaced by None: JSON has no
+    Infinity or NaN, and other programs read these files."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text (never Infinity/NaN: non-finite floats become null)."""
+    try:
+        return json.dumps(obj, indent=indent, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(obj), indent=indent, default=str, allow_nan=False)
 
 
 def write_json(path: Path, obj: Any, *, overwrite: bool = True) -> None:
-    write_bytes(path, dumps_json(obj), overwrite=overwrite)
+    write_bytes(path, (dumps_json(obj) + "\n").encode(), overwrite=overwrite)
+
+
+def read_regular(path: Path, *, limit: int = MAX_PROTOCOL_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, refusing symlinks (never followed),
+    FIFOs, devices and directories, and files over `limit` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotARegularFile(errno.ELOOP, "is a symbolic link (never followed)", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
+        if st.st_size > limit:
+            raise NotARegularFile(errno.EFBIG, f"is {st.st_size} bytes, over the {limit}-byte limit", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise NotARegularFile(errno.EFBIG, f"grew past the {limit}-byte limit while read", str(path))
+    return data
 
 
 def read_json(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
+    """A protocol file's JSON (regular files only, see read_regular)."""
+    return json.loads(read_regular(path))
 
 
 def move(src: Path, dst: Path) -> None:
@@ -98,7 +158,7 @@ def move(src: Path, dst: Path) -> None:
 def append_line(path: Path, line: bytes) -> None:
     """Append one complete line and fsync it (O_APPEND: one write, no tearing
     between concurrent appenders for lines under PIPE_BUF)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, file_mode_for(path.parent))
     try:
         os.write(fd, line)
         os.fsync(fd)

@@ -58,17 +58,30 @@ def gate(raw: bytes, *, file_name: str, line: Line) -> GateResult:
     return GateResult(ok=not findings, priority=priority, problems=problems)
 
 
-def reject(line: Line, part: Part, result: GateResult) -> Part:
-    """Send a part that failed the gate to rework with a readable error.json."""
-    rec = error_record({"type": "intake", "index": None}, "deterministic",
+def _rejection(part: Part, result: GateResult) -> dict:
+    return error_record({"type": "intake", "index": None}, "deterministic",
                         f"{part.path.name} was refused at intake: {result.summary()}",
                         retries=part.name.retry, problems=result.problems)
+
+
+def reject(line: Line, part: Part, result: GateResult) -> Part | None:
+    """Send a part that failed the gate to rework with a readable error.json.
+    None when the part is no longer where the caller saw it."""
+    rec = _rejection(part, result)
     with line.locked():
+        # RACE: another process (a foreman's cancel, a second gate) may have
+        # moved it since the caller looked: that is not an error.
+        if not part.path.exists() or (line.layout.rework / part.path.name).exists():
+            return None
         moved = line.finish(part, "rework", ERROR, rec)
-    line.events.emit("part/rejected", part.base, station="rework", message=rec["message"],
+    _rejected(line, moved, rec, result)
+    return moved
+
+
+def _rejected(line: Line, moved: Part, rec: dict, result: GateResult) -> None:
+    line.events.emit("part/rejected", moved.base, station="rework", message=rec["message"],
                      problems=result.problems)
     line.record_outcome(moved, "rejected")
-    return moved
 
 
 def _ticket(priority: int, origin: str) -> dict:
@@ -81,7 +94,7 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
     Returns the part (in intake/, or in rework/ when the gate refused it:
     the caller reports that). Raises Conflict when the name is taken.
     """
-    raw = src.read_bytes()
+    raw = durable.read_regular(src)
     base = name or base_from_filename(src.name)
     why = check_base(base)
     if why:
@@ -102,19 +115,24 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
             if where is not None:
                 raise Conflict(f"{src}: a part named {base!r} is already on the line (in {where}/); "
                                "enqueue it under another name with --as NAME")
-            intake = line.layout.intake
+            # A refused alloy goes straight to rework/, never through intake/
+            # (where the daemon's own gate would race us to reject it).
+            station = "intake" if result.ok else "rework"
+            part = Part(pn, station, line.layout.station(station) / pn.filename)
+            rec = None if result.ok else _rejection(part, result)
+            if rec is not None:
+                durable.write_json(part.sidecar_path(ERROR), rec, overwrite=False)
             # Alloy first, ticket second: a crash between leaves an alloy
             # without a ticket, which the daemon adopts like a hand drop.
-            durable.move(staged_alloy, intake / pn.filename)
-            durable.move(staged_ticket, intake / pn.sidecar(TICKET))
+            durable.move(staged_alloy, part.path)
+            durable.move(staged_ticket, part.sidecar_path(TICKET))
     finally:
         staged_alloy.unlink(missing_ok=True)
         staged_ticket.unlink(missing_ok=True)
-    part = Part(pn, "intake", line.layout.intake / pn.filename)
     line.events.emit("part/enqueued", base, origin="enqueue", priority=result.priority,
                      bytes=len(raw), source=str(src))
-    if not result.ok:
-        return reject(line, part, result)
+    if rec is not None:
+        _rejected(line, part, rec, result)
     return part
 
 
@@ -201,7 +219,7 @@ class Adopter:
         return max(0.0, min(waits)) if waits else None
 
     def adopt(self, part: Part) -> Part:
-        raw = part.path.read_bytes()
+        raw = durable.read_regular(part.path)
         result = gate(raw, file_name=part.path.name, line=self.line)
         with self.line.locked():
             # RACE: an enqueuer may have written the ticket since our scan.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from factory.events import EventLog, utc_now
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import (
     PROTOCOL_VERSION,
-    SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
+    MAX_BASE_CHARS, SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
 )
 
 
@@ -41,23 +42,61 @@ class Part:
         return self.path.with_name(self.name.sidecar(tag))
 
     def read_sidecar(self, tag: str) -> dict | None:
+        """The sidecar's object, or None when absent, unreadable, not JSON,
+        not an object, or not a regular file (never followed)."""
         try:
-            return durable.read_json(self.sidecar_path(tag))
-        except (FileNotFoundError, ValueError):
+            obj = durable.read_json(self.sidecar_path(tag))
+        except (OSError, ValueError):
             return None
+        return obj if isinstance(obj, dict) else None
 
 
 @dataclass(frozen=True)
 class Waiting:
-    """A part in intake with its ticket."""
+    """A part in intake with its ticket (`problem` says why the ticket is
+    unusable: the daemon sets such a part aside instead of guessing)."""
 
     part: Part
     ticket: dict
+    problem: str | None = None
 
     @property
     def not_before(self) -> str | None:
         """When its retry backoff ends (UTC ISO), or None."""
         return self.ticket.get("not_before")
+
+    @property
+    def priority(self) -> int:
+        return self.ticket.get("priority") or 0
+
+    @property
+    def wait_for_room(self) -> dict | None:
+        """Set when the part failed for want of disk: it is not claimed
+        until its filesystem has room again (see transitions.wait_for_room)."""
+        return self.ticket.get("wait_for_room")
+
+
+def ticket_problem(ticket: object) -> str | None:
+    """Why a ticket's content is unusable, or None."""
+    if not isinstance(ticket, dict):
+        return f"is a JSON {type(ticket).__name__}, not an object"
+    pri = ticket.get("priority", 0)
+    if pri is not None and (isinstance(pri, bool) or not isinstance(pri, int) or abs(pri) > 2**31):
+        return f"has priority {str(pri)[:40]!r}, not an integer"
+    for key in ("enqueued_at", "not_before"):
+        if ticket.get(key) is not None and not _is_utc(ticket[key]):
+            return f"has {key} {str(ticket[key])[:40]!r}, not a UTC timestamp"
+    room = ticket.get("wait_for_room")
+    if room is not None and not (isinstance(room, dict) and isinstance(room.get("path"), str)):
+        return "has a malformed wait_for_room"
+    return None
+
+
+_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+
+
+def _is_utc(value: object) -> bool:
+    return isinstance(value, str) and bool(_UTC.match(value))
 
 
 class Line:
@@ -106,7 +145,18 @@ class Line:
         out = []
         for entry in os.scandir(d):
             name = parse_part(entry.name)
-            if name and entry.is_file():
+            if name and entry.is_file(follow_symlinks=False):
+                out.append(Part(name, station, Path(entry.path)))
+        return sorted(out, key=lambda p: p.name)
+
+    def irregular(self, station: str) -> list[Part]:
+        """Entries named like parts that are not regular files (symlinks,
+        FIFOs, directories): never read or followed, only set aside."""
+        d = self.layout.station(station)
+        out = []
+        for entry in os.scandir(d):
+            name = parse_part(entry.name)
+            if name and not entry.is_file(follow_symlinks=False):
                 out.append(Part(name, station, Path(entry.path)))
         return sorted(out, key=lambda p: p.name)
 
@@ -134,12 +184,14 @@ class Line:
         return [p for s in STATIONS for p in self.parts(s) if p.base == base]
 
     def free_base(self, base: str) -> str:
-        """`base` if unused, else the first free `<base>-dup<N>`."""
+        """`base` if unused, else the first free `<base>-dup<N>`, the base
+        shortened so the result is still a valid part name."""
         n = 0
         candidate = base
         while self.base_taken(candidate) is not None:
             n += 1
-            candidate = f"{base}-dup{n}"
+            tail = f"-dup{n}"
+            candidate = base[: MAX_BASE_CHARS - len(tail)].rstrip(".") + tail
         return candidate
 
     def base_taken(self, base: str) -> str | None:
@@ -200,11 +252,17 @@ class Line:
         first, then oldest enqueue, then name), each ticket read once."""
         waiting = []
         for part in self.parts("intake"):
-            ticket = part.read_sidecar(TICKET)
-            if ticket is not None:  # no ticket: a hand drop not yet adopted
-                waiting.append(Waiting(part, ticket))
-        return sorted(waiting, key=lambda w: (-int(w.ticket.get("priority", 0)),
-                                              w.ticket.get("enqueued_at", "~"), w.part.base))
+            path = part.sidecar_path(TICKET)
+            try:
+                ticket = durable.read_json(path)
+            except FileNotFoundError:
+                continue  # no ticket: a hand drop not yet adopted
+            except (OSError, ValueError) as err:
+                waiting.append(Waiting(part, {}, f"is unreadable ({_short(err)})"))
+                continue
+            problem = ticket_problem(ticket)
+            waiting.append(Waiting(part, ticket if problem is None else {}, problem))
+        return sorted(waiting, key=lambda w: (-w.priority, w.ticket.get("enqueued_at") or "~", w.part.base))
 
     # -- throughput -----------------------------------------------------------
 
@@ -212,6 +270,11 @@ class Line:
         line = {"ts": utc_now(), "part": part.base, "outcome": outcome, "retry": part.name.retry, **fields}
         with locks.held(self.events.lock_path):
             durable.append_line(self.layout.throughput, (json.dumps(line, default=str) + "\n").encode())
+
+
+def _short(err: Exception) -> str:
+    """An exception as a short line that quotes no file content."""
+    return type(err).__name__ if isinstance(err, ValueError) else str(err)[:200]
 
 
 def glob_escape(s: str) -> str:

@@ -28,9 +28,16 @@ RESULT = "result"  # finished sidecar
 ERROR = "error"  # failure record (rework, or last failure before a retry)
 CANCEL = "cancel"  # a foreman's request to cancel a running part
 
+# Files in work/<base>/ the line itself writes.
+CLAIMED_ALLOY = "claimed.alloy.json"  # the alloy's bytes as gated and hashed at claim: what the part runs
+FAILURE_TEXT = "failure.txt"  # a failure's whole message and traceback when error.json's is cut short
+CHILD_LOG = "child.log"  # the part process's stdout and stderr
+CHECKPOINT = "checkpoint.json"
+
 # A base is a file-name-safe word that may contain dots (published alloys do:
 # "qwen3.5-4b-code-forged"). It never ends in ".retry<N>", which is reserved.
-_BASE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}?"
+MAX_BASE_CHARS = 200
+_BASE = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_BASE_CHARS - 1}}}?"
 _PART_RE = re.compile(rf"^(?P<base>{_BASE})(?:\.retry(?P<retry>[1-9][0-9]*))?\.alloy\.json$")
 _SIDECAR_RE = re.compile(r"^(?P<base>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<tag>[a-z][a-z0-9_-]*)\.json$")
 _RETRY_TAIL = re.compile(r"\.retry[0-9]+$")
@@ -156,6 +163,12 @@ class Layout:
     @property
     def events(self) -> Path:
         return self.line / "events.jsonl"
+
+    @property
+    def event_seq(self) -> Path:
+        """The last event seq handed out (events.py's counter: seq never goes
+        back, even when events.jsonl is removed)."""
+        return self.line / ".events.seq"
 
     @property
     def throughput(self) -> Path:

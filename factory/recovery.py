@@ -8,8 +8,13 @@ Run by the daemon at start-up (holding the worker lock) and by
    assembly/ and a terminal station whose terminal sidecar is already there
    is rolled forward (the work was done); any other stray sidecar rejoins
    its alloy;
-3. parts left in assembly/ (their worker died) go back to intake/ as
-   `.retry<N+1>`, or to rework/ once [forge] max_retries is spent.
+3. parts left in assembly/ (their worker died) go back to intake/. The part
+   itself did not fail, so no retry is spent when its checkpoint advanced
+   since its last interruption (or this is its first): it resumes under
+   the same name. A part interrupted again without progress may be what
+   kills the node (its memory took the worker down, the node reboots under
+   it): that costs a retry, as `.retry<N+1>`, or rework once [forge]
+   max_retries is spent.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ from collections import defaultdict
 from pathlib import Path
 
 from factory import durable, transitions
+from factory.errors import FactoryError
 from factory.heartbeat import pid_alive
 from factory.line import Line, Part
-from factory.protocol import ERROR, RESULT, STATIONS, base_of, parse_part
+from factory.protocol import CHECKPOINT, CLAIMED_ALLOY, ERROR, RESULT, STATIONS, base_of, parse_part
 
 _ROLL_FORWARD = {"finished": RESULT, "rework": ERROR}
 
 
 def _sweep_tmp(line: Line) -> list[str]:
     removed = []
-    work_dirs = [Path(e.path) for e in os.scandir(line.layout.work) if e.is_dir()]
+    work_dirs = [Path(e.path) for e in os.scandir(line.layout.work) if e.is_dir(follow_symlinks=False)]
     for d in [line.layout.line, *(line.layout.station(s) for s in STATIONS), line.layout.incoming, *work_dirs]:
         for entry in os.scandir(d):
             owner = durable.tmp_owner(entry.name)
@@ -77,21 +83,45 @@ def sweep(line: Line) -> list[str]:
     with line.locked():
         actions = [f"removed temporary file {p}" for p in _sweep_tmp(line)]
         actions += _reunite(line)
+    for odd in line.irregular("assembly"):
+        actions.append(f"left {odd.path} in place: not a regular file (never followed)")
     for part in line.parts("assembly"):
-        stage = _last_stage(line, part)
-        moved = transitions.infrastructure_failure(
-            line, part, stage=stage, kind="part/recovered",
-            message="the worker stopped while this part was in assembly/ (crash, kill or reboot)")
-        actions.append(f"recovered {part.base!r} to {moved.station}/{moved.path.name}")
+        try:
+            actions.append(_recover(line, part))
+        except (FactoryError, OSError, ValueError) as err:  # one odd part must not stop the sweep
+            actions.append(f"could not recover {part.base!r}: {type(err).__name__}: {str(err)[:200]}")
     return actions
 
 
-def _last_stage(line: Line, part: Part) -> dict | None:
-    """The stage the part was in: the first one its checkpoint lacks."""
+INTERRUPTED_MESSAGE = "the worker stopped while this part was in assembly/ (crash, kill or reboot)"
+
+
+def _recover(line: Line, part: Part) -> str:
+    stage, done = _last_stage(line, part)
+    before = line.ticket(part).get("interrupted")
+    before = before if isinstance(before, dict) and isinstance(before.get("stages_done"), int) else {}
+    progressed = not before or done > before["stages_done"]
+    if progressed:
+        mark = {"interrupted": {"count": int(before.get("count") or 0) + 1, "stages_done": done}}
+        moved = transitions.release(line, part, reason=f"{INTERRUPTED_MESSAGE}; resumed without spending a retry",
+                                    ticket=mark, kind="part/recovered", stage=stage)
+    else:
+        moved = transitions.infrastructure_failure(
+            line, part, stage=stage, kind="part/recovered",
+            message=f"{INTERRUPTED_MESSAGE}, again without finishing a stage since the last time")
+    return f"recovered {part.base!r} to {moved.station}/{moved.path.name}"
+
+
+def _last_stage(line: Line, part: Part) -> tuple[dict | None, int]:
+    """The stage the part was in (the first one its checkpoint lacks) and
+    how many stages its checkpoint holds."""
+    work = line.layout.work_dir(part.base)
     try:
-        ckpt = durable.read_json(line.layout.work_dir(part.base) / "checkpoint.json")
-        alloy = durable.read_json(part.path)
-        i = len(ckpt.get("stages", []))
-        return {"index": i, "type": alloy["stages"][i].get("type")}
-    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
+        done = len(durable.read_json(work / CHECKPOINT).get("stages", []))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None, 0
+    try:
+        alloy = durable.read_json(work / CLAIMED_ALLOY)
+        return {"index": done, "type": alloy["stages"][done].get("type")}, done
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None, done

@@ -10,11 +10,15 @@ stop requests between steps, then ends as `outcome` says:
 - crash: SIGKILLs its own process, as the OOM killer would (infrastructure:
   the part is retried, then reworked after max_retries);
 - hang: stops reporting and ignores stop requests (the stage timeout or the
-  stop grace period must end it).
+  stop grace period must end it);
+- nospace: raises ENOSPC as a full disk would (infrastructure: the part waits
+  for room without spending a retry); it passes instead once the file
+  `stages/<i>-selftest.room` exists in its work dir, so a test can "free" room.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -45,6 +49,8 @@ def run_stage(ctx: StageContext) -> StageResult:
                           "set outcome to \"pass\" for a passing burn-in")
     if outcome == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if outcome == "nospace" and not (ctx.work_dir / "stages" / f"{ctx.index}-selftest.room").exists():
+        raise OSError(errno.ENOSPC, "No space left on device (selftest outcome \"nospace\")", str(ctx.stage_dir))
     out = ctx.stage_dir / "selftest.json"
     out.write_text(json.dumps({"steps": steps, "seconds": seconds, "pid": os.getpid()}) + "\n")
     return StageResult(outputs=[out], metrics={"steps": steps})

@@ -8,6 +8,7 @@ part is still where the caller saw it.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 
 from factory.errors import Conflict
@@ -18,7 +19,7 @@ from factory.protocol import CANCEL, ERROR, RESULT, TICKET, PartName
 
 
 def _still_there(part: Part) -> None:
-    if not part.path.exists():
+    if not os.path.lexists(part.path):  # lexists: a symlink set aside is moved, never followed
         raise Conflict(f"part {part.base!r} moved while this command ran (was {part.path}); "
                        "look again with `factory list`")
 
@@ -92,13 +93,46 @@ def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, messag
     return moved
 
 
-def release(line: Line, part: Part, *, reason: str) -> Part:
-    """assembly -> intake under the same name: no retry spent (graceful stop)."""
+def release(line: Line, part: Part, *, reason: str, ticket: dict | None = None,
+            kind: str = "part/released", stage: dict | None = None) -> Part:
+    """assembly -> intake under the same name: no retry spent (graceful
+    stop, an interrupted worker); `ticket` fields are merged into its ticket."""
     with line.locked():
         _still_there(part)
+        if ticket:
+            line.write_sidecar(part, TICKET, {**line.ticket(part), **ticket})
         moved = line.move(part, "intake")
-    line.events.emit("part/released", part.base, retry=part.name.retry, reason=reason)
+    line.events.emit(kind, part.base, retry=part.name.retry, reason=reason, stage=stage, retry_spent=False)
     return moved
+
+
+def wait_for_room(line: Line, part: Part, *, stage: dict | None, message: str, path: str,
+                  free_bytes: int) -> Part:
+    """assembly -> intake under the same name, marked to wait for disk room.
+
+    A full disk is the node's fault and retrying at once fails again, so no
+    retry is spent: the daemon claims the part again only once the
+    filesystem holding `path` has room (see daemon._has_room). error.json
+    says why it waits.
+    """
+    rec = error_record(stage, "infrastructure", f"{message}; waiting for room on the filesystem of {path}",
+                       retries=part.name.retry, waiting_for_room=True)
+    room = {"path": path, "free_bytes": free_bytes, "since": utc_now()}
+    with line.locked():
+        _still_there(part)
+        line.write_sidecar(part, ERROR, _with_history(part, rec))
+        line.write_sidecar(part, TICKET, {**line.ticket(part), "wait_for_room": room})
+        moved = line.move(part, "intake")
+    line.events.emit("part/waiting", part.base, retry=part.name.retry, reason=message, tier=path,
+                     free_bytes=free_bytes, needed_bytes=None, stage=stage)
+    return moved
+
+
+def room_returned(line: Line, part: Part) -> None:
+    """Clear a waiting part's wait_for_room mark (it may be claimed now)."""
+    with line.locked():
+        if part.path.exists():
+            line.write_sidecar(part, TICKET, {**line.ticket(part), "wait_for_room": None})
 
 
 def foreman_retry(line: Line, part: Part) -> Part:

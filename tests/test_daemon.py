@@ -211,6 +211,9 @@ def test_cancel_running_part_stops_child_and_reworks(root, tmp_path):
 
 
 def test_daemon_kill_leaves_part_recovered_on_restart(root, tmp_path):
+    """A killed worker is not the part's fault: the first interruption (and
+    any after progress) resumes it without spending a retry; one without
+    progress since the last costs a retry."""
     write_alloy(tmp_path / "k.alloy.json", selftest_alloy(stages=2, seconds=1.0, steps=10))
     factory("enqueue", str(tmp_path / "k.alloy.json"), root=root, check=True)
     d = start_daemon(root)
@@ -222,10 +225,21 @@ def test_daemon_kill_leaves_part_recovered_on_restart(root, tmp_path):
     assert st["worker"]["stale"] is True and st["worker"]["state"] == "offline"
     # the orphaned child died with its daemon (PDEATHSIG), so the lock is free
     wait_for(lambda: factory("recover", root=root).returncode == 0, timeout=10, what="recover")
-    assert where(root)["k"] == [("intake", 1)]
+    assert where(root)["k"] == [("intake", 0)]
     rec = events(root, "part/recovered", "k")
-    assert rec and rec[0]["retry"] == 1
+    assert rec and rec[0]["retry"] == 0 and rec[0]["retry_spent"] is False
+    assert not (root / "line/intake/k.error.json").exists()
     assert any("recovered 'k'" in a for a in events(root, "daemon/recovery")[-1]["actions"])
+
+    # Interrupted again in the same stage (no stage completed since): a retry.
+    d = start_daemon(root)
+    wait_for(lambda: len(events(root, "stage/started", "k")) >= 2, what="restart")
+    d.kill()
+    d.wait()
+    wait_for(lambda: factory("recover", root=root).returncode == 0, timeout=10, what="recover")
+    assert where(root)["k"] == [("intake", 1)]
+    err = json.loads((root / "line/intake/k.error.json").read_text())
+    assert err["class"] == "infrastructure" and "without finishing a stage" in err["message"]
     run_until_empty(root)
     assert where(root)["k"] == [("finished", 1)]
 
