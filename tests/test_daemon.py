@@ -349,3 +349,35 @@ def test_without_inotify_backoff_expiry_and_a_finished_part_trigger_the_next_sca
     retried = events(root, "part/retried", "c")[0]
     claimed_again = [e for e in events(root, "part/claimed", "c") if e["retry"] == 1][0]
     assert claimed_again["ts"] >= retried["not_before"]  # the backoff was honoured
+
+
+def test_a_part_over_the_memory_budget_is_stopped_and_reworked(root, tmp_path):
+    """[forge] part_memory_gb bounds the part's process tree: the daemon kills
+    it before the node runs out (a bare interpreter is well over 1 MB)."""
+    cfg = root / "factory_node.toml"
+    cfg.write_text(cfg.read_text().replace("[forge]\n", "[forge]\npart_memory_gb = 0.001\n"))
+    write_alloy(tmp_path / "fat.alloy.json", selftest_alloy(stages=1, seconds=5.0, steps=50))
+    factory("enqueue", str(tmp_path / "fat.alloy.json"), root=root, check=True)
+    run_until_empty(root)
+    assert where(root)["fat"] == [("rework", 0)]
+    err = json.loads((root / "line/rework/fat.error.json").read_text())
+    assert err["class"] == "deterministic"
+    assert "memory budget" in err["message"] and "part_memory_gb" in err["message"]
+
+
+def test_a_dup_of_a_name_at_the_length_limit_is_still_a_valid_name(root, tmp_path):
+    from factory.protocol import check_base
+
+    base = "n" * 200
+    write_alloy(tmp_path / "src.alloy.json", selftest_alloy())
+    factory("enqueue", str(tmp_path / "src.alloy.json"), "--as", base, root=root, check=True)
+    run_until_empty(root)
+    shutil.copy(tmp_path / "src.alloy.json", root / "line/intake" / f"{base}.alloy.json")  # a hand drop
+    run_until_empty(root)
+    placed = where(root)
+    assert placed[base] == [("finished", 0)]
+    dups = [b for b in placed if b != base]
+    assert len(dups) == 1 and check_base(dups[0]) is None and dups[0].endswith("-dup1"), dups
+    assert placed[dups[0]] == [("rework", 0)]
+    # the set-aside copy is visible to the foreman commands
+    assert factory("retry", dups[0], root=root).returncode == 0
