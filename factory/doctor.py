@@ -15,7 +15,7 @@ from factory.errors import FactoryError
 from factory.line import Line
 from factory.nodeconfig import load_node_config
 from factory.protocol import Layout
-from factory.tiers import GiB, node_tiers
+from factory.tiers import GiB, Tier, node_tiers
 
 Verdict = Literal["ok", "warn", "fail"]
 
@@ -62,6 +62,32 @@ def _systemd() -> Check:
     return Check("systemd", "ok", f"systemd present; forge-factory unit is {unit.stdout.strip() or 'unknown'}")
 
 
+def _tier_check(tier: Tier, *, hot: Tier) -> Check:
+    """A missing tier fails: cleanup and offloads would otherwise write to
+    whatever disk holds its parent (an unmounted cold disk fills the root)."""
+    name = f"tier {tier.name} {tier.path}"
+    if tier.problem:
+        return Check(name, "fail", f"{tier.problem} ({tier.key} in factory_node.toml)")
+    verdict: Verdict = "ok"
+    notes = [f"{tier.free_gib:.1f} GiB free", f"fs {tier.fs_type}"]
+    if tier.free_gib < tier.min_free_gb:
+        verdict = "warn"
+        notes.append(f"below min_free_gb {tier.min_free_gb}")
+    if tier.name == "hot" and tier.weak_fs:
+        verdict = "warn"
+        notes.append("hot tier on a network/virtual filesystem: renames, fsync and inotify may be unreliable")
+    if tier is not hot and not tier.mount_point and tier.device == hot.device:
+        verdict = "warn"
+        notes.append("not a mount point and on the hot tier's filesystem: evicting here frees nothing there; "
+                     "mount the cold disk at this path")
+    if tier.declared_fs_type and tier.declared_fs_type != tier.fs_type:
+        verdict = "warn"
+        notes.append(f"declared fs_type {tier.declared_fs_type!r} differs")
+    if tier.read_mb_s or tier.write_mb_s:
+        notes.append(f"declared read {tier.read_mb_s} / write {tier.write_mb_s} MB/s")
+    return Check(name, verdict, ", ".join(notes))
+
+
 def run_checks(root: Path) -> list[Check]:
     checks = [
         Check("cpu", "ok", f"{os.cpu_count()} logical CPUs"),
@@ -74,21 +100,8 @@ def run_checks(root: Path) -> list[Check]:
         checks.append(Check("node config", "ok", f"{Layout(root).node_config} (node {config.node.name})"))
     except FactoryError as err:
         return [*checks, Check("node config", "fail", str(err))]
-    for tier in node_tiers(root, config):
-        verdict: Verdict = "ok"
-        notes = [f"{tier.free_gib:.1f} GiB free", f"fs {tier.fs_type}"]
-        if tier.free_gib < tier.min_free_gb:
-            verdict = "warn"
-            notes.append(f"below min_free_gb {tier.min_free_gb}")
-        if tier.name == "hot" and tier.weak_fs:
-            verdict = "warn"
-            notes.append("hot tier on a network/virtual filesystem: renames, fsync and inotify may be unreliable")
-        if tier.declared_fs_type and tier.declared_fs_type != tier.fs_type:
-            verdict = "warn"
-            notes.append(f"declared fs_type {tier.declared_fs_type!r} differs")
-        if tier.read_mb_s or tier.write_mb_s:
-            notes.append(f"declared read {tier.read_mb_s} / write {tier.write_mb_s} MB/s")
-        checks.append(Check(f"tier {tier.name} {tier.path}", verdict, ", ".join(notes)))
+    tiers = node_tiers(root, config)
+    checks += [_tier_check(tier, hot=tiers[0]) for tier in tiers]
     line = Line(root, config)
     try:
         line.require_layout()

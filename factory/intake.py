@@ -94,7 +94,12 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
     Returns the part (in intake/, or in rework/ when the gate refused it:
     the caller reports that). Raises Conflict when the name is taken.
     """
-    raw = durable.read_regular(src)
+    try:
+        # The operator named this file: a symlink they give is theirs to
+        # follow (unlike one dropped into intake/, which is never followed).
+        raw = durable.read_regular(Path(src).resolve())
+    except durable.NotARegularFile as err:
+        raise BadInput(f"{src}: {err.strerror}; enqueue a regular alloy file") from err
     base = name or base_from_filename(src.name)
     why = check_base(base)
     if why:

@@ -44,10 +44,13 @@ class WorkerLock:
                 f"{self.path}: another worker holds this root ({describe_holder(self.path)}); "
                 "stop it first (systemctl stop forge-factory, or kill that pid)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
         self.fd = fd
+        try:  # the pid is for people (describe_holder); the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError:  # a full disk must not stop the worker from starting
+            pass
 
     def release(self) -> None:
         if self.fd is not None:
