@@ -8,8 +8,11 @@ Three promises shape every model here:
   `GenericStage`, so `model_dump(by_alias=True, exclude_unset=True)` gives back
   what `json.load` read. Dates stay the strings they were written as, for the
   same reason.
-* **Both spellings.** Keys are camelCase on disk (the forge-alloy convention)
-  and snake_case in Python; either spelling is accepted on input.
+* **One spelling.** Keys are camelCase on disk (the forge-alloy convention)
+  and snake_case in Python. Only the camelCase key is read: a snake_case
+  key (`timeout_seconds`) is kept as an unknown extra, and
+  `factory.validation` reports it, since the daemon and the stations read
+  the camelCase key from the file and would ignore it.
 * **Types, ranges and presence live here; relations between fields do not.**
   A prune `level` of 1.5 fails here; a `prunePct` that contradicts
   `keepExpertsPerLayer` is a rule in `factory.validation`, which also turns
@@ -49,7 +52,7 @@ class AlloyModel(BaseModel):
 
     model_config = ConfigDict(
         alias_generator=to_camel,
-        validate_by_name=True,
+        validate_by_name=False,  # one spelling per field: the file's camelCase key
         validate_by_alias=True,
         extra="allow",
         strict=True,
@@ -406,7 +409,7 @@ class DeployStage(Stage):
     warmup: bool | None = None
 
 
-SelftestOutcome = Literal["pass", "fail", "crash", "hang"]
+SelftestOutcome = Literal["pass", "fail", "crash", "hang", "nospace"]
 
 
 class SelftestStage(Stage):

@@ -43,9 +43,10 @@ from factory.model_files import (
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
 from factory.sources import SELFTEST, ResolvedSource, SourceError, resolve_source
+from factory.sources import _inside_root_or_cold, _looks_local  # one home for the rules (see check_source_location)
 from factory.stages import registered_stage_types
 from factory.tiers import Tier, node_tiers
-from factory.validation import Finding, PathEscapeError, check_file, resolve_inside
+from factory.validation import Finding, PathEscapeError, check_file, excerpt, resolve_inside
 
 SOURCE_PATH = "$.source.baseModel"
 ARCH_PATH = "$.source.architecture"
@@ -275,7 +276,7 @@ class _Context:
 
 
 def _finding(path: str, value: object, problem: str, fix: str) -> Finding:
-    return Finding("plan", path, value, f"{path} = {value!r}: {problem}", fix)
+    return Finding("plan", path, value, f"{path} = {excerpt(value)}: {problem}", fix)
 
 
 # ── checks, in order ────────────────────────────────────────────────────────
@@ -571,11 +572,14 @@ def check_load_plan(ctx: _Context) -> Iterator[Finding]:
 
 
 def check_disk(ctx: _Context) -> Iterator[Finding]:
-    """The work dir's model copies fit on the hot tier above its reserve."""
-    if ctx.info is None:
+    """Every storage tier exists, and the work dir's model copies fit on the
+    hot tier above its reserve."""
+    tiers = node_tiers(ctx.root, ctx.config)
+    yield from _tier_findings(ctx, tiers)
+    hot = tiers[0]
+    if ctx.info is None or hot.missing:
         return
     copies = sum(1 for s in ctx.alloy.stages if _writes_full_copy(s))
-    hot = node_tiers(ctx.root, ctx.config)[0]
     need = ctx.info.bytes_at_16bit * (1 + copies)
     ctx.resources = Resources(ctx.info.total_bytes, ctx.info.bytes_at_16bit, copies, need, hot)
     if not ctx.resources.fits:
@@ -587,6 +591,22 @@ def check_disk(ctx: _Context) -> Iterator[Finding]:
                    f"{hot.min_free_gb:g} GiB (storage.hot.min_free_gb)")
         yield Finding("plan", "$.stages", _gib(need), problem, "free space on the hot tier, lower "
                       "storage.hot.min_free_gb, or run the alloy on a node with a larger disk")
+
+
+def _tier_findings(ctx: _Context, tiers: list[Tier]) -> Iterator[Finding]:
+    """A configured tier whose path is missing (an unmounted disk) is a
+    finding for every alloy: work dirs, evictions or offloaded weights would
+    land on whatever disk holds its parent."""
+    offloads = ctx.load_plan is not None and ctx.load_plan.offload_folder_needed
+    for tier in tiers:
+        if tier.problem is None:
+            continue
+        use = ("the load plan offloads weights to it" if offloads and tier.name == "cold[0]"
+               else "cleanup evicts work dirs to it" if tier.name != "hot" else "the work dirs live on it")
+        problem = f"$: storage tier {tier.name} ({tier.key} in factory_node.toml): {tier.problem}; {use}"
+        yield Finding("plan", "$", str(tier.path), problem,
+                      f"mount the disk or create the directory {tier.path}, or remove {tier.key} "
+                      "from factory_node.toml")
 
 
 def _writes_full_copy(stage: Stage) -> bool:
@@ -613,9 +633,23 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
 )
 
 
+def check_source_location(ctx: _Context) -> Iterator[Finding]:
+    """A local baseModel resolves inside the root or a cold tier, symlinks
+    followed; decided from the path alone (the rules of factory.sources),
+    so the gate refuses `../../etc` without opening a model file. A Hub id
+    is not a path and waits for the full plan."""
+    if ctx.is_selftest or not _looks_local(ctx.base_model, root=ctx.root):
+        return
+    try:
+        _inside_root_or_cold(ctx.base_model, root=ctx.root, config=ctx.config)
+    except SourceError as err:
+        yield _finding(err.json_path, err.value, err.problem, err.fix)
+
+
 # What the intake gate can afford on every drop: no model, no corpus read.
+# (The full plan's check_source resolves the same path and more.)
 QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
-    check_architecture, check_stations, check_stage_support)
+    check_architecture, check_stations, check_stage_support, check_source_location)
 
 
 def quick_findings(alloy: Alloy, *, root: Path, config: NodeConfig) -> list[Finding]:

@@ -7,12 +7,20 @@ files exist) build on this module and live elsewhere.
 
 Levels, in order; a level runs only if the one before let the file parse:
 
+0. read: only a regular file is read, and only up to `MAX_ALLOY_BYTES`
+   (a FIFO would block, /dev/zero never ends).
 1. parse: file name, UTF-8, JSON syntax (with line and column), top level is
-   an object. Duplicate keys and NaN/Infinity are reported too: Python's
-   json module accepts both, other JSON readers do not.
+   an object. Duplicate keys, NaN/Infinity, numbers that overflow to
+   infinity and integers beyond 64 bits are reported too: Python's json
+   module accepts them, other JSON readers do not.
 2. schema: the pydantic models of `factory.alloy` (types, ranges, required
-   fields), then the consistency rules in `RULES` (fields that contradict
-   each other), then paths that escape the alloy's root.
+   fields), keys in their Python spelling (`timeout_seconds` for
+   `timeoutSeconds`), then the consistency rules in `RULES` (fields that
+   contradict each other), then paths that escape the alloy's root.
+
+A finding repeats at most a short escaped excerpt of what the alloy says
+(`EXCERPT_CHARS`): findings go into error.json and events, which other
+people read, and the bytes may not be an alloy at all (a symlinked secret).
 """
 
 from __future__ import annotations
@@ -23,12 +31,16 @@ import math
 import os
 import posixpath
 import re
+import stat
+from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import islice
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_snake
 from pydantic_core import ErrorDetails
 
 from factory.alloy import (
@@ -37,12 +49,14 @@ from factory.alloy import (
     MOE_STAGE_TYPES,
     STAGE_TYPES,
     Alloy,
+    AlloyModel,
     ExpertPruneStage,
     LoraStage,
     Stage,
 )
 from factory.integrity import alloy_hash, model_hash
 from factory.errors import PathEscapeError  # noqa: F401 - re-exported
+from factory.protocol import ALLOY_SUFFIX, MAX_BASE_CHARS, check_base
 
 Level = Literal["parse", "schema", "plan"]
 
@@ -51,6 +65,33 @@ Level = Literal["parse", "schema", "plan"]
 # named `forge-alloy.json` or `<name>.alloy@<commit>.json`, so anything more
 # specific than `.json` would reject real recipes.
 ALLOY_FILE_SUFFIX = ".json"
+# The most bytes an alloy file may have. Real alloys are under 100 KB (the
+# largest in the published corpus ~20 KB, the largest example ~260 KB); 4 MiB
+# leaves room for long provenance and results, while bounding what one drop
+# costs the gate: parsed JSON takes ~30x its size in memory.
+MAX_ALLOY_BYTES = 4 * 1024 * 1024
+# The most characters of the alloy's own text a finding repeats (a value, a
+# key in a JSON path); the rest is cut and marked with "…".
+EXCERPT_CHARS = 80
+# Of a file that is not valid JSON, only this much is quoted at the error:
+# the file may be anything a symlink pointed at, and line and column already
+# locate the problem.
+SYNTAX_EXCERPT_CHARS = 12
+# The most characters of an object key a JSON path shows.
+PATH_KEY_CHARS = 40
+# A finding's message and fix are sentences about the alloy; this cap is a
+# backstop so no message can carry a large piece of the input.
+MESSAGE_CHARS = 1000
+# The most findings one report lists; the rest are counted in the last one.
+MAX_FINDINGS = 100
+# The most JSON values (objects, arrays, strings, numbers, ...) an alloy may
+# hold. The largest alloy we know has ~16,000; the bound keeps one drop from
+# costing the gate minutes and gigabytes in schema errors.
+MAX_JSON_VALUES = 200_000
+# Integers other JSON readers hold exactly: the signed 64-bit range.
+# (Python reads any size, up to its 4300-digit conversion limit, and fails
+# with a traceback beyond it.)
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 # A prunePct more than this many percentage points from what keep/original
 # implies is a contradiction, not rounding (the corpus is exact: 25.0, 37.5).
 PRUNE_PCT_TOLERANCE = 0.05
@@ -65,23 +106,55 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".a
 # ── public types ────────────────────────────────────────────────────────────
 
 
-def _short(value: object, limit: int = 120) -> str:
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """`value` as short, escaped text for a message: its repr (control and
+    other unprintable characters escaped), cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _printable(text: str, limit: int) -> str:
+    """`text` with unprintable characters escaped and cut to `limit`."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _finding_value(value: object) -> object:
+    """What a Finding stores as its value: JSON scalars as they are, a short
+    printable string as it is, anything else as its `excerpt`."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else excerpt(value)
+    if isinstance(value, str) and len(value) <= EXCERPT_CHARS and value.isprintable():
+        return value
+    return excerpt(value)
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One problem in one place of one alloy."""
+    """One problem in one place of one alloy.
+
+    Findings end up in error.json and events: whoever builds one, the value
+    is stored as a short excerpt and message and fix are printable one-liners
+    of bounded length (see `_finding_value`).
+    """
 
     level: Level
     path: str  # JSON path like "$.stages[1].level" ("$" for the whole file)
-    value: object  # the offending value (or None); always JSON-serialisable
+    value: object  # the offending value or its excerpt (or None); always JSON-serialisable
     message: str  # what is wrong, naming the JSON path and bad value
     fix: str  # what to do
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", _finding_value(self.value))
+        object.__setattr__(self, "path", _printable(self.path, MESSAGE_CHARS))
+        object.__setattr__(self, "message", _printable(self.message, MESSAGE_CHARS))
+        object.__setattr__(self, "fix", _printable(self.fix, MESSAGE_CHARS))
+
     def __str__(self) -> str:
-        return f"{self.path}: {self.message} (got {_short(self.value)}); fix: {self.fix}"
+        return f"{self.path}: {self.message} (got {excerpt(self.value)}); fix: {self.fix}"
 
 
 @dataclass
@@ -103,17 +176,8 @@ class Report:
             "file": str(self.file) if self.file is not None else None,
             "ok": self.ok,
             "alloyHash": alloy_hash(self.raw) if self.raw is not None else None,
-            "findings": [_finding_json(f) for f in self.findings],
+            "findings": [asdict(f) for f in self.findings],  # values are JSON-safe (_finding_value)
         }
-
-
-def _finding_json(finding: Finding) -> dict[str, Any]:
-    data = asdict(finding)
-    try:
-        json.dumps(data["value"], allow_nan=False)
-    except (TypeError, ValueError):
-        data["value"] = repr(data["value"])
-    return data
 
 
 # ── entry points ────────────────────────────────────────────────────────────
@@ -121,13 +185,13 @@ def _finding_json(finding: Finding) -> dict[str, Any]:
 
 def check_file(path: Path, *, root: Path | None = None) -> Report:
     """Read `path` once and check its bytes. Paths inside the alloy must stay
-    within `root`, which defaults to the alloy's own directory."""
+    within `root`, which defaults to the alloy's own directory. Only a regular
+    file of at most MAX_ALLOY_BYTES is read; anything else is one finding."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        problem = f"$ cannot be read: {err.strerror or err}"
-        return Report(file=path, findings=[_parse_finding(str(path), problem, "check the path and its permissions")])
+    raw = _read_capped(path)
+    if isinstance(raw, _Unreadable):
+        value = raw.value if raw.value is not None else str(path)
+        return Report(file=path, findings=[_parse_finding(value, f"$ {raw.problem}", raw.fix)])
     report = check_bytes(raw, file_name=path.name, root=root if root is not None else path.parent)
     report.file = path
     return report
@@ -138,19 +202,127 @@ def check_bytes(raw: bytes, *, file_name: str | None = None, root: Path | None =
 
     `file_name` enables the file-name rule. Without `root`, paths are only
     checked lexically (a `..` that climbs out); with it, they are resolved,
-    symlinks included, and must stay inside `root`.
+    symlinks included, and must stay inside `root`. Bytes over
+    MAX_ALLOY_BYTES are refused unparsed.
     """
     report = Report(file=None, raw=raw)
     if file_name is not None:
         report.findings.extend(_check_file_name(file_name))
-    data, parse_findings = _parse(raw)
-    report.findings.extend(parse_findings)
-    if not isinstance(data, dict):
-        return report
-    alloy, schema_findings = _check_schema(data, root=root)
-    report.findings.extend(schema_findings)
-    report.alloy = alloy if not schema_findings else None
+    report.alloy = _check_content(raw, root=root, findings=report.findings)
+    report.findings = _at_most(report.findings, MAX_FINDINGS)
     return report
+
+
+def _check_content(raw: bytes, *, root: Path | None, findings: list[Finding]) -> Alloy | None:
+    """Size, parse and schema level: adds to `findings`; the alloy when the
+    schema level found nothing."""
+    if len(raw) > MAX_ALLOY_BYTES:
+        findings.append(_parse_finding(len(raw), f"$ {_too_big(len(raw), done='parsed')}", _TOO_BIG_FIX))
+        return None
+    data, parse_findings = _parse(raw)
+    findings.extend(parse_findings)
+    if not isinstance(data, dict):
+        return None
+    alloy, schema_findings = _check_schema(data, root=root)
+    findings.extend(schema_findings)
+    return alloy if not schema_findings else None
+
+
+def _at_most(findings: list[Finding], limit: int) -> list[Finding]:
+    """The first `limit` findings and one that counts the rest: a file of a
+    million bad items must not make a million-line error.json."""
+    if len(findings) <= limit:
+        return findings
+    hidden = sum(f.value if f.fix == _MORE_FIX else 1 for f in findings[limit - 1 :])
+    return [*findings[: limit - 1], *_more(hidden, findings[limit - 1].level)]
+
+
+_MORE_FIX = "fix the findings above and check the file again"
+
+
+def _more(count: int, level: Level) -> list[Finding]:
+    """One finding counting `count` findings not listed (none when count <= 0)."""
+    if count <= 0:
+        return []
+    return [Finding(level, "$", count, f"$: {count} more finding(s) not listed", _MORE_FIX)]
+
+
+# ── read level ──────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Why a file was not read (its value: the size, or None)."""
+
+    problem: str
+    fix: str
+    value: object = None
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+_TOO_BIG_FIX = ("check that this is the alloy you meant (real alloys are well under 100 KB); keep data such "
+                "as corpora in separate files the alloy names")
+
+
+def _too_big(size: int | str, *, done: str = "read") -> str:
+    return f"is {size} bytes, larger than the limit of {MAX_ALLOY_BYTES} bytes for an alloy; it was not {done}"
+
+
+def _not_regular(mode: int) -> _Unreadable:
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "not a regular file")
+    return _Unreadable(f"is {kind}, not a regular file; it was not read",
+                       "pass the alloy file itself (a regular file holding the JSON)")
+
+
+def _read_capped(path: Path) -> bytes | _Unreadable:
+    """The bytes of `path` if it is a regular file within MAX_ALLOY_BYTES.
+
+    stat first: opening a FIFO blocks until a writer comes, and /dev/zero
+    never ends. Then open without blocking and check the open file again.
+    """
+    try:
+        st = os.stat(path)  # a symlink the caller named is followed: it is their file
+    except OSError as err:
+        return _Unreadable(f"cannot be read: {err.strerror or err}", "check the path and its permissions")
+    if not stat.S_ISREG(st.st_mode):
+        return _not_regular(st.st_mode)
+    if st.st_size > MAX_ALLOY_BYTES:
+        return _Unreadable(_too_big(st.st_size), _TOO_BIG_FIX, st.st_size)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        return _Unreadable(f"cannot be read: {err.strerror or err}", "check the path and its permissions")
+    try:
+        # RACE: the name may now be another file (swapped for a FIFO, or
+        # growing): the open file is checked again and read with the cap.
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return _not_regular(mode)
+        raw = _read_at_most(fd, MAX_ALLOY_BYTES + 1)
+    except OSError as err:
+        return _Unreadable(f"cannot be read: {err.strerror or err}", "check the file and its permissions")
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_ALLOY_BYTES:
+        return _Unreadable(_too_big(f"more than {MAX_ALLOY_BYTES}"), _TOO_BIG_FIX)
+    return raw
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 # ── parse level ─────────────────────────────────────────────────────────────
@@ -161,15 +333,34 @@ def _parse_finding(value: object, message: str, fix: str) -> Finding:
 
 
 def _check_file_name(name: str) -> list[Finding]:
-    if name.endswith(ALLOY_FILE_SUFFIX):
+    """An alloy's name ends in `.json` and holds no control characters or
+    whitespace at its ends (a name with a trailing newline is not what the
+    sender meant, and would print as two lines)."""
+    if name.endswith(ALLOY_FILE_SUFFIX) and name.isprintable() and name == name.strip():
         return []
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    message = f"file name {name!r} does not end in {ALLOY_FILE_SUFFIX!r}"
-    return [_parse_finding(name, message, f"rename it to {stem + '.alloy.json'!r}")]
+    if not name.endswith(ALLOY_FILE_SUFFIX):
+        message = f"file name {excerpt(name)} does not end in {ALLOY_FILE_SUFFIX!r}"
+    else:
+        message = f"file name {excerpt(name)} has control characters or whitespace at its ends"
+    return [_parse_finding(name, message, f"rename it to {suggested_file_name(name)!r}")]
 
 
-class _JsonConstantError(ValueError):
-    """NaN / Infinity: Python reads them, JSON does not have them."""
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_TYPE_EXTENSION = re.compile(r"\.[A-Za-z]{1,5}$")  # ".yaml", ".txt"; not a version's ".5-4b"
+_NAME_SUFFIXES = (".json", ".alloy")
+
+
+def suggested_file_name(name: str) -> str:
+    """A name the line accepts for a file called `name`: `<base>.alloy.json`
+    with a base `factory.protocol.check_base` allows (unsafe characters
+    become '-', a file-type extension and any .alloy/.json are dropped)."""
+    base = _UNSAFE_NAME_CHARS.sub("-", name.strip()).strip("-._")
+    if not base.endswith(ALLOY_FILE_SUFFIX):
+        base = _TYPE_EXTENSION.sub("", base)
+    while base.endswith(_NAME_SUFFIXES):
+        base = base.rsplit(".", 1)[0]
+    base = re.sub(r"\.retry[0-9]+$", "", base[:MAX_BASE_CHARS].strip("-._"))
+    return f"{base if check_base(base) is None else 'alloy'}{ALLOY_SUFFIX}"
 
 
 class _DuplicateKeys:
@@ -179,9 +370,75 @@ class _DuplicateKeys:
         self.seen: list[str] = []
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        self.seen.extend(sorted({k for k in keys if keys.count(k) > 1}))
-        return dict(pairs)
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # called once per object: count only when needed
+            counts = Counter(k for k, _ in pairs)
+            self.seen.extend(sorted(k for k, n in counts.items() if n > 1))
+        return obj
+
+
+@dataclass(frozen=True)
+class _BadNumber:
+    """A number other JSON readers cannot hold, left where it stood in the
+    data so that its JSON path can be reported (a hook that raised would
+    lose the place)."""
+
+    text: str  # as written in the file
+    problem: str
+    fix: str
+
+
+class _Numbers:
+    """parse_int / parse_float / parse_constant hooks for json.loads."""
+
+    def __init__(self) -> None:
+        self.bad = 0
+
+    def _refuse(self, text: str, problem: str, fix: str) -> _BadNumber:
+        self.bad += 1
+        return _BadNumber(text, problem, fix)
+
+    def integer(self, text: str) -> int | _BadNumber:
+        # Length first: int() of a 5000-digit text raises (Python's
+        # int-str conversion limit); 20 characters hold "-2**63".
+        if len(text) <= 20 and INT_MIN <= (value := int(text)) <= INT_MAX:
+            return value
+        digits = len(text.lstrip("-"))
+        return self._refuse(text, f"is an integer of {digits} digits, outside the 64-bit range other JSON "
+                            "readers hold", "use a smaller number, or write it as a string if it is an id")
+
+    def real(self, text: str) -> float | _BadNumber:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+        return self._refuse(text, "overflows to infinity, which JSON cannot write back",
+                            "use a finite number (at most about 1.8e308), or null")
+
+    def constant(self, name: str) -> _BadNumber:
+        return self._refuse(name, f"is not a JSON value (Python reads {name}, other JSON readers do not)",
+                            "write a number, or null")
+
+
+def _bad_numbers(data: object) -> Iterator[Finding]:
+    """A finding for each _BadNumber in the data, in document order.
+
+    Iterative: the data may be nested as deeply as json.loads allows.
+    """
+    stack: list[tuple[str, object]] = [("$", data)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, _BadNumber):
+            yield _number_finding(path, node)
+        elif isinstance(node, dict):
+            stack.extend(reversed([(_child_path(path, k), v) for k, v in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{i}]", v) for i, v in enumerate(node)]))
+
+
+def _number_finding(path: str, number: _BadNumber) -> Finding:
+    """A number token is digits, signs and letters: shown unquoted, cut short."""
+    text = number.text if len(number.text) <= 24 else number.text[:23] + "…"
+    return Finding("parse", path, text, f"{path} = {text} {number.problem}", number.fix)
 
 
 def _line_col(raw: bytes, offset: int) -> tuple[int, int]:
@@ -206,16 +463,15 @@ def _decode(raw: bytes) -> tuple[str | None, list[Finding]]:
         return None, findings
 
 
-def _reject_constant(name: str) -> float:
-    raise _JsonConstantError(name)
-
-
 def _syntax_finding(err: json.JSONDecodeError) -> Finding:
-    lines = err.doc.splitlines()
-    line_text = lines[err.lineno - 1].strip()[:80] if 0 < err.lineno <= len(lines) else ""
+    """Where the JSON breaks, quoting only a few characters there: the file
+    may not be an alloy at all (a symlinked secret), and line and column
+    already say where to look."""
+    near = err.doc[err.pos : err.pos + SYNTAX_EXCERPT_CHARS]
     where = f"line {err.lineno}, column {err.colno}"
     fix = f"correct the JSON at {where} (often a missing comma, quote or bracket)"
-    return _parse_finding(line_text, f"$ is not valid JSON: {err.msg} at {where}", fix)
+    at = f" (near {excerpt(near)})" if near else " (at the end of the file)"
+    return _parse_finding(near, f"$ is not valid JSON: {err.msg} at {where}{at}", fix)
 
 
 _UNPARSED = object()  # _load's data when the text is not JSON at all
@@ -224,17 +480,39 @@ _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", boo
 
 def _load(text: str) -> tuple[object, list[Finding]]:
     """json.loads, with every way it can fail turned into a finding."""
-    dupes = _DuplicateKeys()
+    dupes, numbers = _DuplicateKeys(), _Numbers()
     try:
-        data = json.loads(text, object_pairs_hook=dupes, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=dupes, parse_int=numbers.integer, parse_float=numbers.real,
+                          parse_constant=numbers.constant)
     except json.JSONDecodeError as err:
         return _UNPARSED, [_syntax_finding(err)]
-    except _JsonConstantError as err:
-        return _UNPARSED, [_parse_finding(str(err), f"$ contains {err}, which is not a JSON value", "write a number, or null")]
     except RecursionError:
         return _UNPARSED, [_parse_finding(None, "$ is nested too deeply to read", "flatten the structure")]
-    message = "$ has the key {!r} twice in one object; readers disagree on which one wins"
-    return data, [_parse_finding(k, message.format(k), f"keep one {k!r}") for k in dupes.seen]
+    message = "$ has the key {} twice in one object; readers disagree on which one wins"
+    findings = [_parse_finding(k, message.format(excerpt(k)), f"keep one {excerpt(k)}")
+                for k in dupes.seen[:MAX_FINDINGS]] + _more(len(dupes.seen) - MAX_FINDINGS, "parse")
+    if numbers.bad:
+        listed = list(islice(_bad_numbers(data), MAX_FINDINGS))
+        return _UNPARSED, findings + listed + _more(numbers.bad - len(listed), "parse")
+    return data, findings
+
+
+def _more_values_than(data: object, limit: int) -> bool:
+    """Whether the data holds more than `limit` values (stops counting there).
+
+    The schema level gives one error per bad item, and pydantic builds
+    every one: a 16 MiB list of five million `{}` takes minutes and
+    gigabytes, so absurd structures stop here.
+    """
+    stack, seen = [data], 0
+    while stack and seen <= limit:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return seen > limit
 
 
 def _parse(raw: bytes) -> tuple[object, list[Finding]]:
@@ -246,11 +524,14 @@ def _parse(raw: bytes) -> tuple[object, list[Finding]]:
     findings.extend(load_findings)
     if data is _UNPARSED:
         return None, findings
+    if _more_values_than(data, MAX_JSON_VALUES):
+        message = f"$ holds more than {MAX_JSON_VALUES} JSON values; it was not checked further"
+        return None, [*findings, _parse_finding(MAX_JSON_VALUES, message, _TOO_BIG_FIX)]
     if not isinstance(data, dict):
         kind = _JSON_KINDS.get(type(data), "null")
         message = f"$ is a JSON {kind}, but an alloy is a JSON object"
         fix = 'wrap the recipe in { ... } with "name", "version", "source" and "stages"'
-        findings.append(_parse_finding(_short(data, 60), message, fix))
+        findings.append(_parse_finding(excerpt(data, 60), message, fix))
     return data, findings
 
 
@@ -272,15 +553,20 @@ def _strip_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
 
 def json_path(loc: tuple[int | str, ...]) -> str:
     """`("stages", 2, "rank")` → `"$.stages[2].rank"`."""
-    parts = ["$"]
+    path = "$"
     for part in loc:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        elif _IDENT.match(part):
-            parts.append(f".{part}")
-        else:
-            parts.append(f"[{json.dumps(part)}]")
-    return "".join(parts)
+        path = f"{path}[{part}]" if isinstance(part, int) else _child_path(path, part)
+    return path
+
+
+def _child_path(path: str, key: str) -> str:
+    """`path` extended by an object key. A key that is not a plain word is
+    quoted JSON-escaped, and a long one is cut: the path names the place,
+    it does not repeat the file."""
+    if len(key) <= PATH_KEY_CHARS and _IDENT.fullmatch(key):
+        return f"{path}.{key}"
+    shown = key if len(key) <= PATH_KEY_CHARS else key[: PATH_KEY_CHARS - 1] + "…"
+    return f"{path}[{json.dumps(shown)}]"
 
 
 def _stage_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
@@ -363,22 +649,79 @@ def _finding_from_error(err: ErrorDetails) -> Finding:
         what, fix = err["msg"], str(ctx["fix"])
     elif err["type"] in _ERROR_TEXT:
         ctx.setdefault("range", _range_hint(_stage_model(loc), key) or _bound_phrase(ctx))
-        what, fix = (t.format(key=json.dumps(key), **ctx) for t in _ERROR_TEXT[err["type"]])
+        what, fix = (t.format(key=_key_text(key), **ctx) for t in _ERROR_TEXT[err["type"]])
     else:  # a pydantic error we have no wording for: its own text is still precise
-        what, fix = err["msg"], f"see the forge-alloy schema for {json.dumps(key)}"
+        what, fix = err["msg"], f"see the forge-alloy schema for {_key_text(key)}"
     stage = f" in the {loc[2]} stage" if _stage_model(loc) is not None else ""
-    head = path if err["type"] == "missing" else f"{path} = {_short(value, 60)}"
+    head = path if err["type"] == "missing" else f"{path} = {excerpt(value, 60)}"
+    if err["type"] == "missing" and (python := _python_spelling_given(key, err.get("input"))):
+        what, fix = f"{what}; the object has {python!r}, the Python spelling, which is not read", \
+            f"rename {python!r} to {key!r}"
     return Finding("schema", path, value, f"{head} {what}{stage}", fix)
+
+
+def _python_spelling_given(key: int | str, obj: object) -> str | None:
+    """The snake_case spelling of a missing camelCase key, if the object has it."""
+    python = to_snake(key) if isinstance(key, str) else None
+    return python if python != key and isinstance(obj, dict) and python in obj else None
+
+
+def _key_text(key: int | str) -> str:
+    """A key for a message: JSON-quoted, cut like a JSON path's keys."""
+    text = str(key)
+    return json.dumps(text if len(text) <= PATH_KEY_CHARS else text[: PATH_KEY_CHARS - 1] + "…")
 
 
 def _check_schema(data: dict[str, Any], *, root: Path | None) -> tuple[Alloy | None, list[Finding]]:
     try:
         alloy = Alloy.model_validate(data)
     except ValidationError as exc:
-        return None, [_finding_from_error(e) for e in exc.errors()]
-    findings = [f for rule in RULES for f in rule(alloy)]
+        errors = exc.errors(include_url=False)
+        findings = [_finding_from_error(e) for e in errors[:MAX_FINDINGS]]
+        return None, findings + _more(len(errors) - len(findings), "schema")
+    findings = list(_python_spellings(alloy))
+    findings.extend(f for rule in RULES for f in rule(alloy))
     findings.extend(_check_paths(data, root=root))
     return alloy, findings
+
+
+# ── schema level: one spelling per field ────────────────────────────────────
+
+
+def _python_names(model: type[BaseModel]) -> dict[str, str]:
+    """{Python name: schema key} of a model's fields whose two spellings differ."""
+    return {name: info.alias for name, info in model.model_fields.items() if info.alias and info.alias != name}
+
+
+def _python_spellings(model: AlloyModel, path: str = "$") -> Iterator[Finding]:
+    """Keys written in a field's Python spelling (`timeout_seconds`) instead
+    of its schema key (`timeoutSeconds`), at every level of the alloy.
+
+    The models read only schema keys, so such a key is kept as an unknown
+    extra like any other: without this finding it would pass and be ignored
+    (a stage timeout that never applies). Genuinely unknown keys are kept
+    and allowed.
+    """
+    names = _python_names(type(model))
+    for key in model.model_extra or {}:
+        if key in names:
+            where = _child_path(path, key)
+            problem = f"{where}: unknown spelling of {names[key]} (alloys use the schema's camelCase keys); not read"
+            yield Finding("schema", where, key, problem, f"rename it to {names[key]}")
+    for name, info in type(model).model_fields.items():
+        yield from _nested_spellings(getattr(model, name), _child_path(path, info.alias or name))
+
+
+def _nested_spellings(value: object, path: str) -> Iterator[Finding]:
+    if isinstance(value, AlloyModel):
+        yield from _python_spellings(value, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _nested_spellings(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, AlloyModel):
+                yield from _python_spellings(item, _child_path(path, key))
 
 
 # ── schema level: consistency rules ─────────────────────────────────────────
@@ -394,7 +737,7 @@ def _stages(alloy: Alloy, kind: type[Stage]) -> Iterator[tuple[str, Any]]:
 
 
 def _schema(path: str, value: object, message: str, fix: str) -> Finding:
-    return Finding("schema", path, value, f"{path} = {_short(value, 60)}: {message}", fix)
+    return Finding("schema", path, value, f"{path} = {excerpt(value, 60)}: {message}", fix)
 
 
 def rule_moe_stages_need_moe(alloy: Alloy) -> Iterator[Finding]:
@@ -407,7 +750,8 @@ def rule_moe_stages_need_moe(alloy: Alloy) -> Iterator[Finding]:
                 f"the source is declared dense, but $.stages[{i}] is an {stage.type} stage, "
                 "which needs a mixture-of-experts model"
             )
-            fix = f"set source.isMoE to true if {alloy.source.base_model} is an MoE; otherwise remove $.stages[{i}]"
+            model = excerpt(alloy.source.base_model)
+            fix = f"set source.isMoE to true if {model} is an MoE; otherwise remove $.stages[{i}]"
             yield _schema("$.source.isMoE", False, problem, fix)
 
 
@@ -561,8 +905,9 @@ def resolve_inside(root: Path, rel: str, *, json_path: str) -> Path:
             raise ValueError("embedded NUL byte")
         resolved = (candidate if candidate.is_absolute() else real_root / candidate).resolve()
     except (OSError, RuntimeError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else excerpt(str(err), 60)
         raise PathEscapeError(
-            json_path=json_path, value=rel, root=Path(root), resolved=candidate, reason=f"cannot be resolved ({err})"
+            json_path=json_path, value=rel, root=Path(root), resolved=candidate, reason=f"cannot be resolved ({why})"
         ) from err
     if resolved == real_root or resolved.is_relative_to(real_root):
         return resolved
@@ -574,7 +919,7 @@ def _path_values(node: object, path: str = "$") -> Iterator[tuple[str, str, bool
     """(JSON path, value, is_dataset) of every path-valued string in the alloy."""
     if isinstance(node, dict):
         for key, value in node.items():
-            child = f"{path}.{key}" if _IDENT.match(key) else f"{path}[{json.dumps(key)}]"
+            child = _child_path(path, key)
             if isinstance(value, str) and (key in PATH_KEYS or key.endswith(PATH_KEY_SUFFIXES)):
                 yield child, value, False
             elif isinstance(value, str) and key in DATASET_KEYS:
@@ -603,5 +948,5 @@ def _check_paths(data: dict[str, Any], *, root: Path | None) -> Iterator[Finding
         try:
             resolve_inside(root, value, json_path=path)
         except PathEscapeError as err:
-            problem = f"{err.reason} and leaves {str(root)!r} (resolves to {str(err.resolved)!r})"
+            problem = f"{err.reason} and leaves {str(root)!r} (resolves to {excerpt(str(err.resolved))})"
             yield _schema(path, value, problem, f"use a relative path inside {str(root)!r}")

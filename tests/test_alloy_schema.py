@@ -62,11 +62,16 @@ def test_corpus_exercises_the_awkward_shapes() -> None:
     assert not any(isinstance(s, GenericStage) for s in stages)
 
 
-def test_snake_and_camel_case_both_parse() -> None:
+def test_only_the_camel_case_spelling_is_read() -> None:
+    """One spelling per field: the snake_case key is kept as an extra (nothing
+    is lost) but never read as the field, as the daemon would not read it."""
     camel = Alloy.model_validate(_minimal(stages=[{"type": "lora", "loraRank": 16, "learningRate": "1e-4"}]))
     snake = Alloy.model_validate(_minimal(stages=[{"type": "lora", "lora_rank": 16, "learning_rate": "1e-4"}]))
-    assert camel.stages[0].lora_rank == snake.stages[0].lora_rank == 16
-    assert snake.dump()["stages"][0] == {"type": "lora", "loraRank": 16, "learningRate": "1e-4"}
+    assert camel.stages[0].lora_rank == 16 and camel.stages[0].learning_rate == "1e-4"
+    assert snake.stages[0].lora_rank is None and snake.stages[0].learning_rate is None
+    assert snake.stages[0].model_extra == {"lora_rank": 16, "learning_rate": "1e-4"}
+    with pytest.raises(ValueError, match="baseModel"):
+        Alloy.model_validate(_minimal(source={"base_model": "m", "architecture": "a"}))
 
 
 def test_unknown_stage_type_and_fields_are_kept() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -466,3 +467,70 @@ def test_planning_never_imports_torch(setup: Setup) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(file), str(setup.root), str(setup.cache)],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "cpu", "[]"]
+
+
+# ── the intake gate's quick checks ──────────────────────────────────────────
+
+
+def _gate(root: Path, base: str):
+    from factory.intake import gate
+    from factory.line import Line
+
+    raw = json.dumps(alloy(base=base)).encode()
+    return gate(raw, file_name="part.alloy.json", line=Line(root))
+
+
+@pytest.fixture
+def line_root(tmp_path: Path) -> Path:
+    """A real root (factory init) with a cold tier, and a directory outside both."""
+    from tests.linekit import make_root
+
+    root = make_root((tmp_path / "root").resolve())
+    cold = (tmp_path / "cold").resolve()
+    (cold / "models" / "big").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "llama").mkdir(parents=True)
+    with (root / "factory_node.toml").open("a") as f:
+        f.write(f'\n[[storage.cold]]\npath = "{cold}"\n')
+    return root
+
+
+@pytest.mark.parametrize(("base", "reason"), [
+    ("../../etc", "climbs out with '..'"),
+    ("../elsewhere/llama", "climbs out with '..'"),
+    ("/etc", "is absolute"),
+    ("./models/../../elsewhere/llama", "climbs out with '..'"),
+    ("models/link-out", "goes through a symlink"),
+])
+def test_gate_refuses_a_base_model_outside_root_and_cold_tiers(line_root: Path, base: str, reason: str) -> None:
+    (line_root / "models").mkdir(exist_ok=True)
+    (line_root / "models" / "link-out").symlink_to(line_root.parent / "elsewhere" / "llama")
+    result = _gate(line_root, base)
+    assert not result.ok
+    [problem] = result.problems
+    assert (problem["level"], problem["path"], problem["value"]) == ("plan", "$.source.baseModel", base)
+    assert reason in problem["message"] and "outside" in problem["message"]
+    assert str(line_root) in problem["fix"] and "cold tier" in problem["fix"]
+
+
+@pytest.mark.parametrize("base", [
+    "Qwen/Qwen3-8B",  # a Hub id, not a path: resolved when the part runs
+    "models/not-copied-yet",  # inside the root; existence is the full plan's question
+    "COLD",  # an absolute path inside the cold tier
+])
+def test_gate_accepts_base_models_inside_and_hub_ids(line_root: Path, base: str) -> None:
+    cold = line_root.parent / "cold" / "models" / "big"
+    result = _gate(line_root, str(cold) if base == "COLD" else base)
+    assert result.ok, result.problems
+
+
+def test_gate_location_check_reads_no_model_file(line_root: Path) -> None:
+    """The gate decides from the path alone: a model dir whose config.json is
+    a FIFO (reading it would block) passes at once."""
+    model = line_root / "models" / "llama"
+    model.mkdir(parents=True)
+    os.mkfifo(model / "config.json")
+    script = ("import sys, json; from pathlib import Path; from tests.test_plan import _gate\n"
+              "print(_gate(Path(sys.argv[1]), 'models/llama').ok)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(line_root)], capture_output=True, text=True,
+                         timeout=30, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert out.split() == ["True"]
