@@ -9,13 +9,17 @@
 #
 # Steps: system user `forge`; venv (CPU-only torch first on nodes without an
 # NVIDIA GPU); the package from this checkout; the factory root (`factory
-# init`, as forge); the systemd unit (+ a drop-in making cold tiers
-# writable); a `factory` wrapper in /usr/local/bin; daemon-reload; enable --now.
+# init`, as forge); the service's environment file (mode 0600, root only: it
+# holds HF_TOKEN); the systemd unit (+ a drop-in making cold tiers writable);
+# a `factory` wrapper in /usr/local/bin; daemon-reload; enable --now.
 #
 # Environment: FACTORY_ROOT (default root), PYTHON (interpreter for the venv,
-# default /usr/bin/python3). For tests and unusual layouts: FORGE_USER (default forge),
-# FORGE_UNIT_DIR (default /etc/systemd/system), FORGE_BIN_DIR (default
-# /usr/local/bin).
+# default /usr/bin/python3), HF_TOKEN (the Hugging Face token for gated or
+# private models: written to the environment file, never shown or passed on
+# a command line; unset keeps the file's current token). For tests and
+# unusual layouts: FORGE_USER (default forge), FORGE_UNIT_DIR (default
+# /etc/systemd/system), FORGE_BIN_DIR (default /usr/local/bin),
+# FORGE_ENV_FILE (default /etc/forge-factory/env).
 set -euo pipefail
 
 # The CPU build of torch: on a node without a GPU this is installed before the
@@ -33,6 +37,7 @@ DRY_RUN=0
 SVC_USER="${FORGE_USER:-forge}"
 UNIT_DIR="${FORGE_UNIT_DIR:-/etc/systemd/system}"
 BIN_DIR="${FORGE_BIN_DIR:-/usr/local/bin}"
+ENV_FILE="${FORGE_ENV_FILE:-/etc/forge-factory/env}"
 # The system interpreter: the venv links to it, so the service user must be
 # able to run it (a pyenv under /root would not do).
 PYTHON="${PYTHON:-$(command -v /usr/bin/python3 || command -v python3 || echo python3)}"
@@ -196,10 +201,53 @@ if [[ -d "$ROOT" ]] && foreign="$(find "$ROOT" -maxdepth 3 ! -user "$SVC_USER" -
     run chown -R "$SVC_USER:$(svc_group)" "$ROOT"
 fi
 
-# -- 4. the systemd unit, its cold-tier drop-in, the CLI wrapper --------------------
+# -- 4. the service environment, the systemd unit, its cold-tier drop-in, the CLI wrapper
+step "service environment $ENV_FILE (mode 0600)"
+# The unit reads it (EnvironmentFile=): systemd, as root, loads it before it
+# starts the daemon as $SVC_USER, so only root may read the file. The token
+# never appears on a command line (printf is a shell builtin) or in output.
+env_file_content() {
+    if [[ -n "${HF_TOKEN:-}" ]]; then
+        # Keep every other line an operator put there; replace only HF_TOKEN.
+        if [[ -f "$ENV_FILE" ]]; then grep -v '^HF_TOKEN=' "$ENV_FILE" || true; else env_file_header; fi
+        printf 'HF_TOKEN=%s\n' "$HF_TOKEN"
+    elif [[ -f "$ENV_FILE" ]]; then
+        cat "$ENV_FILE"  # no token given: keep the file (and any token in it) as it is
+    else
+        env_file_header
+        printf '# HF_TOKEN=hf_...   (or rerun: sudo HF_TOKEN=hf_... bootstrap/install.sh)\n'
+    fi
+}
+env_file_header() {
+    printf '# forge-factory service environment (systemd EnvironmentFile), written by bootstrap/install.sh.\n'
+    printf '# Mode 0600, owned by root: systemd reads it before starting the daemon. KEY=VALUE lines.\n'
+}
+[[ ! -L "$ENV_FILE" ]] || die "$ENV_FILE is a symbolic link; remove it (the token file must be a plain file) and rerun"
+if [[ -n "${HF_TOKEN:-}" && ! "$HF_TOKEN" =~ ^[A-Za-z0-9_.-]+$ ]]; then
+    die "HF_TOKEN holds characters other than letters, digits, '_', '.' and '-' (not shown); it was not written"
+fi
+if [[ $DRY_RUN -eq 1 ]]; then
+    note "would write $ENV_FILE, mode 0600, root-owned$([[ -n "${HF_TOKEN:-}" ]] && echo ': HF_TOKEN from the environment (value not shown)')"
+else
+    old_umask="$(umask)"
+    umask 077  # the scratch copy and the installed file are never readable by others, not even briefly
+    env_file_content >"$TMP/env"
+    if install_file "$TMP/env" "$ENV_FILE" 0600; then
+        CHANGED=1
+        note "written$([[ -n "${HF_TOKEN:-}" ]] && echo ' (HF_TOKEN from the environment, not shown)')"
+    fi
+    umask "$old_umask"
+    if [[ "$(stat -c '%a %u' "$ENV_FILE")" != "600 0" ]]; then
+        run chown 0:0 "$ENV_FILE"
+        run chmod 0600 "$ENV_FILE"
+    fi
+fi
+
 step "systemd unit $UNIT_DIR/$UNIT_NAME"
-# The unit in the repository names the default root and prefix; substitute ours.
+# The unit in the repository names the default root, prefix and environment
+# file; substitute ours.
 sed -e "/^#/!s#/opt/forge-factory#$PREFIX#g" -e "/^#/!s#/srv/factory#$ROOT#g" \
+    -e "/^#/!s#/etc/forge-factory/env#$ENV_FILE#g" \
     -e "s#^User=forge\$#User=$SVC_USER#" -e "s#^Group=forge\$#Group=$(svc_group)#" \
     "$REPO/bootstrap/$UNIT_NAME" >"$TMP/unit"
 if install_file "$TMP/unit" "$UNIT_DIR/$UNIT_NAME" 0644; then CHANGED=1; fi

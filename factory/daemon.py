@@ -45,7 +45,9 @@ from factory.locks import WorkerLock
 from factory.outcomes import (
     EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_CAUSE, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
 )
-from factory.protocol import CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, TICKET, parse_part
+from factory.protocol import (
+    CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, MAX_ALLOY_BYTES, TICKET, parse_part,
+)
 from factory.sdnotify import Notifier
 
 GiB = 2**30
@@ -324,7 +326,7 @@ class Daemon:
             # have changed while the part waited. The gated bytes are the
             # ones the part runs and its result hashes.
             try:
-                raw = durable.read_regular(part.path)
+                raw = durable.read_regular(part.path, limit=MAX_ALLOY_BYTES)
                 result = gate(raw, file_name=part.path.name, line=self.line)
             except FileNotFoundError:
                 continue  # RACE: cancelled or deferred since the scan

@@ -115,7 +115,7 @@ def read_regular(path: Path, *, limit: int = MAX_PROTOCOL_FILE_BYTES) -> bytes:
     """The bytes of a regular file, refusing symlinks (never followed),
     FIFOs, devices and directories, and files over `limit` bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotARegularFile(errno.ELOOP, "is a symbolic link (never followed)", str(path)) from None
@@ -158,9 +158,15 @@ def move(src: Path, dst: Path) -> None:
 def append_line(path: Path, line: bytes) -> None:
     """Append one complete line and fsync it (O_APPEND: one write, no tearing
     between concurrent appenders for lines under PIPE_BUF)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, file_mode_for(path.parent))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 file_mode_for(path.parent))
     try:
-        os.write(fd, line)
+        view = memoryview(line)
+        while view:  # a nearly full disk gives a short write before ENOSPC
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "short write", str(path))
+            view = view[n:]
         os.fsync(fd)
     finally:
         os.close(fd)

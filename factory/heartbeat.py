@@ -2,7 +2,9 @@
 
 The daemon writes it (never the busy child), atomically. A reader judges a
 heartbeat stale by its age *and* by whether its pid is alive: a fresh beat
-from a dead pid (just SIGKILLed) is as stale as an old beat.
+from a dead pid (just SIGKILLed) is as stale as an old beat. A reader trusts
+nothing in the file: anything malformed (not an object, a missing or
+mistyped field) is judged stale with the reason, never a crash.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from factory import __version__, durable
 from factory.events import utc_now
@@ -42,6 +44,9 @@ class Heartbeat:
     stage: dict | None = None  # {"index": i, "type": t, "started_at": ts}
     progress: Progress | None = None
     versions: dict = field(default_factory=dict)
+    # Why the running part is not making progress (e.g. its process was
+    # SIGSTOPped), or None: a fresh beat while "building" is not health.
+    stalled: str | None = None
 
 
 def versions() -> dict:
@@ -64,9 +69,13 @@ def write(path: Path, beat: Heartbeat) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists. Only positive pids: kill(0)
+    and kill(-1) would ask about a whole process group, or every process."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -80,28 +89,66 @@ class Liveness:
     reason: str
 
 
-def judge(beat: dict | None, *, now: float | None = None, local_host: str | None = None) -> Liveness:
+def beat_time(value: Any) -> float | None:
+    """Epoch seconds of a protocol timestamp, or None when it is not one."""
+    if not isinstance(value, str) or not value.endswith("Z"):
+        return None
+    try:
+        return datetime.fromisoformat(value[:-1] + "+00:00").timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _excerpt(value: Any) -> str:
+    return repr(value)[:40]
+
+
+def _problem(beat: dict) -> str | None:
+    """Why a heartbeat object cannot be judged, or None."""
+    pid = beat.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return f"pid {_excerpt(pid)} is not a positive integer"
+    if beat.get("state") not in get_args(State):
+        return f"state {_excerpt(beat.get('state'))} is not one of {', '.join(get_args(State))}"
+    if not isinstance(beat.get("host"), str):
+        return f"host {_excerpt(beat.get('host'))} is not a string"
+    interval = beat.get("interval_seconds")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
+        return f"interval_seconds {_excerpt(interval)} is not a positive number"
+    return None
+
+
+def judge(beat: Any, *, now: float | None = None, local_host: str | None = None) -> Liveness:
     """Is the worker behind this heartbeat alive? Stale after 3 missed beats,
-    or at once when its pid is gone on this host."""
-    if not beat:
+    at once when its pid is gone on this host, and whenever the heartbeat is
+    malformed (the reason says which field)."""
+    if beat is None:
         return Liveness(True, None, "no heartbeat: no worker has run on this root")
-    now = time.time() if now is None else now
-    ts = datetime.fromisoformat(beat["last_beat_at"].replace("Z", "+00:00")).timestamp()
-    age = now - ts
-    if beat.get("state") == "offline":
+    if not isinstance(beat, dict):
+        return Liveness(True, None, f"heartbeat is a JSON {type(beat).__name__}, not an object")
+    ts = beat_time(beat.get("last_beat_at"))
+    if ts is None:
+        return Liveness(True, None, f"heartbeat unusable: last_beat_at {_excerpt(beat.get('last_beat_at'))} "
+                                    "is not a UTC timestamp")
+    age = (time.time() if now is None else now) - ts
+    problem = _problem(beat)
+    if problem:
+        return Liveness(True, age, f"heartbeat unusable: {problem}")
+    if beat["state"] == "offline":
         return Liveness(True, age, "worker stopped cleanly (state offline)")
-    if beat.get("host") == (local_host or socket.gethostname()) and not pid_alive(int(beat["pid"])):
+    if beat["host"] == (local_host or socket.gethostname()) and not pid_alive(beat["pid"]):
         return Liveness(True, age, f"worker pid {beat['pid']} is not running")
-    limit = 3 * float(beat.get("interval_seconds", 30)) + 5
+    limit = 3 * float(beat["interval_seconds"]) + 5
     if age > limit:
         return Liveness(True, age, f"last beat {age:.0f}s ago (limit {limit:.0f}s)")
     return Liveness(False, age, "alive")
 
 
 def read(path: Path) -> dict | None:
+    """The heartbeat object, or None for anything else: missing, torn, not
+    JSON, not an object, not a regular file, oversized."""
     try:
-        return durable.read_json(path)
-    except (FileNotFoundError, ValueError):
+        beat = durable.read_json(path)
+    except (OSError, ValueError, RecursionError):
         return None
-
-
+    return beat if isinstance(beat, dict) else None

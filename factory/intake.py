@@ -21,7 +21,7 @@ from factory.errors import BadInput, Conflict
 from factory.events import utc_now
 from factory.line import Line, Part
 from factory.outcomes import error_record
-from factory.protocol import ERROR, TICKET, PartName, base_from_filename, check_base
+from factory.protocol import ERROR, MAX_ALLOY_BYTES, TICKET, PartName, base_from_filename, check_base
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
     try:
         # The operator named this file: a symlink they give is theirs to
         # follow (unlike one dropped into intake/, which is never followed).
-        raw = durable.read_regular(Path(src).resolve())
+        raw = durable.read_regular(Path(src).resolve(), limit=MAX_ALLOY_BYTES)
     except durable.NotARegularFile as err:
         raise BadInput(f"{src}: {err.strerror}; enqueue a regular alloy file") from err
     base = name or base_from_filename(src.name)
@@ -224,7 +224,7 @@ class Adopter:
         return max(0.0, min(waits)) if waits else None
 
     def adopt(self, part: Part) -> Part:
-        raw = durable.read_regular(part.path)
+        raw = durable.read_regular(part.path, limit=MAX_ALLOY_BYTES)
         result = gate(raw, file_name=part.path.name, line=self.line)
         with self.line.locked():
             # RACE: an enqueuer may have written the ticket since our scan.

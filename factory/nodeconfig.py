@@ -2,7 +2,10 @@
 
 Parsed with tomllib (tomli on 3.10) and validated with pydantic. Unknown keys
 are errors (a typo must not silently fall back to a default), and every error
-names the file and the dotted key.
+names the file and the dotted key. Every number is bounded and finite (TOML
+has `inf` and `nan`): a rescan interval of 1e-9 s would spin the idle daemon.
+Key names of sentinel-ai's node config are accepted where they mean the same
+(`write_mb_per_sec` for `write_mb_s`, ...); each is listed beside its field.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.errors import NodeConfigError
 from factory.protocol import PROTOCOL_VERSION
@@ -22,8 +25,28 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
+HOUR, DAY = 3600.0, 86400.0
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `inf` / `nan` are valid TOML but never a valid setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: object) -> object:
+        """A key and its alias both given would leave one silently ignored."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                choices = getattr(field.validation_alias, "choices", None) or []
+                given = [c for c in choices if c in data]
+                if len(given) > 1:
+                    raise ValueError(f"{' and '.join(given)} are the same setting ({name}); keep one")
+        return data
+
+
+def _alias(name: str, *aliases: str) -> AliasChoices:
+    return AliasChoices(name, *aliases)
 
 
 class NodeSection(_Section):
@@ -38,16 +61,23 @@ class TierSection(_Section):
     path: Path | None = None
     # Below this much free space the tier counts as full (doctor warns,
     # cleanup will not evict into it).
-    min_free_gb: float = Field(default=50.0, ge=0)
-    # Declared speeds, for people and for estimating offload time.
-    read_mb_s: float | None = Field(default=None, gt=0)
-    write_mb_s: float | None = Field(default=None, gt=0)
+    min_free_gb: float = Field(default=50.0, ge=0, le=2**30)
+    # Declared speeds, for people and for estimating offload time
+    # (sentinel-ai spells them read_mb_per_sec / write_mb_per_sec).
+    read_mb_s: float | None = Field(default=None, gt=0, le=1e7,
+                                    validation_alias=_alias("read_mb_s", "read_mb_per_sec"))
+    write_mb_s: float | None = Field(default=None, gt=0, le=1e7,
+                                     validation_alias=_alias("write_mb_s", "write_mb_per_sec"))
     # What the operator expects; doctor warns when the mount says otherwise.
     fs_type: str | None = None
 
 
 class ColdTier(TierSection):
     path: Path
+    # sentinel-ai's tier label and free-text purpose: stored for people
+    # (doctor, status); nothing on the line depends on them.
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")
+    purpose: str | None = Field(default=None, max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")
 
 
 class StorageSection(_Section):
@@ -57,13 +87,18 @@ class StorageSection(_Section):
 
 
 class ForgeSection(_Section):
-    max_retries: int = Field(default=3, ge=0)
+    max_retries: int = Field(default=3, ge=0, le=1000)
     # A whole day: real stages (a LoRA on a 30B model) run for hours. An
     # alloy stage's own timeoutSeconds overrides it.
-    stage_timeout_seconds: float = Field(default=86400.0, gt=0)
+    stage_timeout_seconds: float = Field(default=DAY, gt=0, le=30 * DAY)
     # First infrastructure retry waits this long, doubling up to an hour, so a
     # node that OOMs every part does not spin.
-    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    retry_backoff_seconds: float = Field(default=30.0, ge=0, le=DAY)
+    # The memory budget of one part's process tree (RSS of the child and its
+    # children), in GB. None: 90% of this node's physical RAM. Over it the
+    # daemon stops the part (an infrastructure failure) before the kernel's
+    # OOM killer picks a process for it.
+    part_memory_gb: float | None = Field(default=None, gt=0, le=2**20)
     # Pickle weights (.bin/.pt) and trust_remote_code both run code written
     # by the model's authors on this node: off unless the operator says so.
     allow_pickle_weights: bool = False
@@ -75,17 +110,18 @@ class ForgeSection(_Section):
 
 
 class DaemonSection(_Section):
-    heartbeat_interval_seconds: float = Field(default=30.0, gt=0)
+    # Readers call a worker gone after 3 missed beats (+5 s).
+    heartbeat_interval_seconds: float = Field(default=30.0, ge=0.05, le=HOUR)
     # The safety net under inotify: a full intake scan this often.
-    rescan_seconds: float = Field(default=10.0, gt=0)
+    rescan_seconds: float = Field(default=10.0, ge=0.1, le=HOUR)
     # SIGTERM: how long a running part gets to reach a safe point before the
     # child is killed. The systemd unit's TimeoutStopSec must exceed it.
-    stop_grace_seconds: float = Field(default=60.0, ge=0)
+    stop_grace_seconds: float = Field(default=60.0, ge=0, le=DAY)
     # A hand-copied file (cp is not atomic) is adopted once its size and
     # mtime have not changed for this long (sooner if inotify saw it closed).
-    settle_seconds: float = Field(default=2.0, ge=0)
-    events_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
-    events_keep: int = Field(default=5, ge=1)
+    settle_seconds: float = Field(default=2.0, ge=0, le=HOUR)
+    events_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, le=2**40)
+    events_keep: int = Field(default=5, ge=1, le=1000)
 
 
 class ProtocolSection(_Section):
@@ -107,6 +143,12 @@ def _dotted(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
+def _excerpt(value: object, limit: int = 80) -> str:
+    """The bad value, short and escaped (repr), for a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_node_config(path: Path) -> NodeConfig:
     """Read and validate a node config; a missing file means all defaults."""
     if not path.exists():
@@ -121,8 +163,9 @@ def load_node_config(path: Path) -> NodeConfig:
         first = err.errors()[0]
         key = _dotted(first["loc"])
         got = first.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {_excerpt(got)})"
         raise NodeConfigError(
-            f"{path}: key {key}: {first['msg']} (got {got!r}); "
+            f"{path}: key {key}: {first['msg']}{shown}; "
             f"fix that key (see factory_node.toml.example)"
             + (f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else "")
         ) from err

@@ -43,7 +43,7 @@ from factory.model_files import (
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
 from factory.sources import SELFTEST, ResolvedSource, SourceError, resolve_source
-from factory.sources import _inside_root_or_cold, _looks_local  # one home for the rules (see check_source_location)
+from factory.sources import inside_root_or_cold, looks_local
 from factory.stages import registered_stage_types
 from factory.tiers import Tier, node_tiers
 from factory.validation import Finding, PathEscapeError, check_file, excerpt, resolve_inside
@@ -638,10 +638,10 @@ def check_source_location(ctx: _Context) -> Iterator[Finding]:
     followed; decided from the path alone (the rules of factory.sources),
     so the gate refuses `../../etc` without opening a model file. A Hub id
     is not a path and waits for the full plan."""
-    if ctx.is_selftest or not _looks_local(ctx.base_model, root=ctx.root):
+    if ctx.is_selftest or not looks_local(ctx.base_model, root=ctx.root):
         return
     try:
-        _inside_root_or_cold(ctx.base_model, root=ctx.root, config=ctx.config)
+        inside_root_or_cold(ctx.base_model, root=ctx.root, config=ctx.config)
     except SourceError as err:
         yield _finding(err.json_path, err.value, err.problem, err.fix)
 

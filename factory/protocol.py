@@ -20,6 +20,9 @@ TERMINAL_STATIONS = ("finished", "rework")
 SCAN_ORDER = ("incoming", "intake", "deferred", "assembly", "finished", "rework")
 
 ALLOY_SUFFIX = ".alloy.json"
+# The most an alloy file may hold: real ones are under 300 KB, and a parsed
+# alloy costs about 30x its bytes in memory. Bigger files are refused unread.
+MAX_ALLOY_BYTES = 4 * 2**20
 
 # Sidecar tags the factory itself writes. Other tools may add their own
 # `<base>.x-<word>.json`; every `<base>.<tag>.json` moves with the part.
@@ -63,8 +66,9 @@ class PartName:
 
 
 def parse_part(filename: str) -> PartName | None:
-    """The part a file name denotes, or None if it is not an alloy file."""
-    m = _PART_RE.match(filename)
+    """The part a file name denotes, or None if it is not an alloy file.
+    fullmatch, not match: `$` would accept a trailing newline."""
+    m = _PART_RE.fullmatch(filename)
     if not m or _RETRY_TAIL.search(m["base"]):
         return None
     return PartName(m["base"], int(m["retry"] or 0))
@@ -74,7 +78,7 @@ def parse_sidecar(filename: str) -> tuple[str, str] | None:
     """(base, tag) of a sidecar file name, or None. Alloy files are not sidecars."""
     if filename.endswith(ALLOY_SUFFIX):
         return None
-    m = _SIDECAR_RE.match(filename)
+    m = _SIDECAR_RE.fullmatch(filename)
     return (m["base"], m["tag"]) if m else None
 
 

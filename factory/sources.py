@@ -93,7 +93,7 @@ def resolve_source(
         source = Source.model_validate(source)
     if source.base_model == SELFTEST and source.architecture == SELFTEST:
         return ResolvedSource(kind="selftest", path=None, note="the selftest pair needs no model")
-    if _looks_local(source.base_model, root=Path(root)):
+    if looks_local(source.base_model, root=Path(root)):
         return _resolve_local(source.base_model, root=Path(root), config=config)
     return _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
                          allow_pickle=allow_pickle, offline=_offline(offline), cache_dir=_cache_dir(cache_dir))
@@ -111,7 +111,7 @@ def _cache_dir(cache_dir: Path | None) -> Path:
     return Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
 
 
-def _looks_local(value: str, *, root: Path) -> bool:
+def looks_local(value: str, *, root: Path) -> bool:
     """A path rather than a repo id; repo ids have at most one '/'."""
     return is_local_path_like(value, root=root) or value.count("/") > 1 or os.path.lexists(root / value)
 
@@ -120,7 +120,7 @@ def _looks_local(value: str, *, root: Path) -> bool:
 
 
 def _resolve_local(value: str, *, root: Path, config: NodeConfig) -> ResolvedSource:
-    path = _inside_root_or_cold(value, root=root, config=config)
+    path = inside_root_or_cold(value, root=root, config=config)
     if not path.exists():
         raise SourceNotFound(value=value, problem=f"no such directory ({str(path)!r})",
                              fix=f"put the checkpoint there, or write the path of one inside {str(root)!r}")
@@ -133,7 +133,7 @@ def _resolve_local(value: str, *, root: Path, config: NodeConfig) -> ResolvedSou
     return ResolvedSource(kind="local", path=path, cached=True)
 
 
-def _inside_root_or_cold(value: str, *, root: Path, config: NodeConfig) -> Path:
+def inside_root_or_cold(value: str, *, root: Path, config: NodeConfig) -> Path:
     """The real path of `value`: inside the root, else inside a cold tier.
 
     A symlink under the root into a cold tier is fine (models/ -> /cold/models);

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
-from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from factory import heartbeat as hb
 from factory.line import Line
@@ -12,59 +15,115 @@ from factory.protocol import STATIONS
 from factory.tiers import node_tiers
 
 RECENT_OUTCOMES = 8
+# Text from the heartbeat (written by a worker, but read as untrusted) is
+# cut to this and made printable before it reaches a terminal.
+_TEXT_LIMIT = 200
 
 
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _eta_seconds(beat: dict) -> float | None:
-    """Remaining time of the current stage from its rate so far."""
-    prog, stage = beat.get("progress"), beat.get("stage")
-    if not prog or not stage or not prog.get("total") or not prog.get("done"):
+def _text(value: Any) -> str | None:
+    """A heartbeat string fit to print: printable, bounded; None otherwise."""
+    if not isinstance(value, str):
         return None
-    elapsed = time.time() - _ts(stage["started_at"])
-    return elapsed * (prog["total"] - prog["done"]) / prog["done"]
+    clean = "".join(c if c.isprintable() else "?" for c in value[:_TEXT_LIMIT])
+    return clean + ("..." if len(value) > _TEXT_LIMIT else "")
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _pid(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _stage(value: Any) -> dict | None:
+    if not isinstance(value, dict):
+        return None
+    index = value.get("index")
+    return {"index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+            "type": _text(value.get("type")), "started_at": _text(value.get("started_at"))}
+
+
+def _progress(value: Any) -> dict | None:
+    if not isinstance(value, dict) or _number(value.get("done")) is None:
+        return None
+    return {"done": value["done"], "total": _number(value.get("total")), "unit": _text(value.get("unit")) or ""}
+
+
+def _eta_seconds(stage: dict | None, prog: dict | None) -> float | None:
+    """Remaining time of the current stage from its rate so far."""
+    if not stage or not prog or not prog["total"] or not prog["done"] or prog["done"] <= 0:
+        return None
+    started = hb.beat_time(stage["started_at"])
+    if started is None:
+        return None
+    eta = (time.time() - started) * (prog["total"] - prog["done"]) / prog["done"]
+    return eta if math.isfinite(eta) and eta >= 0 else None
 
 
 def recent_outcomes(line: Line, n: int = RECENT_OUTCOMES) -> list[dict]:
+    """The last n outcome objects of throughput.jsonl (other lines skipped)."""
     try:
         lines = line.layout.throughput.read_bytes().splitlines()[-n:]
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return []
     out = []
     for raw in lines:
         try:
-            out.append(json.loads(raw))
-        except ValueError:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(obj, dict):
+            out.append(obj)
     return out
 
 
+def _liveness(path: Path, beat: dict | None) -> hb.Liveness:
+    if beat is None and os.path.lexists(path):
+        return hb.Liveness(True, None, f"{path.name} is unreadable or not a JSON object (torn, foreign or "
+                                       "oversized); a running worker rewrites it on its next beat")
+    return hb.judge(beat)
+
+
+def worker(path: Path) -> dict:
+    """The worker as its heartbeat shows it; every field checked, so a
+    malformed heartbeat reads as a stale worker with the reason."""
+    beat = hb.read(path)
+    live = _liveness(path, beat)
+    beat, fresh = beat or {}, not live.stale
+    stage = _stage(beat.get("stage")) if fresh else None
+    progress = _progress(beat.get("progress")) if fresh else None
+    stalled = _text(beat.get("stalled")) if fresh else None
+    return {
+        "state": beat["state"] if fresh else "offline",
+        "stale": live.stale,
+        "why": live.reason,
+        # A fresh beat is not health: the part's process may be stopped.
+        "stalled": stalled,
+        "healthy": fresh and stalled is None,
+        "beat_age_s": None if live.age_seconds is None else round(live.age_seconds, 1),
+        "pid": _pid(beat.get("pid")),
+        "host": _text(beat.get("host")),
+        "part": _text(beat.get("part")) if fresh else None,
+        "stage": stage,
+        "progress": progress,
+        "eta_s": _eta_seconds(stage, progress) if fresh else None,
+    }
+
+
 def gather(line: Line) -> dict:
-    beat = hb.read(line.layout.heartbeat)
-    live = hb.judge(beat)
     return {
         "root": str(line.root),
         "node": {"name": line.config.node.name, "roles": line.config.node.roles},
-        "worker": {
-            "state": "offline" if live.stale else beat["state"],
-            "stale": live.stale,
-            "why": live.reason,
-            "beat_age_s": None if live.age_seconds is None else round(live.age_seconds, 1),
-            "pid": beat.get("pid") if beat else None,
-            "host": beat.get("host") if beat else None,
-            "part": None if live.stale else beat.get("part"),
-            "stage": None if live.stale else beat.get("stage"),
-            "progress": None if live.stale else beat.get("progress"),
-            "eta_s": None if live.stale else _eta_seconds(beat),
-        },
+        "worker": worker(line.layout.heartbeat),
         "stations": {s: len(line.parts(s)) for s in STATIONS},
         "recent": recent_outcomes(line),
         "tiers": [
             {"name": t.name, "path": str(t.path), "fs_type": t.fs_type, "free_gib": round(t.free_gib, 1),
              "total_gib": round(t.total_bytes / 2**30, 1), "min_free_gb": t.min_free_gb,
-             "low": t.free_gib < t.min_free_gb}
+             "low": t.free_gib < t.min_free_gb, "missing": t.missing, "problem": t.problem}
             for t in node_tiers(line.root, line.config)
         ],
     }
@@ -72,6 +131,7 @@ def gather(line: Line) -> dict:
 
 def render(snapshot: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
@@ -79,16 +139,19 @@ def render(snapshot: dict) -> None:
     w = snapshot["worker"]
     colour = {"building": "green", "idle": "cyan", "offline": "red", "stopping": "yellow"}.get(w["state"], "white")
     con.print(f"[bold]{snapshot['node']['name']}[/] ({', '.join(snapshot['node']['roles'])})  root {snapshot['root']}")
+    if w["stalled"]:
+        colour = "red"
     con.print(f"worker: [{colour}]{w['state']}[/]  pid {w['pid']}  beat {w['beat_age_s']}s ago"
-              + (f"  [red]STALE: {w['why']}[/]" if w["stale"] and w["pid"] else ""))
+              + (f"  [red]STALE: {escape(w['why'])}[/]" if w["stale"] and w["pid"] else "")
+              + (f"  [bold red]STALLED: {escape(w['stalled'])}[/]" if w["stalled"] else ""))
     if w["part"]:
         st = w["stage"] or {}
-        con.print(f"building [bold]{w['part']}[/] stage {st.get('index')} {st.get('type')}")
+        con.print(f"building [bold]{escape(w['part'])}[/] stage {st.get('index')} {escape(str(st.get('type')))}")
         p = w["progress"]
-        if p and p.get("total"):
+        if p and p["total"]:
             eta = f"  ETA {w['eta_s']:.0f}s" if w["eta_s"] is not None else ""
             con.print(ProgressBar(total=p["total"], completed=p["done"], width=40))
-            con.print(f"{p['done']:g}/{p['total']:g} {p['unit']}{eta}")
+            con.print(f"{p['done']:g}/{p['total']:g} {escape(p['unit'])}{eta}")
     t = Table(title="stations")
     for s in snapshot["stations"]:
         t.add_column(s, justify="right")
@@ -99,27 +162,35 @@ def render(snapshot: dict) -> None:
         for col in ("when", "part", "outcome", "retry"):
             r.add_column(col)
         for o in snapshot["recent"]:
-            r.add_row(o["ts"], o["part"], o["outcome"], str(o.get("retry", 0)))
+            r.add_row(*(escape(str(o.get(k, "-"))) for k in ("ts", "part", "outcome")), escape(str(o.get("retry", 0))))
         con.print(r)
     d = Table(title="disk")
     for col in ("tier", "path", "fs", "free GiB", "total GiB"):
         d.add_column(col)
     for tier in snapshot["tiers"]:
+        if tier["missing"]:
+            d.add_row(tier["name"], escape(tier["path"]), "[red]MISSING[/]", "-", "-")
+            continue
         free = f"[red]{tier['free_gib']}[/]" if tier["low"] else str(tier["free_gib"])
-        d.add_row(tier["name"], tier["path"], tier["fs_type"], free, str(tier["total_gib"]))
+        d.add_row(tier["name"], escape(tier["path"]), tier["fs_type"], free, str(tier["total_gib"]))
     con.print(d)
+    for tier in snapshot["tiers"]:
+        if tier["missing"]:
+            con.print(f"[red]tier {tier['name']} MISSING:[/] {escape(tier['problem'])}")
 
 
 def plain(snapshot: dict) -> str:
     w = snapshot["worker"]
     lines = [f"node {snapshot['node']['name']} worker {w['state']}"
-             + (f" ({w['why']})" if w["stale"] else "")]
+             + (f" ({w['why']})" if w["stale"] else "")
+             + (f" STALLED: {w['stalled']}" if w["stalled"] else "")]
     if w["part"]:
         st = w["stage"] or {}
         prog = w["progress"] or {}
         lines.append(f"building {w['part']} stage {st.get('index')} {st.get('type')} "
                      f"{prog.get('done', '')}/{prog.get('total', '')} {prog.get('unit', '')}".rstrip())
     lines.append(" ".join(f"{k}={v}" for k, v in snapshot["stations"].items()))
+    lines += [f"tier {t['name']} MISSING: {t['problem']}" for t in snapshot["tiers"] if t["missing"]]
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ from factory.alloy import (
 )
 from factory.integrity import alloy_hash, model_hash
 from factory.errors import PathEscapeError  # noqa: F401 - re-exported
-from factory.protocol import ALLOY_SUFFIX, MAX_BASE_CHARS, check_base
+from factory.protocol import ALLOY_SUFFIX, MAX_ALLOY_BYTES, MAX_BASE_CHARS, check_base
 
 Level = Literal["parse", "schema", "plan"]
 
@@ -69,7 +69,6 @@ ALLOY_FILE_SUFFIX = ".json"
 # largest in the published corpus ~20 KB, the largest example ~260 KB); 4 MiB
 # leaves room for long provenance and results, while bounding what one drop
 # costs the gate: parsed JSON takes ~30x its size in memory.
-MAX_ALLOY_BYTES = 4 * 1024 * 1024
 # The most characters of the alloy's own text a finding repeats (a value, a
 # key in a JSON path); the rest is cut and marked with "…".
 EXCERPT_CHARS = 80

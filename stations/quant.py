@@ -135,7 +135,7 @@ def make_bnb4(ctx: StageContext, src: Path, out: Path) -> dict:
 def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
     """f16 GGUF with llama.cpp's converter, then one file per quant type.
     Not exercised by the test suite (llama.cpp is not on the test node)."""
-    types = ctx.stage.get("quantTypes") or ctx.stage.get("quant_types") or []
+    types = ctx.stage.get("quantTypes") or []
     f16 = out / "model-f16.gguf"
     subprocess.run([sys.executable, shutil.which(GGUF_CONVERTER), str(src), "--outfile", str(f16),
                     "--outtype", "f16"], check=True)

@@ -1,0 +1,146 @@
+"""factory_node.toml: bounded, finite settings; sentinel-ai's key names as
+aliases; every error names the file, the dotted key and the bad value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from factory.errors import NodeConfigError
+from factory.nodeconfig import ColdTier, NodeConfig, load_node_config
+from tests.linekit import FAST_CONFIG, factory
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "factory_node.toml.example"
+
+
+def load(tmp_path: Path, text: str) -> NodeConfig:
+    path = tmp_path / "factory_node.toml"
+    path.write_text(text)
+    return load_node_config(path)
+
+
+def refused(tmp_path: Path, text: str) -> str:
+    with pytest.raises(NodeConfigError) as info:
+        load(tmp_path, text)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'factory_node.toml'}: ") and "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("grace, timeout, retries", [(0, 2, 0), (1.0, 600, 3), (10.0, 0.5, 1)])
+def test_the_fast_test_configs_stay_valid(tmp_path, grace, timeout, retries):
+    cfg = load(tmp_path, FAST_CONFIG.format(grace=grace, max_retries=retries, timeout=timeout))
+    assert (cfg.daemon.heartbeat_interval_seconds, cfg.daemon.rescan_seconds) == (0.2, 0.5)
+    assert (cfg.forge.stage_timeout_seconds, cfg.daemon.stop_grace_seconds) == (timeout, grace)
+
+
+@pytest.mark.parametrize("section, key, value, says", [
+    ("daemon", "rescan_seconds", "1e-9", "greater than or equal to 0.1"),  # the idle daemon would spin
+    ("daemon", "rescan_seconds", "inf", "finite"),
+    ("daemon", "rescan_seconds", "7200", "less than or equal to 3600"),
+    ("daemon", "heartbeat_interval_seconds", "nan", "finite"),
+    ("daemon", "heartbeat_interval_seconds", "0.01", "greater than or equal to 0.05"),
+    ("daemon", "heartbeat_interval_seconds", "3601", "less than or equal to 3600"),
+    ("daemon", "settle_seconds", "-1", "greater than or equal to 0"),
+    ("daemon", "settle_seconds", "-inf", "finite"),
+    ("daemon", "stop_grace_seconds", "86401", "less than or equal to 86400"),
+    ("daemon", "events_max_bytes", "100", "greater than or equal to 4096"),
+    ("daemon", "events_max_bytes", str(2**41), "less than or equal to"),
+    ("daemon", "events_keep", "0", "greater than or equal to 1"),
+    ("forge", "retry_backoff_seconds", "-0.5", "greater than or equal to 0"),
+    ("forge", "retry_backoff_seconds", "inf", "finite"),
+    ("forge", "stage_timeout_seconds", "0", "greater than 0"),
+    ("forge", "stage_timeout_seconds", str(30 * 86400 + 1), "less than or equal to 2592000"),
+    ("forge", "part_memory_gb", "0", "greater than 0"),
+    ("forge", "part_memory_gb", "-8", "greater than 0"),
+    ("forge", "part_memory_gb", "nan", "finite"),
+    ("storage.hot", "min_free_gb", "inf", "finite"),
+])
+def test_out_of_range_and_non_finite_values_are_refused(tmp_path, section, key, value, says):
+    msg = refused(tmp_path, f"[{section}]\n{key} = {value}\n")
+    assert f"key {section}.{key}: " in msg and says in msg
+    assert f"(got {float(value)!r})" in msg or f"(got {value})" in msg
+    assert "factory_node.toml.example" in msg
+
+
+def test_the_edges_of_each_range_are_accepted(tmp_path):
+    cfg = load(tmp_path, "[daemon]\nheartbeat_interval_seconds = 0.05\nrescan_seconds = 3600\n"
+                         "settle_seconds = 0\nstop_grace_seconds = 86400\nevents_max_bytes = 4096\n"
+                         "[forge]\nretry_backoff_seconds = 86400\nstage_timeout_seconds = 2592000\n"
+                         "part_memory_gb = 0.5\n")
+    assert cfg.daemon.heartbeat_interval_seconds == 0.05 and cfg.forge.stage_timeout_seconds == 30 * 86400
+    assert cfg.forge.part_memory_gb == 0.5
+    assert NodeConfig().forge.part_memory_gb is None  # default: 90% of physical RAM, applied by the daemon
+
+
+def test_sentinel_ai_key_names_are_aliases(tmp_path):
+    cfg = load(tmp_path, '[storage.hot]\nread_mb_per_sec = 3000\nwrite_mb_per_sec = 2000.5\n'
+                         '[[storage.cold]]\npath = "/mnt/cold0"\nread_mb_per_sec = 250\nwrite_mb_s = 200\n'
+                         'name = "nas-cold"\npurpose = "evicted work dirs\\tand offloaded layers"\n')
+    assert (cfg.storage.hot.read_mb_s, cfg.storage.hot.write_mb_s) == (3000.0, 2000.5)
+    cold = cfg.storage.cold[0]
+    assert (cold.read_mb_s, cold.write_mb_s, cold.name) == (250.0, 200.0, "nas-cold")
+    assert cold.purpose == "evicted work dirs\tand offloaded layers"
+    assert ColdTier(path=Path("/x")).name is None and ColdTier(path=Path("/x")).purpose is None
+
+
+def test_an_alias_error_names_the_key_as_written(tmp_path):
+    msg = refused(tmp_path, '[[storage.cold]]\npath = "/c"\nwrite_mb_per_sec = -1\n')
+    assert "key storage.cold[0].write_mb_per_sec: " in msg and "(got -1)" in msg
+
+
+def test_both_spellings_of_one_setting_are_refused(tmp_path):
+    msg = refused(tmp_path, '[[storage.cold]]\npath = "/c"\nwrite_mb_s = 1\nwrite_mb_per_sec = 2\n')
+    assert "key storage.cold[0]: " in msg and "write_mb_s and write_mb_per_sec are the same setting" in msg
+    assert "'/c'" not in msg  # the section's raw content is not echoed
+
+
+@pytest.mark.parametrize("line, key", [
+    ('name = "bad\\u001b[31m"', "storage.cold[0].name"),  # a terminal escape, shown by status
+    (f'name = "{"n" * 65}"', "storage.cold[0].name"),
+    ('name = ""', "storage.cold[0].name"),
+    (f'purpose = "{"p" * 501}"', "storage.cold[0].purpose"),
+    ("name = 3", "storage.cold[0].name"),
+])
+def test_bad_tier_labels_are_refused(tmp_path, line, key):
+    msg = refused(tmp_path, f'[[storage.cold]]\npath = "/c"\n{line}\n')
+    assert f"key {key}: " in msg
+    assert "\x1b" not in msg and len(msg) < 400  # escaped and short
+
+
+def test_a_hot_tier_has_no_label_keys(tmp_path):
+    assert "key storage.hot.name: " in refused(tmp_path, '[storage.hot]\nname = "x"\n')
+
+
+def _leaf_keys(model: type[BaseModel]) -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        inner = field.annotation
+        args = getattr(inner, "__args__", ())
+        nested = [t for t in (inner, *args) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if nested:
+            keys |= _leaf_keys(nested[0])
+        else:
+            keys.add(name)
+    return keys
+
+
+def test_the_example_loads_and_documents_every_key(tmp_path):
+    cfg = load(tmp_path, EXAMPLE.read_text())
+    assert cfg.storage.cold[0].name == "nas-cold"
+    text = EXAMPLE.read_text()
+    for key in _leaf_keys(NodeConfig) | _leaf_keys(ColdTier):
+        assert re.search(rf"^#? ?{key} = ", text, re.M), f"{key} is not in {EXAMPLE.name}"
+    for alias in ("read_mb_per_sec", "write_mb_per_sec"):
+        assert alias in text
+
+
+def test_commands_refuse_a_spinning_config_with_exit_78(root):
+    (root / "factory_node.toml").write_text("[daemon]\nrescan_seconds = 1e-9\n")
+    r = factory("status", root=root)
+    assert r.returncode == 78
+    assert "key daemon.rescan_seconds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
