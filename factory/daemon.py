@@ -245,7 +245,11 @@ class Daemon:
         else:
             claimed = self._next_part(now)
             if claimed is not None:
-                self._start(*claimed)
+                try:
+                    self._start(*claimed)
+                except Exception:
+                    self._unclaim(claimed[0])
+                    raise  # reported by the loop, which pauses before the next try
                 return False
             if self.mode == "until-empty" and not self.line.parts("intake"):
                 return True
@@ -404,6 +408,17 @@ class Daemon:
         fd = os.open(work / CHILD_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
                      durable.file_mode_for(work))
         return os.fdopen(fd, "ab")
+
+    def _unclaim(self, part: Part) -> None:
+        """A claimed part that could not start (even its record could not be
+        written: a full disk) goes back to intake by renames alone, so it is
+        never stranded in assembly/; the next scan tries it again."""
+        if self.child is not None or not os.path.lexists(part.path):
+            return
+        try:
+            transitions.release(self.line, part, reason="could not start it (see the daemon/error event)")
+        except (FactoryError, OSError):
+            log.exception("could not put %s back in intake", part.path.name)
 
     def _unstartable(self, part: Part, work: Path, err: OSError) -> None:
         """The part's work dir cannot be made: wait for room, or set it aside."""

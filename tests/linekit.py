@@ -6,13 +6,19 @@ deadline (a deadline is a hang guard, not a timing assertion).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
+import pytest
 
 from factory.events import read_events
 from factory.line import Line
@@ -109,3 +115,81 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60)
 
 def line(root: Path) -> Line:
     return Line(root)
+
+
+# -- hostile-environment helpers (tests/test_daemon_hardening.py, tests/test_chaos_hostile.py) --
+
+# The only codes `factory run` may exit with (README, factory/errors.py):
+# clean stop, root held by a live worker, unusable root, bad node config.
+DAEMON_EXIT_CODES = frozenset({0, 4, 5, 78})
+
+
+def start_logged_daemon(root: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """`factory run` with its output in a file: a pipe nobody reads fills
+    up (64 KiB) and blocks a daemon that logs tracebacks."""
+    e = dict(os.environ, **(env or {}))
+    e.pop("NOTIFY_SOCKET", None)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "factory.cli", "run", "--root", str(root), *extra],
+                                stdout=out, stderr=subprocess.STDOUT, env=e)
+
+
+def drop_by_rename(root: Path, name: str, data: bytes) -> Path:
+    """Hand-drop a complete file into intake/ the way the consumer contract
+    allows: written beside the root (same filesystem), then one rename(2)."""
+    staging = root.parent / f".{root.name}.drops"
+    staging.mkdir(exist_ok=True)
+    tmp = staging / name
+    tmp.write_bytes(data)
+    dst = root / "line" / "intake" / name
+    os.rename(tmp, dst)
+    return dst
+
+
+@contextmanager
+def tmpfs(path: Path, *, size: str, required: bool = True) -> Iterator[bool]:
+    """A real tmpfs mounted at `path` (we run as root), lazily unmounted
+    afterwards. Where mounting is not allowed: skip the test, or with
+    required=False yield False and let the test skip just its disk phase."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        if required:
+            pytest.skip(f"cannot mount a tmpfs at {path}: {r.stderr.strip() or r.returncode}")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(directory: Path, name: str = "filler.bin") -> Path:
+    """Write a file in `directory` until its filesystem says ENOSPC; returns it."""
+    filler = directory / name
+    chunk = b"\0" * (1 << 16)
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+    try:  # the last partial pages, so not even a small write fits
+        with open(filler, "ab", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 512)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+    return filler
+
+
+def child_pids(pid: int) -> list[int]:
+    """Pids of the processes a daemon started (its parts' children)."""
+    try:
+        return [k.pid for k in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
