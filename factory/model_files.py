@@ -7,20 +7,30 @@ bytes, not a guess from the repo name. So this module reads only
 ``config.json``, ``model.safetensors.index.json`` and each safetensors
 header (an 8-byte little-endian length, then that many bytes of JSON) and
 never touches tensor data, torch or transformers.
+
+A checkpoint directory is other people's input, so every file read here is
+checked first (``checked_file``): a FIFO would block ``open`` forever, a
+device could be endless, a symlink could lead anywhere on the node. And
+``check_model_dir`` is the one verdict on a model directory that both
+``factory plan`` and the stations' loader act on, so a model the plan would
+refuse is never loaded (with randomly initialised layers) by a part.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
+from adapters.registry import family_for_config
 from adapters.schema import Family, template_regex
-from factory.errors import CheckpointError  # noqa: F401 - re-exported
+from factory.errors import CheckpointError, UnknownArchitectureError  # noqa: F401 - re-exported
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,6 +39,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """The safetensors format's own cap on header size; larger means corrupt."""
+
+MAX_JSON_BYTES = 64 * 1024 * 1024
+"""Cap on config.json and the index: real ones are KBs (a 1T-parameter
+model's index is a few MB); a bigger file is not a checkpoint's, and is not
+read into memory."""
+
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 DTYPE_BYTES: dict[str, float] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -81,26 +99,106 @@ class CheckpointInfo:
         return 2 * self.param_count
 
 
+# -- safe opening ----------------------------------------------------------
+def _allowed_dirs(model_dir: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's files may really live: the model directory and,
+    for a Hugging Face cache snapshot (<repo>/snapshots/<commit>/), the
+    repo's blobs/ its files link into."""
+    real = Path(os.path.realpath(model_dir))
+    if real.parent.name == "snapshots":
+        return real, real.parent.parent / "blobs"
+    return (real,)
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not regular is, in words; None for a regular file."""
+    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _real_inside(path: Path, model_dir: Path) -> Path:
+    """The real path behind `path`, refused if a symlink leads out of the
+    model directory (and its HF blobs)."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(d) for d in _allowed_dirs(model_dir)):
+        raise CheckpointError(path, f"is a symlink to {real}, outside the model directory {model_dir}",
+                              "copy the file into the model directory: a checkpoint must not point elsewhere "
+                              "on the node")
+    return real
+
+
+def checked_file(path: Path, *, model_dir: Path) -> Path:
+    """The real path of checkpoint file `path`, refused (CheckpointError,
+    naming the file, what it is and the fix) unless it is a regular file
+    inside `model_dir`. lstat first: nothing is opened to find out what it
+    is. FileNotFoundError when there is no such file."""
+    mode = os.lstat(path).st_mode
+    real = path
+    if stat.S_ISLNK(mode):
+        real = _real_inside(path, model_dir)
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError as err:
+            raise CheckpointError(path, f"is a dangling symlink (to {real})", "finish the download") from err
+    kind = _kind(mode)
+    if kind is not None:
+        raise CheckpointError(path, f"is {kind}, not a regular file",
+                              "replace it with the real file (re-download or re-save the checkpoint)")
+    return real
+
+
+def open_checked(path: Path, *, model_dir: Path) -> BinaryIO:
+    """`path` opened for reading after `checked_file` accepted it."""
+    real = checked_file(path, model_dir=model_dir)
+    # RACE: the file can be swapped between the check and the open. O_NONBLOCK
+    # keeps a FIFO put there meanwhile from blocking the open, O_NOFOLLOW
+    # refuses a symlink, and fstat checks what was actually opened.
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    kind = _kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise CheckpointError(path, f"is {kind}, not a regular file", "replace it with the real file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_json(path: Path, *, model_dir: Path) -> Any:
+    """A checkpoint JSON file, read only if it is a regular file of at most
+    MAX_JSON_BYTES. ValueError if it is not JSON."""
+    with open_checked(path, model_dir=model_dir) as fh:
+        raw = fh.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(path, f"is over {MAX_JSON_BYTES // 2**20} MiB, far more than any real checkpoint's",
+                              "replace it with the checkpoint's own file")
+    return json.loads(raw)
+
+
 # -- reading --------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+def read_safetensors_header(path: Path, *, model_dir: Path | None = None) -> dict[str, TensorMeta]:
     """Tensor metadata of one safetensors file; reads only its header.
 
-    Every tensor's byte range is checked against the file size and against
-    shape x dtype, so a truncated download fails here, not mid-load.
+    The file must be regular and inside `model_dir` (default: its own
+    directory), and its header at most MAX_HEADER_BYTES. Every tensor's byte
+    range is checked against the file size and against shape x dtype, so a
+    truncated download fails here, not mid-load.
     """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+    with open_checked(path, model_dir=model_dir or path.parent) as fh:
+        size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(8)
         if len(prefix) < 8:
             raise CheckpointError(path, "shorter than a safetensors header", "re-download the file")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(path, f"header length {header_len} is over the safetensors limit of "
+                                        f"{MAX_HEADER_BYTES} bytes", "the file is corrupt or not safetensors; "
+                                                                      "re-download it")
+        if header_len > size - 8:
             raise CheckpointError(path, f"header length {header_len} is impossible for a {size}-byte file",
                                   "the file is corrupt or not safetensors; re-download it")
         try:
             header = json.loads(fh.read(header_len))
         except ValueError as err:
             raise CheckpointError(path, f"header is not JSON ({err})", "re-download the file") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "header is not a JSON object", "re-download the file")
     data_bytes = size - 8 - header_len
     return {name: _tensor_meta(path, name, entry, data_bytes)
             for name, entry in header.items() if name != "__metadata__"}
@@ -124,9 +222,11 @@ def _tensor_meta(path: Path, name: str, entry: dict[str, Any], data_bytes: int) 
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / CONFIG_FILE
+    path = Path(model_dir) / CONFIG_FILE
     try:
-        config = json.loads(path.read_text())
+        config = _read_json(path, model_dir=Path(model_dir))
+    except CheckpointError:  # a ValueError too, and already says what is wrong
+        raise
     except FileNotFoundError as err:
         raise CheckpointError(path, "missing", "a Hugging Face checkpoint needs its config.json") from err
     except ValueError as err:
@@ -138,14 +238,22 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 def _read_index(model_dir: Path) -> dict[str, Any] | None:
     path = model_dir / INDEX_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        index = json.loads(path.read_text())
+        index = _read_json(path, model_dir=model_dir)
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise CheckpointError(path, "has no valid weight_map", "fix or re-download the index") from err
+    for name, file in weight_map.items():
+        if not (isinstance(file, str) and file.endswith(".safetensors") and Path(file).name == file
+                and not file.startswith(".")):
+            raise CheckpointError(path, f"weight_map[{name!r}] = {file!r} is not a shard file name in the model "
+                                        "directory", "fix or re-download the index (shards are "
+                                                     "'model-00001-of-0000N.safetensors' beside it)")
     return index
 
 
@@ -154,7 +262,9 @@ def inspect_checkpoint(model_dir: Path) -> CheckpointInfo:
     checkpoint, from headers only.
 
     With an index, exactly the shards it names are read (a directory may
-    hold stale shards) and every indexed tensor must be in its shard.
+    hold stale shards) and every indexed tensor must be in its shard. A
+    shard that is not a regular file inside the directory is refused before
+    it is opened (`checked_file`).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -166,9 +276,9 @@ def inspect_checkpoint(model_dir: Path) -> CheckpointInfo:
     tensors: dict[str, TensorMeta] = {}
     for name in files:
         path = model_dir / name
-        if not path.exists():
+        if not os.path.lexists(path):
             raise CheckpointError(path, f"listed in {INDEX_FILE} but missing", "finish the download")
-        tensors.update(read_safetensors_header(path))
+        tensors.update(read_safetensors_header(path, model_dir=model_dir))
     if index is not None:
         _check_index_matches(model_dir, index, tensors)
     by_dtype: dict[str, int] = defaultdict(int)
@@ -352,6 +462,11 @@ def check_geometry(info: CheckpointInfo, family: Family) -> list[str]:
     if sanity:
         return sanity
     problems = _Problems()
+    if info.config.get("quantization_config"):
+        # Pre-quantised weights (bitsandbytes, GPTQ, ...) are packed into
+        # shapes the config does not describe; only the layers can be counted.
+        _check_layers(info, family, problems)
+        return problems.messages()
     _check_embeddings(info, family, problems)
     _check_layers(info, family, problems)
     _check_attention(info, family, problems)
@@ -462,3 +577,131 @@ def _check_routers(info: CheckpointInfo, family: Family, problems: _Problems) ->
             elif meta.shape[0] != experts:
                 problems.add("router:shape", f"router tensor {name} has {meta.shape[0]} rows, "
                                              f"config {_key(family, 'expert_count')}={experts}")
+
+
+# -- the verdict the plan and the loader both act on --------------------------
+Step = Literal["config", "family", "sanity", "files", "weights", "checkpoint", "geometry"]
+SANITY_FIX = "fix config.json or re-download the checkpoint; a hostile config must not size allocations"
+GEOMETRY_FIX = ("the config and the weights come from different models; re-download or re-save them together "
+                "(transformers would fill what is missing with random weights)")
+
+
+@dataclass(frozen=True)
+class ModelProblem:
+    """One reason a model directory is refused, phrased to follow the
+    directory's name (the plan puts it after $.source.baseModel, the loader
+    after the path)."""
+
+    step: Step  # the check that found it (see check_model_dir)
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.problem}; fix: {self.fix}"
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What `check_model_dir` found; `config`, `family` and `info` are filled
+    as far as the checks got."""
+
+    model_dir: Path
+    config: dict[str, Any] | None
+    family: Family | None
+    info: CheckpointInfo | None
+    problems: tuple[ModelProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def config_sane(self) -> bool:
+        """config.json is readable, of a known family and plausible."""
+        return self.family is not None and not any(p.step == "sanity" for p in self.problems)
+
+
+def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> ModelCheck:
+    """Every check that can refuse a model directory from its files alone, in
+    order, stopping at the first step that fails:
+
+    1. ``config``/``family``: config.json is a readable JSON object of a
+       registered family;
+    2. ``sanity``: its geometry is plausible (an absurd config is refused
+       before a single header is read);
+    3. ``files``: no FIFO, socket or device among the directory's entries
+       (transformers opens them by name and would block) and no symlink
+       out of it;
+    4. ``weights``: safetensors weights, or pickled ones if `allow_pickle`;
+    5. ``checkpoint``: every shard's header is readable and in range;
+    6. ``geometry``: config.json and the tensors agree (layer count,
+       attention shapes, experts, routers): a config with more layers than
+       the files would otherwise load with randomly initialised layers.
+
+    Reads config.json, the index and the headers only; never torch.
+    """
+    model_dir = Path(model_dir)
+    try:
+        config = read_config(model_dir)
+        family = family_for_config(config)
+    except CheckpointError as err:
+        return ModelCheck(model_dir, None, None, None, (ModelProblem(
+            "config", f"the checkpoint's {CONFIG_FILE} is unusable: {err}", "fix or re-download the checkpoint"),))
+    except UnknownArchitectureError as err:
+        return ModelCheck(model_dir, config, None, None, (ModelProblem(
+            "family", f"its {CONFIG_FILE} says model_type {err.name!r}, for which no family is registered "
+                      f"(known: {', '.join(err.known)})",
+            "use a checkpoint of a known family, or add a family JSON under adapters/families/"),))
+    sanity = [ModelProblem("sanity", f"refused from {CONFIG_FILE} before reading tensors: {p}", SANITY_FIX)
+              for p in check_config_sanity(config, family)]
+    problems = sanity or _entry_problems(model_dir) or _weight_problems(model_dir, allow_pickle=allow_pickle)
+    if problems:
+        return ModelCheck(model_dir, config, family, None, tuple(problems))
+    try:
+        info = inspect_checkpoint(model_dir)
+    except CheckpointError as err:
+        return ModelCheck(model_dir, config, family, None, (ModelProblem(
+            "checkpoint", f"the checkpoint is unreadable: {err}", "re-download or re-save the checkpoint"),))
+    geometry = check_geometry(info, family) if info.tensors else []  # pickled weights: no headers to compare
+    return ModelCheck(model_dir, config, family, info, tuple(
+        ModelProblem("geometry", f"{CONFIG_FILE} and the tensors on disk disagree: {p}", GEOMETRY_FIX)
+        for p in geometry))
+
+
+def _entry_problems(model_dir: Path) -> list[ModelProblem]:
+    """Special files and escaping symlinks among the directory's entries."""
+    problems = []
+    for entry in sorted(model_dir.iterdir()):
+        try:
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                mode = os.stat(_real_inside(entry, model_dir)).st_mode
+        except CheckpointError as err:
+            problems.append(ModelProblem("files", f"{err.path}: {err.problem}", "copy the file into the model "
+                                         "directory: a checkpoint must not point elsewhere on the node"))
+            continue
+        except FileNotFoundError:  # a dangling link; a shard's is reported by its header read
+            continue
+        kind = None if stat.S_ISDIR(mode) else _kind(mode)
+        if kind is not None:
+            problems.append(ModelProblem("files", f"{entry}: is {kind}, not a regular file (opening it would "
+                                                  "block or read without end)",
+                                         "remove it, or replace it with the real file"))
+    return problems
+
+
+def _weight_problems(model_dir: Path, *, allow_pickle: bool) -> list[ModelProblem]:
+    names = [p.name for p in model_dir.iterdir()]
+    if INDEX_FILE in names or any(n.endswith(".safetensors") for n in names):
+        return []
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles and allow_pickle:
+        return []
+    if pickles:
+        return [ModelProblem("weights", f"holds only pickled weights ({', '.join(pickles[:3])}); loading them "
+                                        "runs arbitrary code, so no station reads them",
+                             "convert the checkpoint to safetensors on a trusted machine (transformers: "
+                             "`model.save_pretrained(dir, safe_serialization=True)`), use a revision that ships "
+                             "*.safetensors, or set [forge] allow_pickle_weights = true in factory_node.toml "
+                             "if you trust the source")]
+    return [ModelProblem("weights", "holds no *.safetensors weights", "finish the download or copy the weight shards")]

@@ -245,7 +245,7 @@ def load_texts(ctx: StageContext, params: TrainParams) -> TextData:
     """Distillation prefers a pinned calibration corpus; else the dataset."""
     if params.mode == "compensation" and any(ctx.stage.get(k) for k in CORPUS_FILE_KEYS + CORPUS_ID_KEYS):
         c = corpus_mod.resolve(ctx, file_keys=CORPUS_FILE_KEYS, id_keys=CORPUS_ID_KEYS)
-        return TextData(c.ref, str(c.path), c.sha256, corpus_mod.read_texts(c))
+        return TextData(c.ref, str(c.path), c.sha256, list(corpus_mod.read_texts(c)))
     for key in ("dataset", "trainingDataset", "calibrationDataset"):
         if ctx.stage.get(key):
             return _dataset(ctx, key, str(ctx.stage[key]))

@@ -123,13 +123,11 @@ def _router_hook(stats: LayerStats, layer: int):
 def _blocks(ctx: StageContext, tokenizer: Any, corpus: corpora.Corpus) -> list[list[int]]:
     """Token blocks within the budget: calibrationExamples documents at most,
     calibrationTokens tokens at most, sequenceLength tokens per block."""
-    texts = corpora.read_texts(corpus)
     examples = stage_field(ctx, "calibrationExamples")
-    if examples:
-        texts = texts[: int(examples)]
     budget = int(stage_field(ctx, "calibrationTokens", default=DEFAULT_TOKENS))
     block = int(stage_field(ctx, "sequenceLength", "sequence_length", default=DEFAULT_SEQUENCE_LENGTH))
-    blocks = list(corpora.token_blocks(tokenizer, texts, block=block, budget=budget))
+    blocks = corpora.read_blocks(tokenizer, corpus, block=block, budget=budget,
+                                 documents=int(examples) if examples else None)
     if not blocks:
         raise StageFailed(f"corpus {corpus.path} gave no tokens; give the profile a non-empty corpus")
     return blocks

@@ -1,20 +1,35 @@
 """The manifest-to-live-model check, run in a fresh process:
 
-    python -m stations.smoke MODEL_DIR
+    python -m stations.smoke MODEL_DIR [--root ROOT] [--base BASE]
 
-Loads the directory with stock `from_pretrained` (no code of ours on the
-path between the files and the model), runs one forward pass on a probe text
-and prints one JSON line. A saved model passes when its logits are finite,
-its best next-token log-probability is above MIN_MAX_LOGPROB (a model that
-puts no token above e^-20 has garbage weights) and its distribution is not
-uniform (a zeroed or collapsed head gives the same logit everywhere).
+Loads the directory with stock `from_pretrained` the way this node's load
+plan says (stations/loader.py `decide`: the same checks, strategy, dtype and
+device a part's stations would use, so a 19B model is reloaded in bf16 or
+streamed, never blindly in fp32 on the CPU, and a model that fits nowhere is
+refused, not OOM-killed), runs one forward pass on a probe text and prints
+one JSON line. `--root` reads that root's factory_node.toml (its cold tier,
+pickle and remote-code settings; without it the defaults apply, which never
+offload to disk); `--base` names the part whose offload folder a streaming
+load may spill into.
+
+A saved model passes when its logits are finite, its best next-token
+log-probability is above MIN_MAX_LOGPROB (a model that puts no token above
+e^-20 has garbage weights) and its distribution is not uniform (a zeroed or
+collapsed head gives the same logit everywhere).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
+from pathlib import Path
+
+from factory.errors import StageFailed
+from factory.load_plan import NodeMemory
+from factory.nodeconfig import NodeConfig, load_node_config
+from factory.protocol import Layout
 
 PROBE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
 MIN_MAX_LOGPROB = -20.0
@@ -22,27 +37,47 @@ MIN_MAX_LOGPROB = -20.0
 UNIFORM_MARGIN_NATS = 1e-3
 
 
-def check(model_dir: str) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
+def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str | None = None,
+          memory: NodeMemory | None = None) -> dict:
+    """Reload `model_dir` as the load plan says and probe it. Raises
+    StageFailed when the plan refuses the model (before loading anything).
+    `memory` defaults to the node's free memory now."""
+    from stations.loader import decide, from_pretrained_kwargs, offload_folder
 
+    config = config or NodeConfig()
+    decision = decide(Path(model_dir), config=config, memory=memory)
+    offload = None
+    if decision.plan.offload_folder_needed:
+        if base is None:
+            raise StageFailed(f"the load plan for {model_dir} streams part of it from disk, and no part base "
+                              "names its offload folder; pass --base")
+        offload = offload_folder(decision, config, base)
+    import torch
     import transformers
 
-    from adapters import family_for_config
-
-    config = AutoConfig.from_pretrained(model_dir).to_dict()
-    auto = getattr(transformers, family_for_config(config).auto_class)
-    model = auto.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    auto = getattr(transformers, decision.family.auto_class)
+    kwargs = {**from_pretrained_kwargs(decision, config.forge, offload=offload), "use_safetensors": True}
+    model = auto.from_pretrained(model_dir, **kwargs)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(PROBE, return_tensors="pt")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.forge.trust_remote_code)
+    ids = {k: v.to(decision.device) for k, v in tok(PROBE, return_tensors="pt").items()}
     with torch.no_grad():
         logits = model(**ids).logits[0].float()  # (T, V)
+    result = _verdict(logits)
+    result["load"] = {"strategy": decision.plan.strategy, "dtype": decision.dtype, "device": decision.device,
+                      "reason": decision.plan.reason}
+    return result
+
+
+def _verdict(logits) -> dict:
+    """The probe's numbers and problems from its (T, V) float logits."""
+    import torch
+
     logprobs = torch.log_softmax(logits, dim=-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)  # (T,)
     vocab = logits.shape[-1]
     result = {
-        "tokens": int(ids["input_ids"].shape[1]),
+        "tokens": int(logits.shape[0]),
         "vocab": int(vocab),
         "finite": bool(torch.isfinite(logits).all()),
         "max_logprob": float(logprobs[-1].max()),
@@ -61,9 +96,15 @@ def check(model_dir: str) -> dict:
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stations.smoke")
+    parser.add_argument("model_dir")
+    parser.add_argument("--root", help="factory root whose factory_node.toml applies")
+    parser.add_argument("--base", help="the part's base name (its offload folder)")
+    args = parser.parse_args(argv)
     try:
-        result = check(sys.argv[1])
+        config = load_node_config(Layout(Path(args.root)).node_config) if args.root else NodeConfig()
+        result = check(args.model_dir, config=config, base=args.base)
     except Exception as err:  # noqa: BLE001 - any failure to load is the finding
         result = {"ok": False, "problems": [f"{type(err).__name__}: {err}"]}
     print(json.dumps(result))

@@ -1,9 +1,14 @@
-"""factory.model_files: header-only reads, measured bytes, sanity and geometry."""
+"""factory.model_files: header-only reads, measured bytes, sanity and geometry,
+refusal of files that are not what they claim, and the shared model verdict."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -14,12 +19,15 @@ from safetensors import safe_open
 
 from adapters import get_family
 from factory.model_files import (
+    MAX_JSON_BYTES,
     MAX_PARAMS,
     CheckpointError,
     check_config_sanity,
     check_geometry,
+    check_model_dir,
     estimate_params_from_config,
     inspect_checkpoint,
+    read_config,
     read_safetensors_header,
 )
 
@@ -217,3 +225,191 @@ def test_missing_expert_is_a_gap(tiny_model, tmp_path: Path) -> None:
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     problems = check_geometry(inspect_checkpoint(model_dir), get_family("qwen3_moe"))
     assert any("layer 0 experts on disk are not 0..N-1: [0, 2, 3]" in p for p in problems), problems
+
+
+# -- files that are not what they claim: refused before they are opened -------
+@pytest.fixture
+def hang_guard():
+    """Turn a blocked open() (a FIFO read with no writer) into a test failure
+    after 30 s instead of a suite that never ends."""
+    def on_alarm(signum, frame):
+        raise TimeoutError("blocked: a checkpoint file was opened that should have been refused")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _make_special(path: Path, kind: str, tmp_path: Path) -> None:
+    """Put a FIFO, a directory, a socket or an escaping symlink at `path`."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    else:  # a symlink to a real shard outside the model directory
+        outside = tmp_path / "elsewhere.safetensors"
+        outside.write_bytes(b"\0" * 16)
+        path.symlink_to(outside)
+
+
+SPECIAL = [("fifo", "is a FIFO (named pipe), not a regular file"), ("directory", "is a directory, not a regular file"),
+           ("socket", "is a socket, not a regular file"), ("symlink-out", "outside the model directory")]
+
+
+@pytest.mark.parametrize(("kind", "message"), SPECIAL, ids=[k for k, _ in SPECIAL])
+def test_shard_that_is_not_a_regular_file_is_refused(tiny_model, tmp_path: Path, hang_guard, kind: str,
+                                                       message: str) -> None:
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    shard = model_dir / "model.safetensors"
+    _make_special(shard, kind, tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        inspect_checkpoint(model_dir)
+    assert err.value.path == shard
+    check = check_model_dir(model_dir)
+    assert not check.ok and check.info is None and message in str(check.problems[0])
+
+
+def test_indexed_shard_as_fifo_is_refused(tiny_model, tmp_path: Path, hang_guard) -> None:
+    model_dir = _copy(tiny_model("qwen3_moe", max_shard_size="20KB"), tmp_path)
+    victim = sorted(model_dir.glob("*.safetensors"))[1]
+    victim.unlink()
+    os.mkfifo(victim)
+    with pytest.raises(CheckpointError, match="is a FIFO") as err:
+        inspect_checkpoint(model_dir)
+    assert err.value.path == victim
+
+
+def test_config_and_index_that_are_fifos_are_refused(tiny_model, tmp_path: Path, hang_guard) -> None:
+    model_dir = _copy(tiny_model("qwen3_moe", max_shard_size="20KB"), tmp_path)
+    index = model_dir / "model.safetensors.index.json"
+    saved = index.read_bytes()
+    index.unlink()
+    os.mkfifo(index)
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: is a FIFO"):
+        inspect_checkpoint(model_dir)
+    index.unlink()
+    index.write_bytes(saved)
+    (model_dir / "config.json").unlink()
+    os.mkfifo(model_dir / "config.json")
+    with pytest.raises(CheckpointError, match=r"config.json: is a FIFO"):
+        inspect_checkpoint(model_dir)
+    assert check_model_dir(model_dir).problems[0].step == "config"
+
+
+def test_symlinks_inside_the_model_dir_are_followed(tiny_model, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    (model_dir / "model.safetensors").rename(model_dir / "weights.bin.real")
+    (model_dir / "model.safetensors").symlink_to("weights.bin.real")
+    assert check_model_dir(model_dir).ok
+
+
+def test_index_naming_a_file_outside_the_dir_is_refused(tiny_model, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_model("qwen3_moe", max_shard_size="20KB"), tmp_path)
+    index = model_dir / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = "../../etc/model.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"weight_map\[.*\] = '../../etc/model.safetensors' is not a shard"):
+        inspect_checkpoint(model_dir)
+
+
+def test_header_length_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
+    """A length prefix of 2**63 (or anything over 100 MB) is refused from the
+    prefix alone, even where the file is large enough (a sparse 200 MB file)."""
+    path = tmp_path / "claims.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    with pytest.raises(CheckpointError, match="over the safetensors limit of 104857600 bytes"):
+        read_safetensors_header(path)
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as f:
+        f.write(struct.pack("<Q", 150 * 2**20))
+        f.truncate(200 * 2**20)
+    with pytest.raises(CheckpointError, match="over the safetensors limit"):
+        read_safetensors_header(big)
+
+
+def test_oversized_config_is_not_read(tiny_model, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    with (model_dir / "config.json").open("r+b") as f:
+        f.truncate(MAX_JSON_BYTES + 1)  # sparse: no 64 MiB written
+    with pytest.raises(CheckpointError, match="config.json: is over 64 MiB"):
+        read_config(model_dir)
+
+
+def test_special_file_beside_the_weights_is_refused(tiny_model, tmp_path: Path, hang_guard) -> None:
+    """transformers opens tokenizer files by name: a FIFO there would block a part."""
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    os.mkfifo(model_dir / "tokenizer.json")
+    check = check_model_dir(model_dir)
+    assert [p.step for p in check.problems] == ["files"]
+    assert "tokenizer.json: is a FIFO (named pipe)" in str(check.problems[0])
+
+
+def test_plan_refuses_a_fifo_shard_without_hanging(tiny_model, tmp_path: Path) -> None:
+    """`factory plan` in its own process: exit 2 with the file and what it is,
+    well inside the timeout (a blocked open would run into it)."""
+    from tests.linekit import make_root, write_alloy
+
+    root = make_root(tmp_path / "root")
+    model_dir = Path(shutil.copytree(tiny_model("llama"), root / "models" / "llama"))
+    (model_dir / "model.safetensors").unlink()
+    os.mkfifo(model_dir / "model.safetensors")
+    alloy = write_alloy(root / "fifo.alloy.json", {
+        "name": "fifo", "version": "1.0.0", "source": {"baseModel": "models/llama", "architecture": "llama"},
+        "stages": [{"type": "selftest", "seconds": 0}]})
+    proc = subprocess.run([sys.executable, "-m", "factory.cli", "plan", str(alloy), "--root", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{model_dir / 'model.safetensors'}: is a FIFO (named pipe)" in proc.stdout, proc.stdout
+
+
+# -- the verdict shared by plan and loader -------------------------------------
+def test_check_model_dir_refuses_more_layers_than_on_disk(tiny_model, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_model("qwen3_moe"), tmp_path)
+    _edit_config(model_dir, num_hidden_layers=4)
+    check = check_model_dir(model_dir)
+    assert check.problems[0].step == "geometry" and check.config_sane and check.info is not None
+    assert "config num_hidden_layers=4 but layers [2, 3] are not on disk" in check.problems[0].problem
+    assert "random weights" in check.problems[0].fix
+
+
+@pytest.mark.parametrize(("edit", "step"), [
+    (lambda d: _edit_config(d, hidden_size=10**7), "sanity"),
+    (lambda d: _edit_config(d, model_type="gpt-neo-x", architectures=None), "family"),
+    (lambda d: (d / "model.safetensors").unlink(), "weights"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 7), "checkpoint"),
+])
+def test_check_model_dir_stops_at_the_first_failing_step(tiny_model, tmp_path: Path, edit, step: str) -> None:
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    edit(model_dir)
+    check = check_model_dir(model_dir)
+    assert {p.step for p in check.problems} == {step}
+    assert check.info is None
+
+
+def test_pickle_only_weights_pass_only_when_allowed(tiny_model, tmp_path: Path) -> None:
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "pytorch_model.bin").write_bytes(b"not really")
+    refused = check_model_dir(model_dir)
+    assert refused.problems[0].step == "weights" and "allow_pickle_weights" in refused.problems[0].fix
+    assert check_model_dir(model_dir, allow_pickle=True).ok
+
+
+def test_prequantised_checkpoint_checks_layers_only(tiny_model, tmp_path: Path) -> None:
+    """bitsandbytes saves packed uint8 weights whose shapes are not the
+    config's; the layer count is still checked."""
+    model_dir = _copy(tiny_model("llama"), tmp_path)
+    _edit_config(model_dir, num_attention_heads=2, num_key_value_heads=1,
+                 quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    assert check_model_dir(model_dir).ok
+    _edit_config(model_dir, num_hidden_layers=3)
+    assert "layers [2] are not on disk" in str(check_model_dir(model_dir).problems[0])

@@ -173,3 +173,22 @@ def test_dense_model_and_changed_corpus_are_refused(root: Path) -> None:
 
     with pytest.raises(StageFailed, match="sha256"):
         run_stage(ctx)
+
+
+def test_a_corpus_line_longer_than_memory_wants_is_profiled_within_the_budget(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MB document on one line, read by the streaming parser (its
+    whole-line limit lowered so a small file takes that path): the profile
+    sees exactly the budget's tokens, from the start of that document."""
+    from stations import corpus as corpora
+
+    monkeypatch.setattr(corpora, "WHOLE_LINE_BYTES", 64 * 1024)
+    rel = "calibration/one-long-line.jsonl"
+    doc = "".join(_doc(i) for i in range(40_000))
+    (root / rel).write_text(json.dumps({"id": "long", "text": doc, "source": "generated"}) + "\n")
+    model = moe_model(root, "qwen3_moe")
+    a = alloy(root, model, "qwen3_moe", profile_stage())
+    a["calibrationCorpora"] = [{"id": "calib", "path": rel, "sha256": sha256_file(root / rel)}]
+    entries, reports = run_stages(root, a, base="prof-long")
+    assert len(doc) > 4 * 2**20 and entries[0]["metrics"]["tokens"] == TOKENS
+    assert len(reports.progress()) == TOKENS // SEQ

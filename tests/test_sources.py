@@ -1,5 +1,6 @@
 """factory.sources: local dirs stay inside the root or a cold tier; repo ids
-resolve from a real (temporary) Hugging Face cache layout, never the network.
+resolve from a real (temporary) Hugging Face cache layout, never the network,
+and a snapshot's symlinks into the cache's blobs/ pass the model checks.
 
 Every call passes `offline` and `cache_dir` explicitly except the one test
 that checks the defaults, which runs in a subprocess with HF_HUB_OFFLINE=1.
@@ -7,8 +8,10 @@ that checks the defaults, which runs in a subprocess with HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from factory.alloy import Source
-from factory.errors import BadInput
+from factory.errors import BadInput, CheckpointError
+from factory.model_files import check_model_dir, inspect_checkpoint
 from factory.nodeconfig import NodeConfig
 from factory.sources import (
     ResolvedSource,
@@ -141,6 +145,48 @@ def test_repo_found_in_cache_offline(root: Path, tmp_path: Path) -> None:
     assert resolved == ResolvedSource(kind="hub", path=snapshot, repo_id="acme/tiny-llama", revision="main",
                                       commit=COMMIT, cached=True)
     assert resolved.to_json()["path"] == str(snapshot)
+
+
+def _cache_with_blobs(cache: Path, repo_id: str, model_dir: Path) -> Path:
+    """The layout huggingface_hub really writes: each snapshot file a relative
+    symlink into the repo's blobs/ (named by content hash)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(model_dir.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def test_cached_snapshot_links_into_blobs_are_read(root: Path, tmp_path: Path, tiny_model) -> None:
+    """Shards that are symlinks into the repo's blobs/ are the cache's normal
+    shape, not an escape: the model checks read them like local files."""
+    cache = tmp_path / "hub"
+    snapshot = _cache_with_blobs(cache, "acme/tiny-llama", tiny_model("llama"))
+    resolved = _resolve("acme/tiny-llama", root, cache=cache)
+    assert resolved.path == snapshot and (snapshot / "model.safetensors").is_symlink()
+    check = check_model_dir(resolved.path)
+    assert check.ok, check.problems
+    assert check.info.total_bytes == inspect_checkpoint(tiny_model("llama")).total_bytes
+
+
+def test_cached_snapshot_link_out_of_the_repo_is_refused(root: Path, tmp_path: Path, tiny_model) -> None:
+    cache = tmp_path / "hub"
+    snapshot = _cache_with_blobs(cache, "acme/tiny-llama", tiny_model("llama"))
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(tiny_model("llama") / "model.safetensors", elsewhere)
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(elsewhere)
+    check = check_model_dir(_resolve("acme/tiny-llama", root, cache=cache).path)
+    assert [p.step for p in check.problems] == ["files"]
+    assert f"is a symlink to {elsewhere}, outside the model directory" in str(check.problems[0])
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        inspect_checkpoint(snapshot)
 
 
 def test_pinned_revision(root: Path, tmp_path: Path) -> None:

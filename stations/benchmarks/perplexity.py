@@ -50,7 +50,7 @@ def _blocks(job: BenchJob) -> dict:
     model_max = getattr(job.loaded.model.config, "max_position_embeddings", None) or DEFAULT_BLOCK
     block = int(option(job, "evalBlockSize", "blockSize", default=min(DEFAULT_BLOCK, model_max)))
     budget = int(option(job, "evalTokens", default=DEFAULT_TOKEN_BUDGET))
-    blocks = list(corpora.token_blocks(tok, corpora.read_texts(corpus), block=block, budget=budget))
+    blocks = corpora.read_blocks(tok, corpus, block=block, budget=budget)
     if not any(len(b) > 1 for b in blocks):
         raise StageFailed(f"corpus {corpus.path} gives fewer than 2 tokens; perplexity needs real text")
     job.shared.update(blocks=blocks, corpus=corpus, block=block,
