@@ -26,24 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters import Family, UnknownArchitectureError, family_for_config, get_family
+from adapters import Family, UnknownArchitectureError, get_family
 from factory.alloy import MOE_STAGE_TYPES, Alloy, CalibrationCorpus, ExpertPruneStage, LoraStage, Stage
 from factory.integrity import alloy_hash, sha256_file
 from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
-from factory.model_files import (
-    CONFIG_FILE,
-    PICKLE_SUFFIXES,
-    CheckpointError,
-    CheckpointInfo,
-    check_config_sanity,
-    check_geometry,
-    inspect_checkpoint,
-    read_config,
-)
+from factory.model_files import CONFIG_FILE, CheckpointInfo, check_model_dir
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
-from factory.sources import SELFTEST, ResolvedSource, SourceError, resolve_source
-from factory.sources import inside_root_or_cold, looks_local
+from factory.sources import SELFTEST, ResolvedSource, SourceError, inside_root_or_cold, looks_local, resolve_source
 from factory.stages import registered_stage_types
 from factory.tiers import Tier, node_tiers
 from factory.validation import Finding, PathEscapeError, check_file, excerpt, resolve_inside
@@ -388,21 +378,18 @@ def _check_corpus_file(ctx: _Context, where: str, rel: str, sha256: str | None, 
                                            f"intended, set {sha_where} to \"sha256:{actual}\"")
 
 
-def check_model_config(ctx: _Context) -> Iterator[Finding]:
-    """The resolved model has a readable config.json of a registered family."""
+def check_model_dir_files(ctx: _Context) -> Iterator[Finding]:
+    """The resolved model directory passes factory.model_files.check_model_dir:
+    the same verdict the part process reaches before it loads anything
+    (config of a known family, plausible geometry, no special files, safetensors
+    weights, readable headers that agree with config.json)."""
     if ctx.source is None or ctx.source.path is None:
         return
-    try:
-        ctx.model_config = read_config(ctx.source.path)
-        ctx.model_family = family_for_config(ctx.model_config)
-    except CheckpointError as err:
-        yield _finding(SOURCE_PATH, ctx.base_model, f"the checkpoint's {CONFIG_FILE} is unusable: {err}",
-                       "fix or re-download the checkpoint")
-    except UnknownArchitectureError as err:
-        problem = (f"its {CONFIG_FILE} says model_type {err.name!r}, for which no family is registered "
-                   f"(known: {', '.join(err.known)})")
-        yield _finding(SOURCE_PATH, ctx.base_model, problem, "use a checkpoint of a known family, or add a "
-                                                             "family JSON under adapters/families/")
+    check = check_model_dir(ctx.source.path, allow_pickle=ctx.config.forge.allow_pickle_weights)
+    ctx.model_config, ctx.model_family, ctx.info = check.config, check.family, check.info
+    ctx.config_sane, ctx.weights_ok = check.config_sane, check.info is not None
+    for p in check.problems:
+        yield _finding(SOURCE_PATH, ctx.base_model, p.problem, p.fix)
 
 
 def check_architecture_agrees(ctx: _Context) -> Iterator[Finding]:
@@ -414,53 +401,6 @@ def check_architecture_agrees(ctx: _Context) -> Iterator[Finding]:
                f"{ctx.model_config.get('model_type')!r} (family {ctx.model_family.name!r})")
     yield _finding(ARCH_PATH, arch, problem, f"set source.architecture to {ctx.model_family.name!r}, or point "
                                              f"baseModel at a {ctx.family.name} checkpoint")
-
-
-def check_config_plausible(ctx: _Context) -> Iterator[Finding]:
-    """Absurd or inconsistent geometry is refused from config.json alone,
-    before a single tensor header is read."""
-    if ctx.model_config is None or ctx.model_family is None:
-        return
-    problems = check_config_sanity(ctx.model_config, ctx.model_family)
-    ctx.config_sane = not problems
-    for problem in problems:
-        yield _finding(SOURCE_PATH, ctx.base_model, f"refused from {CONFIG_FILE} before reading tensors: {problem}",
-                       "fix config.json or re-download the checkpoint; a hostile config must not size allocations")
-
-
-def check_weight_files(ctx: _Context) -> Iterator[Finding]:
-    """Weights are safetensors; pickled weights alone are refused."""
-    if not ctx.config_sane:
-        return
-    names = [p.name for p in ctx.source.path.iterdir()]
-    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-    ctx.weights_ok = any(n.endswith(".safetensors") for n in names)
-    if ctx.weights_ok:
-        return
-    if pickles:
-        problem = (f"holds only pickled weights ({', '.join(pickles[:3])}); loading them runs arbitrary code, "
-                   "so no station reads them")
-        fix = ("convert the checkpoint to safetensors on a trusted machine (transformers: "
-               "`model.save_pretrained(dir, safe_serialization=True)`) or use a revision that ships *.safetensors")
-    else:
-        problem, fix = "holds no *.safetensors weights", "finish the download or copy the weight shards"
-    yield _finding(SOURCE_PATH, ctx.base_model, problem, fix)
-
-
-def check_checkpoint(ctx: _Context) -> Iterator[Finding]:
-    """Tensor headers are readable and agree with config.json's geometry."""
-    if not ctx.weights_ok:
-        return
-    try:
-        info = inspect_checkpoint(ctx.source.path)
-    except CheckpointError as err:
-        yield _finding(SOURCE_PATH, ctx.base_model, f"the checkpoint is unreadable: {err}",
-                       "re-download or re-save the checkpoint")
-        return
-    ctx.info = info
-    for problem in check_geometry(info, ctx.model_family):
-        yield _finding(SOURCE_PATH, ctx.base_model, f"{CONFIG_FILE} and the tensors on disk disagree: {problem}",
-                       "the config and the weights come from different models; re-download or re-save them together")
 
 
 def check_declared_geometry(ctx: _Context) -> Iterator[Finding]:
@@ -621,11 +561,8 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     check_stage_support,
     check_source,
     check_calibration_corpora,
-    check_model_config,
+    check_model_dir_files,
     check_architecture_agrees,
-    check_config_plausible,
-    check_weight_files,
-    check_checkpoint,
     check_declared_geometry,
     check_moe_stages,
     check_load_plan,

@@ -124,8 +124,11 @@ def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
     )
 
 
-def _smoke(model_dir: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir)], capture_output=True,
+def _smoke(ctx: StageContext, model_dir: Path) -> dict:
+    """Reload in a fresh process through this node's load plan (its config
+    and cold tier), never in fp32 regardless of size."""
+    proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(ctx.layout.root),
+                           "--base", ctx.work_dir.name], capture_output=True,
                           text=True, timeout=SMOKE_TIMEOUT_SECONDS)
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,7 +171,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     ctx.progress(3, 4, "step")
     # 4. the live-model check, in a fresh process
     ctx.stop_point()
-    smoke = _smoke(out)
+    smoke = _smoke(ctx, out)
     ctx.progress(4, 4, "step")
     if not smoke.get("ok"):
         raise StageFailed(f"saved model does not reload: {'; '.join(smoke.get('problems', []))} ({out})")
