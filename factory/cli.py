@@ -121,8 +121,9 @@ def _printable(value: object) -> str:
     """Event text for a terminal: control characters escaped, never raw."""
     from factory.durable import dumps_json
 
-    text = value if isinstance(value, str) else dumps_json(value, indent=None)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    from factory.errors import printable
+
+    return printable(value if isinstance(value, str) else dumps_json(value, indent=None))
 
 
 def _fmt_event(ev: dict) -> str:

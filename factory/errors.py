@@ -9,6 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The most characters of untrusted text (an alloy's value, a file's bytes) a
+# message repeats; the rest is cut and marked with "…".
+EXCERPT_CHARS = 80
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` with unprintable characters escaped (a message never carries a
+    raw control character to a terminal or a log), cut to `limit`."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """`value` as short, escaped text for a message: its repr (control and
+    other unprintable characters escaped), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class FactoryError(Exception):
     """Base class: an expected failure with a one-line message."""
@@ -94,7 +113,7 @@ class PathEscapeError(BadInput):
         self.json_path, self.value, self.root = json_path, value, root
         self.resolved, self.reason = resolved, reason
         super().__init__(
-            f"{json_path}: path {value!r} {reason} and leaves {str(root)!r} (resolves to {str(resolved)!r}); "
+            f"{json_path}: path {excerpt(value)} {reason} and leaves {str(root)!r} (resolves to {excerpt(str(resolved))}); "
             f"fix: use a relative path inside {str(root)!r}"
         )
 
@@ -121,7 +140,7 @@ class SourceError(BadInput):
 
     def __init__(self, *, value: str, problem: str, fix: str, json_path: str = "$.source.baseModel") -> None:
         self.json_path, self.value, self.problem, self.fix = json_path, value, problem, fix
-        super().__init__(f"{json_path} = {value!r}: {problem}; fix: {fix}")
+        super().__init__(f"{json_path} = {excerpt(value)}: {problem}; fix: {fix}")
 
 
 class SourceOutsideRoot(SourceError):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from factory import heartbeat as hb
+from factory.errors import printable
 from factory.line import Line
 from factory.protocol import STATIONS
 from factory.tiers import node_tiers
@@ -24,8 +25,7 @@ def _text(value: Any) -> str | None:
     """A heartbeat string fit to print: printable, bounded; None otherwise."""
     if not isinstance(value, str):
         return None
-    clean = "".join(c if c.isprintable() else "?" for c in value[:_TEXT_LIMIT])
-    return clean + ("..." if len(value) > _TEXT_LIMIT else "")
+    return printable(value, _TEXT_LIMIT)
 
 
 def _number(value: Any) -> float | int | None:

@@ -55,7 +55,7 @@ from factory.alloy import (
     Stage,
 )
 from factory.integrity import alloy_hash, model_hash
-from factory.errors import PathEscapeError  # noqa: F401 - re-exported
+from factory.errors import EXCERPT_CHARS, PathEscapeError, excerpt, printable  # noqa: F401 - PathEscapeError, excerpt re-exported
 from factory.protocol import ALLOY_SUFFIX, MAX_ALLOY_BYTES, MAX_BASE_CHARS, check_base
 
 Level = Literal["parse", "schema", "plan"]
@@ -69,9 +69,6 @@ ALLOY_FILE_SUFFIX = ".json"
 # largest in the published corpus ~20 KB, the largest example ~260 KB); 4 MiB
 # leaves room for long provenance and results, while bounding what one drop
 # costs the gate: parsed JSON takes ~30x its size in memory.
-# The most characters of the alloy's own text a finding repeats (a value, a
-# key in a JSON path); the rest is cut and marked with "…".
-EXCERPT_CHARS = 80
 # Of a file that is not valid JSON, only this much is quoted at the error:
 # the file may be anything a symlink pointed at, and line and column already
 # locate the problem.
@@ -105,20 +102,6 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".a
 # ── public types ────────────────────────────────────────────────────────────
 
 
-def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
-    """`value` as short, escaped text for a message: its repr (control and
-    other unprintable characters escaped), cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _printable(text: str, limit: int) -> str:
-    """`text` with unprintable characters escaped and cut to `limit`."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _finding_value(value: object) -> object:
     """What a Finding stores as its value: JSON scalars as they are, a short
     printable string as it is, anything else as its `excerpt`."""
@@ -148,9 +131,9 @@ class Finding:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value", _finding_value(self.value))
-        object.__setattr__(self, "path", _printable(self.path, MESSAGE_CHARS))
-        object.__setattr__(self, "message", _printable(self.message, MESSAGE_CHARS))
-        object.__setattr__(self, "fix", _printable(self.fix, MESSAGE_CHARS))
+        object.__setattr__(self, "path", printable(self.path, MESSAGE_CHARS))
+        object.__setattr__(self, "message", printable(self.message, MESSAGE_CHARS))
+        object.__setattr__(self, "fix", printable(self.fix, MESSAGE_CHARS))
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message} (got {excerpt(self.value)}); fix: {self.fix}"

@@ -292,8 +292,8 @@ def calibration_scores(ctx: StageContext, model_dir: Path, family: Family, geo: 
     meters = {layer: ContributionMeter(geo.heads, geo.head_dim) for layer in geo.layers}
     handles = [m.register_forward_pre_hook(meters[layer])
                for layer, m in _o_proj_modules(loaded.model, family, geo.layers).items()]
-    blocks = list(corpus_mod.token_blocks(loaded.tokenizer, corpus_mod.read_texts(corpus),
-                                          block=CALIBRATION_BLOCK_TOKENS, budget=steps * CALIBRATION_BLOCK_TOKENS))
+    blocks = corpus_mod.read_blocks(loaded.tokenizer, corpus, block=CALIBRATION_BLOCK_TOKENS,
+                                    budget=steps * CALIBRATION_BLOCK_TOKENS)
     if not blocks:
         raise StageFailed(f"corpus {corpus.path} yields no tokens; give it text")
     try:

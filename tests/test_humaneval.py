@@ -12,6 +12,9 @@ Scoring all 7 files x 164 problems takes about 40 s on 2 cores.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -120,14 +123,42 @@ def test_score_samples_completion_style_subset_and_pass_at_1(problems, tmp_path)
     assert (only.passed, only.total) == (1, 1)
 
 
-@pytest.mark.parametrize("line, match", [("not json", r"s\.jsonl:1: not JSON"),
-                                         ('{"task_id": "HumanEval/999", "completion": ""}', "not a HumanEval"),
-                                         ('{"task_id": "HumanEval/0"}', "neither 'solution'")])
+@pytest.mark.parametrize("line, match", [
+    ("not json", r"s\.jsonl:2: not JSON"),
+    ('{"task_id": "HumanEval/999", "completion": ""}', "s\\.jsonl:2: task_id 'HumanEval/999' is not a HumanEval"),
+    ('{"task_id": "HumanEval/0"}', "neither 'solution'"),
+    ('{"task_id": ["HumanEval/0"], "completion": ""}', r"s\.jsonl:2: task_id \['HumanEval/0'\] has type list, not str"),
+    ('{"task_id": {"a": 1}, "completion": ""}', r"s\.jsonl:2: task_id \{'a': 1\} has type dict, not str"),
+    ('{"task_id": 0, "completion": ""}', r"s\.jsonl:2: task_id 0 has type int, not str"),
+    ('{"completion": ""}', r"s\.jsonl:2: task_id None has type NoneType, not str"),
+    ('["HumanEval/0"]', r"s\.jsonl:2: \['HumanEval/0'\] is not a JSON object"),
+    ('{"task_id": "' + "x" * 5000 + '", "completion": ""}', r"task_id 'x+\.\.\. is not a HumanEval"),
+])
 def test_bad_samples_files_name_the_line(tmp_path, line, match):
     path = tmp_path / "s.jsonl"
-    path.write_text(line + "\n")
-    with pytest.raises(BadInput, match=match):
+    path.write_text('{"task_id": "HumanEval/0", "completion": "    return True\\n"}\n' + line + "\n")
+    with pytest.raises(BadInput, match=match) as caught:
         score_samples(path)
+    assert len(str(caught.value)) < 300  # an excerpt of the bad value, not all of it
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), -1, 0, 600.5, "3s"])
+def test_unusable_timeouts_are_refused_before_anything_runs(tmp_path, problems, timeout):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(_canonical(problems["HumanEval/0"])) + "\n")
+    with pytest.raises(BadInput, match=rf"timeout {re.escape(repr(timeout))} is not a usable time limit; "
+                                       r"give seconds with 0 < timeout <= 600"):
+        score_samples(path, timeout=timeout)
+
+
+def test_the_cli_reports_a_bad_timeout_in_one_line(tmp_path, problems):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(_canonical(problems["HumanEval/0"])) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "factory.cli", "score", "humaneval", str(path), "--timeout", "inf"],
+                          capture_output=True, text=True)
+    assert proc.returncode == BadInput.exit_code
+    assert proc.stderr == ("factory score: timeout inf is not a usable time limit; "
+                           "give seconds with 0 < timeout <= 600\n")
 
 
 def test_truncate_at_the_first_stop_sequence():

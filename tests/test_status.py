@@ -79,7 +79,7 @@ def test_odd_fields_of_a_fresh_heartbeat_are_dropped_not_fatal(root, capsys):
     w = status.gather(Line(root))["worker"]
     assert w["stale"] is False and w["state"] == "building"
     assert (w["part"], w["stage"], w["progress"], w["stalled"], w["eta_s"]) == (None, None, None, None, None)
-    assert w["host"] == "h?[2Jx"  # no terminal escape reaches the screen
+    assert w["host"] == "h\\x1b[2Jx"  # escaped: no terminal escape reaches the screen
     write_beat(root, beat(stage={"index": "0", "type": 5, "started_at": 3},
                           progress={"done": 1, "total": 4, "unit": 9}))
     snap = status.gather(Line(root))

