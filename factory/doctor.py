@@ -109,5 +109,16 @@ def run_checks(root: Path) -> list[Check]:
         checks.append(Check("line", "ok", f"{line.layout.line}: stations on one filesystem"))
     except FactoryError as err:
         checks.append(Check("line", "fail", str(err)))
-    checks += [_inotify(), _systemd()]
+    checks += [_inotify(), _systemd(), _sandbox()]
     return checks
+
+
+def _sandbox() -> Check:
+    """Benchmarks that execute generated code (HumanEval) need the OS
+    sandbox; without it they are refused at plan time, so say so here."""
+    from stations.sandbox import sandbox_available  # stdlib only, no torch
+
+    why = sandbox_available()
+    if why is None:
+        return Check("code sandbox", "ok", "user, pid, mount and network namespaces available")
+    return Check("code sandbox", "warn", f"generated code cannot run here (HumanEval refused): {why}")
