@@ -24,10 +24,12 @@ from factory.checkpoint import Checkpoint, hash_outputs
 from factory.errors import StopRequested
 from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
-from factory.outcomes import EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, classify
+from factory.outcomes import (
+    EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, NO_ROOM_CAUSE, classify,
+)
 from factory.protocol import CLAIMED_ALLOY, FAILURE_TEXT, Layout, parse_part
 from factory.stages import StageContext, load_stage, write_report_line
-from factory.tiers import offload_dir
+from factory.tiers import free_bytes_at, offload_dir
 
 _PR_SET_PDEATHSIG = 1
 _stop = False
@@ -59,17 +61,27 @@ def _peak_vram_mb() -> float | None:
     return round(peak, 1)
 
 
-def _failure_report(err: BaseException, info: dict, work_dir: Path) -> dict:
+def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: Path) -> dict:
     """The `failed` report: class from factory.outcomes.classify; a message
-    too long for error.json is kept whole in work/<base>/failure.txt."""
+    too long for error.json is kept whole in work/<base>/failure.txt. On a
+    full disk the stage's partial output (redone anyway) is removed first,
+    then the free space is measured: the part waits until there is more."""
     verdict = classify(err)
     message = str(err) or type(err).__name__
     tb = traceback.format_exc()
+    free = None
+    if verdict.no_room_path is not None or verdict.cause.startswith(NO_ROOM_CAUSE):
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        free = free_bytes_at(Path(verdict.no_room_path or work_dir))
     if len(message) > MAX_MESSAGE_CHARS:
-        (work_dir / FAILURE_TEXT).write_text(f"{message}\n\n{tb}", encoding="utf-8", errors="replace")
+        try:
+            (work_dir / FAILURE_TEXT).write_text(f"{message}\n\n{tb}", encoding="utf-8", errors="replace")
+        except OSError:
+            pass  # a full disk: error.json keeps the capped message
     return {"t": "failed", **info, "class": verdict.cls, "cause": verdict.cause,
-            "no_room_path": verdict.no_room_path, "message": message, "exception": type(err).__name__,
-            "traceback": tb}
+            "no_room_path": verdict.no_room_path, "free_bytes": free, "message": message,
+            "exception": type(err).__name__, "traceback": tb}
+
 
 
 def _drop_offload(config, base: str) -> None:
@@ -114,7 +126,7 @@ def run_part(layout: Layout, filename: str, report) -> int:
             report({"t": "stopped", **info})
             return EXIT_STOPPED
         except BaseException as err:  # noqa: BLE001 - every failure is reported, then classified
-            failure = _failure_report(err, info, work_dir)
+            failure = _failure_report(err, info, work_dir, stage_dir)
             report(failure)
             return EXIT_INFRA if failure["class"] == "infrastructure" else EXIT_FAILED
         finally:

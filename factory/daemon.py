@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from factory.protocol import (
     CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, MAX_ALLOY_BYTES, TICKET, parse_part,
 )
 from factory.sdnotify import Notifier
+from factory.tiers import free_bytes_at, usage_at
 
 GiB = 2**30
 
@@ -100,6 +100,7 @@ class Running:
     completed: list[dict] = field(default_factory=list)
     stalled: bool = False  # the child is stopped (SIGSTOP): not making progress
     budget_rss: int = 0  # the RSS that broke the memory budget, when killed for it
+    failure_reported: bool = False  # stage/failed emitted (routing may be retried)
 
 
 class _Wake(FileSystemEventHandler):
@@ -224,7 +225,7 @@ class Daemon:
                 pause = ERROR_PAUSE_SECONDS[0]
             except Exception as err:  # noqa: BLE001 - one bad file or a full disk must not stop the line
                 self._survive(err, where="main loop")
-                self._wait(pause)
+                self._pause(pause)
                 pause = min(2 * pause, ERROR_PAUSE_SECONDS[1])
 
     def _turn(self) -> bool:
@@ -275,6 +276,13 @@ class Daemon:
         if self.notifier.watchdog_interval:
             waits.append(self.next_watchdog - now)
         return max(0.0, min(waits))
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep `seconds` whatever wakes us (our own failing writes on a
+        full disk make inotify events), unless a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and (left := deadline - time.monotonic()) > 0:
+            self._wait(left)
 
     def _wait(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
@@ -426,7 +434,7 @@ class Daemon:
             stage = {"type": "start", "index": None}
             transitions.wait_for_room(self.line, part, stage=stage, path=str(self.line.layout.work),
                                       message=f"cannot write {work}: {err.strerror}",
-                                      free_bytes=_free_bytes(self.line.layout.work))
+                                      free_bytes=free_bytes_at(self.line.layout.work) or 0)
             return
         rec = error_record({"type": "start", "index": None}, "deterministic",
                            f"cannot use {work} as this part's work dir ({err.strerror or err}); move whatever is "
@@ -628,9 +636,11 @@ class Daemon:
             self._infra(ch, f"the part's process was killed by {name}{hint}")
         elif rc == EXIT_INFRA and (failure.get("cause") or "").startswith(NO_ROOM_CAUSE):
             path = failure.get("no_room_path") or str(line.layout.work_dir(part.base))
-            line.events.emit("stage/failed", part.base, stage=stage, failure_class="infrastructure",
+            free = failure.get("free_bytes")  # measured by the child when the disk filled
+            self._stage_failed(ch, stage=stage, failure_class="infrastructure",
                              message=self._message(ch, failure["message"]))
-            transitions.wait_for_room(line, part, stage=stage, path=path, free_bytes=_free_bytes(Path(path)),
+            transitions.wait_for_room(line, part, stage=stage, path=path,
+                                      free_bytes=free if isinstance(free, int) else free_bytes_at(Path(path)) or 0,
                                       message=self._message(ch, failure["message"]))
         elif rc == EXIT_INFRA and failure:
             cause = failure.get("cause")
@@ -658,11 +668,17 @@ class Daemon:
             f"the part's process exited with code {rc} without reporting why; "
             f"see {line.layout.work_dir(part.base) / CHILD_LOG}"))
         ev_stage = stage or {"index": failure.get("index"), "type": failure.get("type")}
-        line.events.emit("stage/failed", part.base, stage=ev_stage, failure_class="deterministic",
+        self._stage_failed(ch, stage=ev_stage, failure_class="deterministic",
                          message=message)
         rec = error_record(ev_stage, "deterministic", message, retries=part.name.retry,
                            tb=failure.get("traceback"), exception=failure.get("exception"))
         transitions.rework(line, part, rec)
+
+    def _stage_failed(self, ch: Running, **payload) -> None:
+        """The stage/failed event, once per run even when routing is retried."""
+        if not ch.failure_reported:
+            ch.failure_reported = True
+            self.line.events.emit("stage/failed", ch.part.base, **payload)
 
     def _message(self, ch: Running, message: str) -> str:
         """A failure message short enough for error.json and events; the
@@ -670,7 +686,7 @@ class Daemon:
         return cap_message(str(message), full_text_at=str(self.line.layout.work_dir(ch.part.base) / FAILURE_TEXT))
 
     def _infra(self, ch: Running, message: str, tb: str | None = None) -> None:
-        self.line.events.emit("stage/failed", ch.part.base, stage=ch.stage,
+        self._stage_failed(ch, stage=ch.stage,
                               failure_class="infrastructure", message=message)
         transitions.infrastructure_failure(self.line, ch.part, stage=ch.stage, message=message, tb=tb)
 
@@ -736,29 +752,19 @@ def _memory_budget(cfg) -> int:
     return int(gb * GiB) if gb else int(0.9 * psutil.virtual_memory().total)
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(_existing(Path(path))).free
-    except OSError:
-        return 0
-
-
 def _has_room(room: dict) -> bool:
     """Has the filesystem that filled up (room["path"]) gained room since?
     Enough means ROOM_MARGIN_BYTES more free than when the part stopped."""
-    try:
-        usage = shutil.disk_usage(_existing(Path(room["path"])))
-    except OSError:
+    usage = usage_at(Path(room["path"]))
+    if usage is None:
         return False
     low, high = ROOM_MARGIN_BYTES
     margin = min(high, max(low, usage.total // 16))
-    return usage.free >= int(room.get("free_bytes") or 0) + margin
+    # The free space recorded when it filled, never more than half the
+    # filesystem: a figure taken late (after room came back) must not make
+    # the part wait for space that cannot exist.
+    then = min(int(room.get("free_bytes") or 0), usage.total // 2)
+    return usage.free >= then + margin
 
 
 def run(root: Path, *, mode: Mode = "forever") -> int:

@@ -137,3 +137,22 @@ def offload_dir(config: NodeConfig, base: str) -> Path | None:
     if not config.storage.cold:
         return None
     return Path(config.storage.cold[0].path) / OFFLOAD_DIR / base
+
+
+def usage_at(path: Path):
+    """shutil.disk_usage of the filesystem a write under `path` just failed
+    on (ENOSPC), measured at its nearest existing ancestor (the failed file
+    may not exist), or None. For the waiting-for-room rule, never for a
+    configured tier: a tier whose path is missing is a problem (see measure)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path)
+    except OSError:
+        return None
+
+
+def free_bytes_at(path: Path) -> int | None:
+    usage = usage_at(path)
+    return None if usage is None else usage.free

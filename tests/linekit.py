@@ -119,11 +119,6 @@ def line(root: Path) -> Line:
 
 # -- hostile-environment helpers (tests/test_daemon_hardening.py, tests/test_chaos_hostile.py) --
 
-# The only codes `factory run` may exit with (README, factory/errors.py):
-# clean stop, root held by a live worker, unusable root, bad node config.
-DAEMON_EXIT_CODES = frozenset({0, 4, 5, 78})
-
-
 def start_logged_daemon(root: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """`factory run` with its output in a file: a pipe nobody reads fills
     up (64 KiB) and blocks a daemon that logs tracebacks."""

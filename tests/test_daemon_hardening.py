@@ -281,15 +281,23 @@ def test_alloy_edited_in_assembly_mid_run_finishes_as_claimed(root, tmp_path):
     assert factory("enqueue", str(src), root=root).returncode == 0
     log = tmp_path / "daemon.log"
     d = _serve(root, log)
+    running = root / "line/assembly/ed.alloy.json"
     try:
+        # First edit: the part's process is frozen as soon as it exists (it
+        # is still importing), so it cannot have read the file yet.
+        kid = _until(lambda: child_pids(d.pid), d, log, "ed's process to start")[0]
+        os.kill(kid, signal.SIGSTOP)
+        try:
+            running.write_text(json.dumps(selftest_alloy(stages=1, outcome="fail")))  # in place, same inode
+        finally:
+            os.kill(kid, signal.SIGCONT)
+        # Second edit while stage 0 runs: not even JSON now.
         _until(lambda: _first_stage_started(root, "ed"), d, log, "ed's stage 0 to start")
-        running = root / "line/assembly/ed.alloy.json"
-        # Rewritten in place (same inode): one stage, and one that fails.
-        running.write_text(json.dumps(selftest_alloy(stages=1, outcome="fail")))
+        running.write_text('{"stages": "gone"')
         assert _until(lambda: _terminal(root, "ed"), d, log, "ed to reach a terminal station") == "finished"
         result = json.loads((root / "line/finished/ed.result.json").read_text())
         assert result["alloy_sha256"].removeprefix("sha256:") == at_claim
-        assert [s["index"] for s in result["stages"]] == [0, 1]  # the claimed recipe ran, not the edit
+        assert [s["index"] for s in result["stages"]] == [0, 1]  # the claimed recipe ran, not an edit
         _good_part_finishes(root, tmp_path, d, log)
         _stop_cleanly(d, log)
     finally:
