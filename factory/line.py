@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,13 @@ class Line:
     # -- layout ---------------------------------------------------------------
 
     def create(self) -> None:
+        """Every directory of the layout, with the root's own permission
+        bits (never wider: files written there take their directory's)."""
+        mode = stat.S_IMODE(os.stat(self.root).st_mode)
         for d in self.layout.all_dirs():
-            d.mkdir(parents=True, exist_ok=True)
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, mode)  # mkdir's mode is cut by the umask; chmod is exact
         durable.fsync_dir(self.layout.line)
         durable.fsync_dir(self.root)
 

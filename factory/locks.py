@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from factory import durable
 from factory.errors import Conflict
 
 
 @contextmanager
 def held(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` for the duration of the block (blocking)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, durable.file_mode_for(path.parent))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -35,7 +36,7 @@ class WorkerLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, durable.file_mode_for(self.path.parent))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -55,3 +55,25 @@ def test_files_are_never_wider_than_their_directory(tmp_path):
     durable.append_line(closed / "events.jsonl", b"{}\n")
     for name in ("x.json", "events.jsonl"):
         assert stat.S_IMODE((closed / name).stat().st_mode) & 0o077 == 0, name
+
+
+def test_a_closed_root_keeps_its_line_files_closed(tmp_path):
+    """An operator who makes the root private (0700) gets private stations,
+    sidecars and events: nothing the line writes is wider than the root."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    os.chmod(root, 0o700)
+    subprocess.run([sys.executable, "-m", "factory.cli", "init", str(root)], check=True, capture_output=True)
+    alloy = tmp_path / "p.alloy.json"
+    alloy.write_text(json.dumps({"name": "p", "version": "1.0.0",
+                                 "source": {"baseModel": "selftest", "architecture": "selftest"},
+                                 "stages": [{"type": "selftest", "seconds": 0}]}))
+    subprocess.run([sys.executable, "-m", "factory.cli", "enqueue", str(alloy), "--root", str(root)],
+                   check=True, capture_output=True)
+    written = [p for p in root.rglob("*") if not p.is_symlink()]
+    assert any(p.name == "events.jsonl" for p in written) and any(p.name == "p.ticket.json" for p in written)
+    wide = [str(p) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not wide, wide
