@@ -111,19 +111,33 @@ def write_json(path: Path, obj: Any, *, overwrite: bool = True) -> None:
     write_bytes(path, (dumps_json(obj) + "\n").encode(), overwrite=overwrite)
 
 
-def read_regular(path: Path, *, limit: int = MAX_PROTOCOL_FILE_BYTES) -> bytes:
-    """The bytes of a regular file, refusing symlinks (never followed),
-    FIFOs, devices and directories, and files over `limit` bytes."""
+def _open_regular_fd(path: Path) -> int:
+    """An fd on `path` if it is a regular file: never through a symlink,
+    never blocking on a FIFO, never a device or directory."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise NotARegularFile(errno.ELOOP, "is a symbolic link (never followed)", str(path)) from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
+    return fd
+
+
+def open_regular(path: Path):
+    """A binary reader on a regular file (see _open_regular_fd), for logs
+    read in pieces."""
+    return os.fdopen(_open_regular_fd(path), "rb")
+
+
+def read_regular(path: Path, *, limit: int = MAX_PROTOCOL_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, refusing symlinks (never followed),
+    FIFOs, devices and directories, and files over `limit` bytes."""
+    fd = _open_regular_fd(path)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
         if st.st_size > limit:
             raise NotARegularFile(errno.EFBIG, f"is {st.st_size} bytes, over the {limit}-byte limit", str(path))
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -158,9 +172,11 @@ def move(src: Path, dst: Path) -> None:
 def append_line(path: Path, line: bytes) -> None:
     """Append one complete line and fsync it (O_APPEND: one write, no tearing
     between concurrent appenders for lines under PIPE_BUF)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                  file_mode_for(path.parent))
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # O_NONBLOCK: a FIFO without a reader fails, never blocks
+            raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
         view = memoryview(line)
         while view:  # a nearly full disk gives a short write before ENOSPC
             n = os.write(fd, view)

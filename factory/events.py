@@ -104,7 +104,7 @@ def _lines_backwards(path: Path, *, max_bytes: int | None = None) -> Iterator[tu
     the end (at most `max_bytes` of it), so a huge line costs reading it,
     never a wrong answer. A line over MAX_READ_LINE_BYTES is not held in
     memory: only its first _PREFIX_BYTES come, flagged oversized."""
-    with open(path, "rb") as f:
+    with durable.open_regular(path) as f:
         pos = end = f.seek(0, os.SEEK_END)
         head = b""  # the start of a line that begins further back
         oversized = False  # head was dropped: that line is too long to be an event
@@ -152,14 +152,14 @@ def _last_seq_of(path: Path, *, max_bytes: int | None = None) -> int | None:
             seq = _seq_of_line(raw, oversized)
             if seq is not None:
                 return seq
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:  # missing, or not a regular file (never followed nor read)
         return None
     return None
 
 
 def _ends_with_newline(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with durable.open_regular(path) as f:
             f.seek(-1, os.SEEK_END)
             return f.read(1) == b"\n"
     except (FileNotFoundError, OSError):
@@ -369,8 +369,9 @@ class EventLog:
 
 def _file_events(path: Path) -> Iterator[dict]:
     try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+        with durable.open_regular(path) as f:
+            data = f.read()
+    except OSError:  # missing, or not a regular file
         return
     for raw in data.split(b"\n"):
         ev = parse_event(raw)
@@ -435,8 +436,8 @@ def follow(path: Path, *, since: int = 0, poll: float = 0.2, keep: int = 5,
     while not stop():
         if f is None:
             try:
-                f = open(path, "rb")
-            except FileNotFoundError:
+                f = durable.open_regular(path)
+            except OSError:
                 time.sleep(poll)
                 continue
         before = last

@@ -119,7 +119,10 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 SKELETON = "/tmp"  # where the new root is built, in the new mount namespace only
-REPLACED = ("/tmp", "/dev", "/proc")  # the sandbox's own (or absent): no host path under them is bound
+REPLACED = ("/dev", "/proc")  # the sandbox's own (or absent): no host path under them is bound
+# The sandbox's writable tmpfs. An interpreter installed under it (a venv in
+# a CI checkout under /tmp) is bound back on top of it, read-only.
+WRITABLE = "/tmp"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -301,20 +304,25 @@ def _enter_root(limits: dict) -> None:
     SKELETON, make it the root, and cd to the writable /tmp."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
     # O_PATH handles first: the skeleton tmpfs covers SKELETON, which may hold a source.
-    binds = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in _bind_sources()}
+    sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in _bind_sources()}
     devices = {name: os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC) for name in DEVICES}
+    in_writable = {p: fd for p, fd in sources.items() if p.startswith(WRITABLE + "/")}
+    binds = {p: fd for p, fd in sources.items() if p not in in_writable}
     _mount("tmpfs", SKELETON, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     _make_skeleton(binds, devices)
-    for path, fd in binds.items():
-        _mount(f"/proc/self/fd/{fd}", SKELETON + path, None, MS_BIND | MS_REC)
+    _bind_all(binds)
     _read_only_tree(SKELETON)
     for name, fd in devices.items():  # after the read-only pass, which also sets nodev
         _mount(f"/proc/self/fd/{fd}", f"{SKELETON}/dev/{name}", None, MS_BIND)
-    for fd in (*binds.values(), *devices.values()):
-        os.close(fd)
-    _mount("tmpfs", SKELETON + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+    _mount("tmpfs", SKELETON + WRITABLE, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={limits['disk_bytes']},mode=1777")
-    _mount(SKELETON + "/tmp", SKELETON + "/dev/shm", None, MS_BIND)
+    _mount(SKELETON + WRITABLE, SKELETON + "/dev/shm", None, MS_BIND)
+    _make_mount_points(in_writable)
+    _bind_all(in_writable)
+    for path in in_writable:
+        _read_only_tree(SKELETON + path)
+    for fd in (*sources.values(), *devices.values()):
+        os.close(fd)
     os.chdir(SKELETON)
     _check("pivot_root", _libc.pivot_root(b".", b"."), ".", ".")  # the old root now sits on top of "/"
     _check("umount2", _libc.umount2(b".", MNT_DETACH), "old root")
@@ -329,22 +337,31 @@ def _bind_sources() -> list[str]:
     found = [p for p in (*SYSTEM_DIRS, *ETC_FILES) if os.path.lexists(p) and not os.path.islink(p)]
     found += [os.path.realpath(p) for p in python if p and os.path.isdir(p)]
     for path in found:
-        if path == "/" or any(path == top or path.startswith(top + "/") for top in REPLACED):
+        if path in ("/", WRITABLE) or any(path == top or path.startswith(top + "/") for top in REPLACED):
             raise OSError(errno.EINVAL, f"the interpreter's directory {path} is where the sandbox has its own "
                                         f"{', '.join(REPLACED)}; install Python (or the venv) elsewhere")
     outer = sorted(set(found))
     return [p for p in outer if not any(p.startswith(o.rstrip("/") + "/") for o in outer if o != p)]
 
 
-def _make_skeleton(binds: dict[str, int], devices: dict[str, int]) -> None:
-    """Mount points for every bind, the host's symlinks among SYSTEM_DIRS and
-    ETC_FILES (/bin -> usr/bin, /etc/localtime -> zoneinfo), /dev, /tmp."""
+def _bind_all(binds: dict[str, int]) -> None:
+    for path, fd in binds.items():
+        _mount(f"/proc/self/fd/{fd}", SKELETON + path, None, MS_BIND | MS_REC)
+
+
+def _make_mount_points(binds: dict[str, int]) -> None:
     for path in binds:
         if os.path.isdir(f"/proc/self/fd/{binds[path]}"):
             os.makedirs(SKELETON + path, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(SKELETON + path), exist_ok=True)
             open(SKELETON + path, "x").close()
+
+
+def _make_skeleton(binds: dict[str, int], devices: dict[str, int]) -> None:
+    """Mount points for every bind, the host's symlinks among SYSTEM_DIRS and
+    ETC_FILES (/bin -> usr/bin, /etc/localtime -> zoneinfo), /dev, /tmp."""
+    _make_mount_points(binds)
     for path in (*SYSTEM_DIRS, *ETC_FILES):
         if os.path.islink(path):
             os.makedirs(os.path.dirname(SKELETON + path), exist_ok=True)

@@ -387,3 +387,37 @@ def test_the_planner_hook_reports_the_probes_reason(monkeypatch):
 def test_time_limits_out_of_range_are_refused(bad):
     with pytest.raises(sandbox.BadInput, match=r"0 < timeout <= 600"):
         sandbox.run_program("pass", timeout=bad)
+
+
+def test_an_interpreter_under_tmp_is_bound_read_only_over_the_sandboxs_tmp(tmp_path):
+    """A checkout (and its venv) under /tmp, as on a CI machine: the sandbox
+    still runs, sees its interpreter read-only, and writes only its tmpfs."""
+    venv = Path("/tmp") / f"sandbox-venv-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                       check=True, capture_output=True)
+        probe = textwrap.dedent(f"""
+            import json, sys
+            from stations import sandbox
+            program = '''
+            import os, sys
+            assert sys.prefix == {str(venv)!r}, sys.prefix
+            try:
+                open(os.path.join(sys.prefix, "pwned"), "w")
+            except OSError:
+                pass
+            else:
+                raise SystemExit("wrote into the interpreter")
+            open("/tmp/mine", "w").write("ok")
+            '''
+            out = sandbox.run_program(program, timeout=10)
+            print(json.dumps({{"passed": out.verdict == sandbox.PASSED, "status": str(out)}}))
+        """)
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        proc = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1])["passed"] is True, proc.stdout
+        assert not (venv / "pwned").exists()
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
