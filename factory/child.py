@@ -61,7 +61,7 @@ def _peak_vram_mb() -> float | None:
     return round(peak, 1)
 
 
-def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: Path) -> dict:
+def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: Path | None) -> dict:
     """The `failed` report: class from factory.outcomes.classify; a message
     too long for error.json is kept whole in work/<base>/failure.txt. On a
     full disk the stage's partial output (redone anyway) is removed first,
@@ -71,7 +71,8 @@ def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: P
     tb = traceback.format_exc()
     free = None
     if verdict.no_room_path is not None or verdict.cause.startswith(NO_ROOM_CAUSE):
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        if stage_dir is not None:
+            shutil.rmtree(stage_dir, ignore_errors=True)
         free = free_bytes_at(Path(verdict.no_room_path or work_dir))
     if len(message) > MAX_MESSAGE_CHARS:
         try:
@@ -92,54 +93,65 @@ def _drop_offload(config, base: str) -> None:
 
 
 def run_part(layout: Layout, filename: str, report) -> int:
+    """Every stage not yet verified in the checkpoint, in order. Any failure,
+    in a station or in the line's own bookkeeping around it (a full disk
+    under the checkpoint), is reported and classified, never a bare exit."""
     config = load_node_config(layout.node_config)
     base = parse_part(filename).base
     work_dir = layout.work_dir(base)
-    # The bytes the daemon gated and hashed at claim, not the file in
-    # assembly/ (which someone may edit or delete while the part runs).
-    raw = (work_dir / CLAIMED_ALLOY).read_bytes()
-    alloy = json.loads(raw)
-    stages = alloy.get("stages", [])
-    types = [s.get("type") for s in stages]
-    raw_hash = alloy_hash(raw)
-    ckpt = Checkpoint.load(work_dir, raw_hash)
-    done = ckpt.verified_prefix(work_dir, types)
-    if done < len(ckpt.stages):
-        ckpt.truncate(done)
-        ckpt.save()
-    for i, stage in enumerate(stages):
-        info = {"index": i, "type": stage.get("type")}
-        if i < done:
-            report({"t": "stage_skipped", **info, "reason": "checkpoint verified"})
-            continue
-        report({"t": "stage_started", **info})
-        stage_dir = work_dir / "stages" / f"{i}-{stage.get('type')}"
-        shutil.rmtree(stage_dir, ignore_errors=True)  # a stage restarts from scratch
-        stage_dir.mkdir(parents=True)
-        ctx = StageContext(layout=layout, config=config, alloy=alloy, stage=stage, index=i,
-                           work_dir=work_dir, stage_dir=stage_dir, previous=list(ckpt.stages),
-                           report=report, stop_requested=lambda: _stop, alloy_hash=raw_hash)
-        t0 = time.monotonic()
-        try:
-            result = load_stage(stage.get("type"))(ctx)
-        except StopRequested:
-            report({"t": "stopped", **info})
-            return EXIT_STOPPED
-        except BaseException as err:  # noqa: BLE001 - every failure is reported, then classified
-            failure = _failure_report(err, info, work_dir, stage_dir)
-            report(failure)
-            return EXIT_INFRA if failure["class"] == "infrastructure" else EXIT_FAILED
-        finally:
-            _drop_offload(config, base)
-        entry = {**info, "elapsed_s": round(time.monotonic() - t0, 3),
-                 "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
-        vram = _peak_vram_mb()
-        if vram is not None:
-            entry["peak_vram_mb"] = vram
-        ckpt.record(entry)
-        report({"t": "stage_completed", **entry})
+    info = {"index": None, "type": None}
+    stage_dir: Path | None = None  # the running stage's (its partial output may be removed on ENOSPC)
+    try:
+        # The bytes the daemon gated and hashed at claim, not the file in
+        # assembly/ (which someone may edit or delete while the part runs).
+        raw = (work_dir / CLAIMED_ALLOY).read_bytes()
+        alloy = json.loads(raw)
+        stages = alloy.get("stages", [])
+        raw_hash = alloy_hash(raw)
+        ckpt = Checkpoint.load(work_dir, raw_hash)
+        done = ckpt.verified_prefix(work_dir, [s.get("type") for s in stages])
+        if done < len(ckpt.stages):
+            ckpt.truncate(done)
+            ckpt.save()
+        for i, stage in enumerate(stages):
+            info = {"index": i, "type": stage.get("type")}
+            if i < done:
+                report({"t": "stage_skipped", **info, "reason": "checkpoint verified"})
+                continue
+            report({"t": "stage_started", **info})
+            stage_dir = work_dir / "stages" / f"{i}-{stage.get('type')}"
+            _run_stage(layout, config, alloy, stage, i, work_dir, stage_dir, ckpt, raw_hash, report)
+    except StopRequested:
+        report({"t": "stopped", **info})
+        return EXIT_STOPPED
+    except BaseException as err:  # noqa: BLE001 - every failure is reported, then classified
+        failure = _failure_report(err, info, work_dir, stage_dir)
+        report(failure)
+        return EXIT_INFRA if failure["class"] == "infrastructure" else EXIT_FAILED
     report({"t": "done"})
     return EXIT_DONE
+
+
+def _run_stage(layout: Layout, config, alloy: dict, stage: dict, i: int, work_dir: Path, stage_dir: Path,
+               ckpt: Checkpoint, raw_hash: str, report) -> None:
+    """One stage from scratch, then its checkpoint entry (outputs hashed)."""
+    shutil.rmtree(stage_dir, ignore_errors=True)  # a stage restarts from scratch
+    stage_dir.mkdir(parents=True)
+    ctx = StageContext(layout=layout, config=config, alloy=alloy, stage=stage, index=i,
+                       work_dir=work_dir, stage_dir=stage_dir, previous=list(ckpt.stages),
+                       report=report, stop_requested=lambda: _stop, alloy_hash=raw_hash)
+    t0 = time.monotonic()
+    try:
+        result = load_stage(stage.get("type"))(ctx)
+    finally:
+        _drop_offload(config, work_dir.name)
+    entry = {"index": i, "type": stage.get("type"), "elapsed_s": round(time.monotonic() - t0, 3),
+             "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
+    vram = _peak_vram_mb()
+    if vram is not None:
+        entry["peak_vram_mb"] = vram
+    ckpt.record(entry)
+    report({"t": "stage_completed", **entry})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,11 +35,11 @@ from watchdog.observers import Observer
 from factory import heartbeat as hb
 from factory import acceptance, durable, recovery, results, transitions
 from factory.durable import NotARegularFile
-from factory.errors import Conflict, FactoryError
+from factory.errors import FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.integrity import alloy_hash
-from factory.line import Line, Part
+from factory.line import Line, Part, Waiting
 from factory.locks import WorkerLock
 from factory.outcomes import (
     EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_CAUSE, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
@@ -71,9 +71,14 @@ WAKING_EVENTS = frozenset({"created", "moved", "closed"})
 # writes), wait this long before the next try, doubling up to the cap.
 ERROR_PAUSE_SECONDS = (0.5, 30.0)
 # A part waiting for disk room is claimed again once its filesystem has this
-# much more free than when it filled (and the tier's min_free_gb): at least
-# 1 MiB, a sixteenth of the filesystem, at most 256 MiB.
+# much more free than when it filled: a sixteenth of the filesystem, at
+# least 1 MiB, at most 256 MiB.
 ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
+# A part whose outcome cannot be recorded (moved, written) this many times
+# in a row goes to rework with the reason; a full disk only waits.
+ROUTE_ATTEMPTS = 5
+# Event kinds a part's process may ask the daemon to write (docs §7).
+STATION_EVENT_KINDS = frozenset({"model/load"})
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Running:
     stalled: bool = False  # the child is stopped (SIGSTOP): not making progress
     budget_rss: int = 0  # the RSS that broke the memory budget, when killed for it
     failure_reported: bool = False  # stage/failed emitted (routing may be retried)
+    route_failures: int = 0  # failed attempts to move the part after its child ended
 
 
 class _Wake(FileSystemEventHandler):
@@ -163,11 +169,7 @@ class Daemon:
             self.beat_now()
             self._install_signals()
             self._recover()
-            if not os.environ.get(NO_INOTIFY_ENV):
-                observer = Observer()
-                watched = (str(line.layout.intake), str(line.layout.assembly))
-                observer.schedule(_Wake(self, watched), str(line.layout.line), recursive=True)
-                observer.start()
+            observer = self._observe()
             line.events.emit("daemon/started", None, pid=os.getpid(), mode=self.mode,
                              host=self.beat.host, versions=self.beat.versions)
             self.set_state("idle")
@@ -183,6 +185,23 @@ class Daemon:
             self.notifier.close()
             self.lock.release()
         return 0
+
+    def _observe(self) -> Observer | None:
+        """The inotify watch, or None (rescans alone) when it is switched off
+        or the kernel's inotify limits are exhausted: the line still works."""
+        if os.environ.get(NO_INOTIFY_ENV):
+            return None
+        line = self.line
+        try:
+            observer = Observer()
+            watched = (str(line.layout.intake), str(line.layout.assembly))
+            observer.schedule(_Wake(self, watched), str(line.layout.line), recursive=True)
+            observer.start()
+        except OSError as err:
+            log.warning("inotify unavailable (%s): running on rescans every %gs; raise "
+                        "fs.inotify.max_user_instances / max_user_watches", err, self.cfg.daemon.rescan_seconds)
+            return None
+        return observer
 
     def _recover(self) -> None:
         """The start-up sweep. A sweep that fails (a full disk, a file it
@@ -225,6 +244,8 @@ class Daemon:
                 pause = ERROR_PAUSE_SECONDS[0]
             except Exception as err:  # noqa: BLE001 - one bad file or a full disk must not stop the line
                 self._survive(err, where="main loop")
+                if self.stop_requested and self.child is None:
+                    return  # stopping anyway: a part left unrouted in assembly/ is the next sweep's
                 self._pause(pause)
                 pause = min(2 * pause, ERROR_PAUSE_SECONDS[1])
 
@@ -239,8 +260,6 @@ class Daemon:
             self._tend(now)
         elif self.unrouted:
             self._route_pending()
-            if self.unrouted:
-                self._wait(self._idle_timeout(now))
         elif self.stop_requested or (self.mode == "once" and self.handled >= 1):
             return True
         else:
@@ -317,44 +336,50 @@ class Daemon:
         settle = self.adopter.next_check_in(now)
         if settle is not None:  # an unsettled hand drop: look again when it may have settled
             self.next_scan = min(self.next_scan, now + settle)
-        now_iso = utc_now()
         for waiting in self.line.queue():
-            part = waiting.part
-            if waiting.problem:
-                self._set_aside(part, f"{part.sidecar_path(TICKET).name} {waiting.problem}; the part was set "
-                                      f"aside unrun; `factory retry {part.base}` gives it a fresh ticket")
-                continue
-            if waiting.not_before and waiting.not_before > now_iso:
-                # backing off: scan again the moment its backoff ends
-                until = datetime.fromisoformat(waiting.not_before.replace("Z", "+00:00")).timestamp()
-                self.next_scan = min(self.next_scan, now + until - time.time() + 0.01)
-                continue
-            if waiting.wait_for_room:
-                if not _has_room(waiting.wait_for_room):
-                    continue  # looked at again every rescan
-                transitions.room_returned(self.line, part)
-            # Gated again at claim, not only at enqueue: the plan checks
-            # depend on this node (stations installed, roles), which may
-            # have changed while the part waited. The gated bytes are the
-            # ones the part runs and its result hashes.
             try:
-                raw = durable.read_regular(part.path, limit=MAX_ALLOY_BYTES)
-                result = gate(raw, file_name=part.path.name, line=self.line)
+                claimed = self._consider(waiting, now)
             except FileNotFoundError:
                 continue  # RACE: cancelled or deferred since the scan
-            except NotARegularFile as err:
-                self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}")
+            except Exception:  # noqa: BLE001 - one odd part must not keep the ones behind it waiting
+                self._set_aside(waiting.part)
                 continue
-            except Exception:  # noqa: BLE001
-                self._set_aside(part)
-                continue
-            if not result.ok:  # e.g. queued by an older factory: reject, never run
-                reject(self.line, part, result)
-                continue
-            claimed = transitions.claim(self.line, part)
             if claimed is not None:
-                return claimed, raw
+                return claimed
         return None
+
+    def _consider(self, waiting: Waiting, now: float) -> tuple[Part, bytes] | None:
+        """Claim `waiting` if it may run now: its ticket is sound, its backoff
+        over, its disk has room and its bytes pass the gate."""
+        part = waiting.part
+        if waiting.problem:
+            self._set_aside(part, f"{part.sidecar_path(TICKET).name} {waiting.problem}; the part was set "
+                                  f"aside unrun; `factory retry {part.base}` gives it a fresh ticket")
+            return None
+        if waiting.not_before and waiting.not_before > utc_now():
+            # backing off: scan again the moment its backoff ends
+            until = datetime.fromisoformat(waiting.not_before.replace("Z", "+00:00")).timestamp()
+            self.next_scan = min(self.next_scan, now + until - time.time() + 0.01)
+            return None
+        if waiting.wait_for_room:
+            if not _has_room(waiting.wait_for_room):
+                return None  # looked at again every rescan
+            transitions.room_returned(self.line, part)
+        # Gated again at claim, not only at enqueue: the plan checks depend
+        # on this node (stations installed, roles), which may have changed
+        # while the part waited. The gated bytes are the ones the part runs
+        # and its result hashes.
+        try:
+            raw = durable.read_regular(part.path, limit=MAX_ALLOY_BYTES)
+        except NotARegularFile as err:
+            self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}")
+            return None
+        result = gate(raw, file_name=part.path.name, line=self.line)
+        if not result.ok:  # e.g. queued by an older factory: reject, never run
+            reject(self.line, part, result)
+            return None
+        claimed = transitions.claim(self.line, part)
+        return None if claimed is None else (claimed, raw)
 
     def _set_aside(self, part: Part, message: str | None = None) -> None:
         """Move a part the line cannot use to rework with `message`, and keep
@@ -369,12 +394,10 @@ class Daemon:
         rec = error_record({"type": "intake", "index": None}, "deterministic", message,
                            retries=part.name.retry, tb=tb)
         try:
-            transitions.rework(self.line, part, rec)
+            transitions.set_aside(self.line, part, rec, kind="part/set-aside", payload={
+                "file": part.path.name, "station": part.station, "message": rec["message"]})
         except (FactoryError, OSError):
             log.exception("could not set %s aside", part.path.name)
-            return
-        self.line.events.emit("part/set-aside", part.base, file=part.path.name, station=part.station,
-                              message=rec["message"])
 
     # -- running a part -----------------------------------------------------------
 
@@ -387,19 +410,24 @@ class Daemon:
             return
         r, w = os.pipe()
         os.set_blocking(r, False)
-        with logf:
-            logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()})\n".encode())
-            logf.flush()
-            # The child inherits the worker lock's fd: while any child of
-            # ours lives, no second daemon can take this root (belt to the
-            # child's PDEATHSIG braces).
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "factory.child", "--root", str(self.line.root),
-                 "--part", part.path.name, "--report-fd", str(w), "--parent-pid", str(os.getpid())],
-                pass_fds=(w, self.lock.fd), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True,
-            )
-        os.close(w)
+        try:
+            with logf:
+                logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()})\n".encode())
+                logf.flush()
+                # The child inherits the worker lock's fd: while any child of
+                # ours lives, no second daemon can take this root (belt to the
+                # child's PDEATHSIG braces).
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "factory.child", "--root", str(self.line.root),
+                     "--part", part.path.name, "--report-fd", str(w), "--parent-pid", str(os.getpid())],
+                    pass_fds=(w, self.lock.fd), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
         self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
                              alloy=json.loads(raw), alloy_sha256=alloy_hash(raw))
         self.sel.register(r, selectors.EVENT_READ, "child")
@@ -572,7 +600,7 @@ class Daemon:
             ch.failure = msg
         elif t == "done":
             ch.done = True
-        elif t == "event":
+        elif t == "event" and msg.get("kind") in STATION_EVENT_KINDS:
             ev.emit(msg["kind"], base, stage=ch.stage, **msg.get("payload", {}))
 
     # -- outcomes ---------------------------------------------------------------
@@ -594,10 +622,29 @@ class Daemon:
             ch, rc = self.unrouted[0]
             try:
                 self._route(ch, rc)
-            except (Conflict, FileNotFoundError) as err:
-                self._vanished(ch, err)
+            except Exception as err:  # noqa: BLE001
+                if os.path.lexists(ch.part.path):
+                    self._unroutable(ch, err)
+                    raise  # the loop reports it and pauses; routed again after
+                self._vanished(ch, err)  # RACE: someone removed the bundle while we moved it
             self.unrouted.pop(0)
         self.set_state("stopping" if self.stop_requested else "idle")
+
+    def _unroutable(self, ch: Running, err: Exception) -> None:
+        """After ROUTE_ATTEMPTS failed moves (not for want of disk: that
+        only waits), the part goes to rework with the reason instead."""
+        ch.route_failures += 1
+        no_room = isinstance(err, OSError) and err.errno in NO_ROOM_ERRNOS
+        if no_room or ch.route_failures < ROUTE_ATTEMPTS:
+            return
+        rec = error_record(ch.stage, "deterministic", f"the factory could not record how this part ended "
+                           f"({type(err).__name__}: {str(err)[:300]}); its work dir is kept; `factory retry "
+                           f"{ch.part.base}` runs it again", retries=ch.part.name.retry)
+        try:
+            transitions.rework(self.line, ch.part, rec)
+        except (FactoryError, OSError):
+            return
+        self.unrouted.pop(0)
 
     def _vanished(self, ch: Running, err: Exception) -> None:
         """Someone removed the running part's bundle: nothing to move; the
@@ -619,7 +666,7 @@ class Daemon:
             transitions.rework(line, part, rec, kind="part/cancelled")
         elif rc == EXIT_DONE and ch.done:
             self._finished(ch)
-        elif rc == EXIT_STOPPED or ch.killed_for == "grace":
+        elif (rc == EXIT_STOPPED and ch.stop_sent_at is not None) or ch.killed_for == "grace":
             transitions.release(line, part, reason="worker stopping" if ch.killed_for != "grace"
                                 else "worker stopping (child killed after the grace period)")
         elif ch.killed_for == "timeout":
@@ -642,7 +689,11 @@ class Daemon:
             transitions.wait_for_room(line, part, stage=stage, path=path,
                                       free_bytes=free if isinstance(free, int) else free_bytes_at(Path(path)) or 0,
                                       message=self._message(ch, failure["message"]))
-        elif rc == EXIT_INFRA and failure:
+        elif rc == EXIT_INFRA:
+            if not failure:
+                self._infra(ch, "the part's process reported an infrastructure failure without details; "
+                                f"see {line.layout.work_dir(part.base) / CHILD_LOG}")
+                return
             cause = failure.get("cause")
             message = self._message(ch, failure["message"])
             self._infra(ch, f"{cause}: {message}" if cause else message, tb=failure.get("traceback"))

@@ -67,15 +67,15 @@ def _rejection(part: Part, result: GateResult) -> dict:
 def reject(line: Line, part: Part, result: GateResult) -> Part | None:
     """Send a part that failed the gate to rework with a readable error.json.
     None when the part is no longer where the caller saw it."""
+    from factory import transitions
+
     rec = _rejection(part, result)
-    with line.locked():
-        # RACE: another process (a foreman's cancel, a second gate) may have
-        # moved it since the caller looked: that is not an error.
-        if not part.path.exists() or (line.layout.rework / part.path.name).exists():
-            return None
-        moved = line.finish(part, "rework", ERROR, rec)
-    _rejected(line, moved, rec, result)
-    return moved
+    try:
+        return transitions.set_aside(line, part, rec, kind="part/rejected", outcome="rejected",
+                                     payload={"station": "rework", "message": rec["message"],
+                                              "problems": result.problems})
+    except Conflict:
+        return None  # RACE: a foreman's cancel or a second gate moved it first: not an error
 
 
 def _rejected(line: Line, moved: Part, rec: dict, result: GateResult) -> None:
@@ -220,7 +220,9 @@ class Adopter:
         return ready
 
     def next_check_in(self, now: float) -> float | None:
-        waits = [self.settle - (now - s.since) for s in self.seen.values()]
+        """When the next unsettled drop settles. Settled ones that could not
+        be adopted wait for the regular rescan (else the loop would spin)."""
+        waits = [self.settle - (now - s.since) for s in self.seen.values() if now - s.since < self.settle]
         return max(0.0, min(waits)) if waits else None
 
     def adopt(self, part: Part) -> Part:

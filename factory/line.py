@@ -16,6 +16,8 @@ import os
 import re
 import socket
 import stat
+import logging
+from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from factory.protocol import (
     PROTOCOL_VERSION,
     MAX_BASE_CHARS, SCAN_ORDER, STATIONS, TICKET, Layout, PartName, base_of, parse_part,
 )
+
+
+log = logging.getLogger("factory.line")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ def ticket_problem(ticket: object) -> str | None:
         if ticket.get(key) is not None and not _is_utc(ticket[key]):
             return f"has {key} {str(ticket[key])[:40]!r}, not a UTC timestamp"
     room = ticket.get("wait_for_room")
-    if room is not None and not (isinstance(room, dict) and isinstance(room.get("path"), str)):
+    if room is not None and not (isinstance(room, dict) and isinstance(room.get("path"), str)
+                                 and isinstance(room.get("free_bytes"), int) and room["free_bytes"] >= 0):
         return "has a malformed wait_for_room"
     return None
 
@@ -97,7 +103,13 @@ _UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 
 
 def _is_utc(value: object) -> bool:
-    return isinstance(value, str) and bool(_UTC.match(value))
+    if not (isinstance(value, str) and _UTC.match(value)):
+        return False
+    try:  # the pattern admits month 13 or hour 99: the calendar decides
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 class Line:
@@ -221,7 +233,8 @@ class Line:
         dst_dir = self.layout.station(station)
         name = name or part.name
         for side in self.bundle(part):
-            target = dst_dir / side.name
+            tag = side.name[len(part.base) + 1:-len(".json")]
+            target = dst_dir / name.sidecar(tag)  # renamed with the part when it gets a new base
             if target.exists():
                 # The destination's copy was written there on purpose (the
                 # terminal record, see finish()) or by an interrupted move:
@@ -233,20 +246,35 @@ class Line:
         durable.move(part.path, dst)
         return Part(name, station, dst)
 
-    def write_sidecar(self, part: Part, tag: str, obj: dict, *, station: str | None = None) -> Path:
+    def write_sidecar(self, part: Part, tag: str, obj: dict, *, station: str | None = None,
+                      name: PartName | None = None) -> Path:
         d = self.layout.station(station) if station else part.path.parent
-        path = d / part.name.sidecar(tag)
+        path = d / (name or part.name).sidecar(tag)
         durable.write_json(path, obj)
         return path
 
-    def finish(self, part: Part, station: str, tag: str, record: dict) -> Part:
+    def finish(self, part: Part, station: str, tag: str, record: dict, *, name: PartName | None = None) -> Part:
         """Write the terminal sidecar into the destination first (durable),
-        then move the bundle: a reader never sees a terminal alloy without it."""
-        dst = self.layout.station(station) / part.name.filename
-        if dst.exists():  # never touch another part's sidecars
-            raise FileExistsError(f"refusing to overwrite {dst}")
-        self.write_sidecar(part, tag, record, station=station)
-        return self.move(part, station)
+        then move the bundle: a reader never sees a terminal alloy without it.
+        Refused when any part of that base is already there: never touch
+        another part's sidecars."""
+        name = name or part.name
+        dst = self.layout.station(station) / name.filename
+        if os.path.lexists(dst) or any(p.base == name.base for p in (*self.parts(station), *self.irregular(station))):
+            raise FileExistsError(f"refusing to overwrite {dst}: a part named {name.base!r} is in {station}/")
+        self.write_sidecar(part, tag, record, station=station, name=name)
+        return self.move(part, station, name=name)
+
+    def clashes(self, part: Part) -> bool:
+        """Does any file of another part carry `part`'s base? (Its own
+        sidecars in its own station do not count.) Caller holds the lock."""
+        for station in SCAN_ORDER:
+            for entry in os.scandir(self.layout.station(station)):
+                if base_of(entry.name) != part.base or entry.path == str(part.path):
+                    continue
+                if station != part.station or parse_part(entry.name) is not None:
+                    return True
+        return False
 
     # -- tickets --------------------------------------------------------------
 
@@ -273,9 +301,14 @@ class Line:
     # -- throughput -----------------------------------------------------------
 
     def record_outcome(self, part: Part, outcome: str, **fields) -> None:
+        """One line of throughput.jsonl. Statistics, not state: a failed
+        append (a full disk) is logged, never raised into a move."""
         line = {"ts": utc_now(), "part": part.base, "outcome": outcome, "retry": part.name.retry, **fields}
-        with locks.held(self.events.lock_path):
-            durable.append_line(self.layout.throughput, (json.dumps(line, default=str) + "\n").encode())
+        try:
+            with locks.held(self.events.lock_path):
+                durable.append_line(self.layout.throughput, (durable.dumps_json(line, indent=None) + "\n").encode())
+        except OSError as err:
+            log.warning("cannot append to %s: %s", self.layout.throughput, err)
 
 
 def _short(err: Exception) -> str:

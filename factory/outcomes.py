@@ -121,7 +121,8 @@ def cap_message(message: str, *, full_text_at: str | None = None) -> str:
     if len(message) <= MAX_MESSAGE_CHARS:
         return message
     where = f"; full text in {full_text_at}" if full_text_at else ""
-    return f"{message[:MAX_MESSAGE_CHARS]}... [truncated {len(message) - MAX_MESSAGE_CHARS} chars{where}]"
+    marker = f"... [truncated {len(message)} chars{where}]"
+    return message[: max(0, MAX_MESSAGE_CHARS - len(marker))] + marker
 
 
 def backoff_seconds(base: float, retry: int) -> float:

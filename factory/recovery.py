@@ -40,41 +40,54 @@ def _sweep_tmp(line: Line) -> list[str]:
             owner = durable.tmp_owner(entry.name)
             if owner is None or owner == os.getpid() or (owner and pid_alive(owner)):
                 continue  # not temporary, or its writer is still writing
-            os.unlink(entry.path)
+            try:
+                os.unlink(entry.path)
+            except OSError:  # a directory, or gone: one odd entry must not stop the sweep
+                continue
             removed.append(entry.path)
     return removed
 
 
 def _reunite(line: Line) -> list[str]:
-    alloys: dict[str, Part] = {}
+    alloys: dict[str, list[Part]] = defaultdict(list)
     strays: dict[str, list[tuple[str, Path]]] = defaultdict(list)
     for station in STATIONS:
         for entry in os.scandir(line.layout.station(station)):
             part = parse_part(entry.name)
             if part:
-                alloys[part.base] = Part(part, station, Path(entry.path))
+                alloys[part.base].append(Part(part, station, Path(entry.path)))
             elif base_of(entry.name):
                 strays[base_of(entry.name)].append((station, Path(entry.path)))
     actions = []
     for base, files in strays.items():
-        part = alloys.get(base)
-        if part is None:
-            actions.append(f"orphan sidecars of {base!r} left in place: {[str(p) for _, p in files]}")
+        found = alloys.get(base, [])
+        if len(found) != 1:  # none, or a hostile clash: whose sidecars they are is unknowable
+            actions.append(f"sidecars of {base!r} left in place ({len(found)} alloys of that name on the line): "
+                           f"{[str(p) for _, p in files]}")
             continue
-        for station, path in files:
-            if station == part.station:
-                continue
-            tag = path.name[len(base) + 1:-len(".json")]
-            if part.station == "assembly" and _ROLL_FORWARD.get(station) == tag:
-                part = line.move(part, station)
-                actions.append(f"rolled {base!r} forward into {station}/")
+        try:
+            actions += _rejoin(line, found[0], files)
+        except OSError as err:  # one odd bundle must not stop the sweep
+            actions.append(f"could not reunite {base!r}: {err}")
+    return actions
+
+
+def _rejoin(line: Line, part: Part, files: list[tuple[str, Path]]) -> list[str]:
+    actions = []
+    for station, path in files:
+        if station == part.station:
+            continue
+        tag = path.name[len(part.base) + 1:-len(".json")]
+        if part.station == "assembly" and _ROLL_FORWARD.get(station) == tag:
+            part = line.move(part, station)
+            actions.append(f"rolled {part.base!r} forward into {station}/")
+        else:
+            target = part.path.parent / path.name
+            if target.exists():
+                os.unlink(path)  # the alloy's station has the newer copy
             else:
-                target = part.path.parent / path.name
-                if target.exists():
-                    os.unlink(path)  # the alloy's station has the newer copy
-                else:
-                    durable.move(path, target)
-                actions.append(f"moved stray {path.name} to {part.station}/")
+                durable.move(path, target)
+            actions.append(f"moved stray {path.name} to {part.station}/")
     return actions
 
 

@@ -27,7 +27,7 @@ def _still_there(part: Part) -> None:
 def claim(line: Line, part: Part) -> Part | None:
     """intake -> assembly; None when another process moved it first."""
     with line.locked():
-        if not part.path.exists():
+        if not os.path.lexists(part.path):
             return None  # RACE: cancelled, deferred or claimed since the scan: not an error
         claimed = line.move(part, "assembly")
     line.events.emit("part/claimed", part.base, retry=part.name.retry)
@@ -68,6 +68,26 @@ def rework(line: Line, part: Part, record: dict, *, kind: str = "part/rework") -
     return moved
 
 
+def set_aside(line: Line, part: Part, record: dict, *, kind: str = "part/rework",
+              outcome: str = "rework", payload: dict | None = None) -> Part:
+    """A waiting part the line cannot use -> rework with `record`. When its
+    base is already used by another part's files anywhere on the line (a
+    drop named like a finished part, a retry copy), it goes under the first
+    free `<base>-dup<N>` instead, so no other part's record is touched."""
+    with line.locked():
+        _still_there(part)
+        name = PartName(line.free_base(part.base)) if line.clashes(part) else part.name
+        if name == part.name:
+            record = _with_history(part, record)
+        moved = line.finish(part, "rework", ERROR, record, name=name)
+    renamed = {"renamed_from": part.path.name} if name != part.name else {}
+    line.events.emit(kind, moved.base, **(payload if payload is not None else {
+        "retry": part.name.retry, "failure_class": record["class"], "message": record["message"],
+        "stage": record.get("stage")}), **renamed)
+    line.record_outcome(moved, outcome, failure_class=record["class"])
+    return moved
+
+
 def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, message: str,
                            tb: str | None = None, kind: str = "part/retried") -> Part:
     """Retry as `<base>.retry<N+1>` after a backoff, or rework once retries are spent."""
@@ -89,7 +109,7 @@ def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, messag
         ticket = line.ticket(part)
         line.write_sidecar(part, TICKET, {**ticket, "not_before": not_before})
         moved = line.move(part, "intake", name=part.name.with_retry(n))
-    line.events.emit(kind, part.base, retry=n, reason=message, not_before=not_before, stage=stage)
+    line.events.emit(kind, part.base, retry=n, reason=message, not_before=not_before, stage=stage, retry_spent=True)
     return moved
 
 

@@ -381,3 +381,43 @@ def test_a_dup_of_a_name_at_the_length_limit_is_still_a_valid_name(root, tmp_pat
     assert placed[dups[0]] == [("rework", 0)]
     # the set-aside copy is visible to the foreman commands
     assert factory("retry", dups[0], root=root).returncode == 0
+
+
+def test_a_bad_drop_named_like_a_finished_part_is_set_aside_under_a_free_name(root, tmp_path):
+    """Setting a bad file aside never touches another part's records: a
+    symlink and an oversized drop named like parts already in finished/ and
+    rework/ go to rework/ as <base>-dup<N>; the others' sidecars stay."""
+    write_alloy(tmp_path / "x.alloy.json", selftest_alloy())
+    write_alloy(tmp_path / "y.alloy.json", selftest_alloy(outcome="fail"))
+    for name in ("x", "y"):
+        factory("enqueue", str(tmp_path / f"{name}.alloy.json"), root=root, check=True)
+    run_until_empty(root)
+    result = (root / "line/finished/x.result.json").read_bytes()
+    error = (root / "line/rework/y.error.json").read_bytes()
+    (tmp_path / "secret").write_text("SECRET-TOKEN-123\n")
+    os.symlink(tmp_path / "secret", root / "line/intake/x.alloy.json")
+    with open(root / "line/intake/y.alloy.json", "wb") as f:
+        f.truncate(8 * 2**20)  # over the alloy size limit: refused unread
+    run_until_empty(root)
+    placed = where(root)
+    assert placed["x"] == [("finished", 0)] and placed["y"] == [("rework", 0)]
+    assert (root / "line/finished/x.result.json").read_bytes() == result
+    assert (root / "line/rework/y.error.json").read_bytes() == error
+    assert {"x-dup1", "y-dup1"} <= set(placed)
+    assert b"SECRET-TOKEN" not in b"".join(p.read_bytes() for p in root.rglob("*")
+                                           if p.is_file() and not p.is_symlink())
+    assert factory("recover", root=root).returncode == 0  # the sweep moves nothing of x's or y's
+    assert (root / "line/finished/x.result.json").read_bytes() == result
+
+
+def test_a_ticket_with_an_impossible_date_is_set_aside_and_the_rest_run(root, tmp_path):
+    write_alloy(tmp_path / "odd.alloy.json", selftest_alloy())
+    write_alloy(tmp_path / "good.alloy.json", selftest_alloy())
+    factory("enqueue", str(tmp_path / "odd.alloy.json"), root=root, check=True)
+    ticket = root / "line/intake/odd.ticket.json"
+    t = json.loads(ticket.read_text())
+    ticket.write_text(json.dumps({**t, "not_before": "2999-13-45T99:99:99Z", "priority": 10}))
+    factory("enqueue", str(tmp_path / "good.alloy.json"), root=root, check=True)
+    run_until_empty(root)
+    assert where(root) == {"odd": [("rework", 0)], "good": [("finished", 0)]}
+    assert "not_before" in json.loads((root / "line/rework/odd.error.json").read_text())["message"]

@@ -77,3 +77,9 @@ def test_messages_and_tracebacks_are_capped():
     assert len(rec["message"]) < MAX_MESSAGE_CHARS + 200
     assert len(rec["traceback"]) <= 20003
     assert cap_message("short") == "short"
+
+
+def test_a_capped_message_keeps_its_pointer_within_the_limit():
+    capped = error_record(None, "deterministic", cap_message("y" * 10**5, full_text_at="/w/p/failure.txt"),
+                          retries=0)["message"]
+    assert len(capped) <= MAX_MESSAGE_CHARS and capped.endswith("full text in /w/p/failure.txt]")
