@@ -660,7 +660,10 @@ class Daemon:
         if not os.path.lexists(part.path):
             raise FileNotFoundError(errno.ENOENT, "vanished", str(part.path))
         failure = ch.failure or {}
-        if ch.cancelling:
+        # RACE: a cancel asked for after the child's last look is honoured
+        # here, before any move; one written during the move itself goes
+        # with the bundle (finish() drops it: the part is done).
+        if ch.cancelling or part.sidecar_path(CANCEL).exists():
             rec = error_record(stage, "cancelled", "cancelled by a foreman while running",
                                retries=part.name.retry)
             transitions.rework(line, part, rec, kind="part/cancelled")

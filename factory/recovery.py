@@ -27,7 +27,7 @@ from factory import durable, transitions
 from factory.errors import FactoryError
 from factory.heartbeat import pid_alive
 from factory.line import Line, Part
-from factory.protocol import CHECKPOINT, CLAIMED_ALLOY, ERROR, RESULT, STATIONS, base_of, parse_part
+from factory.protocol import CANCEL, CHECKPOINT, CLAIMED_ALLOY, ERROR, RESULT, STATIONS, base_of, parse_part
 
 _ROLL_FORWARD = {"finished": RESULT, "rework": ERROR}
 
@@ -110,6 +110,9 @@ INTERRUPTED_MESSAGE = "the worker stopped while this part was in assembly/ (cras
 
 
 def _recover(line: Line, part: Part) -> str:
+    if part.sidecar_path(CANCEL).exists():  # a foreman cancelled it while the worker was gone
+        moved = transitions.cancel_waiting(line, part)
+        return f"cancelled {part.base!r} as asked: {moved.station}/{moved.path.name}"
     stage, done = _last_stage(line, part)
     before = line.ticket(part).get("interrupted")
     before = before if isinstance(before, dict) and isinstance(before.get("stages_done"), int) else {}

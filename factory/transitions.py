@@ -38,6 +38,7 @@ def finish(line: Line, part: Part, result: dict) -> Part:
     """assembly -> finished, result.json written into finished/ first."""
     with line.locked():
         _still_there(part)
+        part.sidecar_path(CANCEL).unlink(missing_ok=True)  # RACE: asked for too late: the part is done
         done = line.finish(part, "finished", RESULT, result)
     line.events.emit("part/finished", part.base, retry=part.name.retry,
                      elapsed_s=result.get("elapsed_s"))
