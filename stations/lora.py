@@ -195,12 +195,46 @@ def record_text(obj: Any) -> str | None:
     return None
 
 
+def _bounded_lines(path: Path, where: str):
+    """(line number, line) of a UTF-8 file, each line read with a cap: a
+    line longer than corpus.MAX_DOC_CHARS is refused before it is whole in
+    memory (one 100 MB line must not cost gigabytes when tokenised)."""
+    limit = corpus_mod.MAX_DOC_CHARS
+    with open(path, encoding="utf-8") as f:
+        n = 0
+        while line := f.readline(limit + 1):
+            n += 1
+            if len(line) > limit:
+                raise StageFailed(f"{path}:{n} (from {where}): a line over {limit} characters; split the "
+                                  "document into several lines (records)")
+            yield n, line
+
+
 def _read_file_texts(path: Path, where: str) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix not in (".jsonl", ".ndjson"):
-        return [raw]
+    try:
+        if path.suffix not in (".jsonl", ".ndjson"):
+            return [_plain_text(path, where)]
+        return _jsonl_texts(path, where)
+    except UnicodeDecodeError as err:
+        raise StageFailed(f"{path} (from {where}): not UTF-8 ({err.reason} at byte {err.start}); "
+                          "re-encode the file as UTF-8") from err
+
+
+def _plain_text(path: Path, where: str) -> str:
+    """A plain-text dataset is one document, refused past MAX_DOC_CHARS."""
+    parts, size = [], 0
+    for _, line in _bounded_lines(path, where):
+        size += len(line)
+        if size > corpus_mod.MAX_DOC_CHARS:
+            raise StageFailed(f"{path} (from {where}): a plain-text dataset over {corpus_mod.MAX_DOC_CHARS} "
+                              "characters; give it as JSONL, one record per line")
+        parts.append(line)
+    return "".join(parts)
+
+
+def _jsonl_texts(path: Path, where: str) -> list[str]:
     texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in _bounded_lines(path, where):
         if not line.strip():
             continue
         try:

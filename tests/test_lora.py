@@ -247,3 +247,26 @@ def test_stop_request_is_honoured_between_steps(root):
         run_lora(ctx)
     assert [p["done"] for p in reports.progress()] == [1, 2]
     assert not (ctx.stage_dir / "model" / "config.json").exists()
+
+
+def test_a_dataset_line_over_the_document_cap_is_refused_unread(tmp_path, monkeypatch):
+    """A training file with one enormous line is refused by file:line before
+    the line is whole in memory (the cap is lowered here so the file stays
+    small; the rule is the same at corpus.MAX_DOC_CHARS)."""
+    import json as _json
+
+    from factory.errors import StageFailed
+    from stations import corpus as corpus_mod
+    from stations import lora
+
+    monkeypatch.setattr(corpus_mod, "MAX_DOC_CHARS", 1000)
+    data = tmp_path / "train.jsonl"
+    data.write_text(_json.dumps({"text": "ok"}) + "\n" + _json.dumps({"text": "x" * 5000}) + "\n")
+    with pytest.raises(StageFailed, match=r"train.jsonl:2 .*over 1000 characters"):
+        lora._read_file_texts(data, "$.stages[0].dataset")
+    plain = tmp_path / "train.txt"
+    plain.write_text(("y" * 100 + "\n") * 20)
+    with pytest.raises(StageFailed, match="plain-text dataset over 1000"):
+        lora._read_file_texts(plain, "$.stages[0].dataset")
+    data.write_text(_json.dumps({"text": "short"}) + "\n")
+    assert lora._read_file_texts(data, "$.stages[0].dataset") == ["short"]
