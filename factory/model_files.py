@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Literal
 
 from adapters.registry import family_for_config
 from adapters.schema import Family, template_regex
-from factory.errors import CheckpointError, UnknownArchitectureError  # noqa: F401 - re-exported
+from factory.errors import CheckpointError, UnknownArchitectureError, excerpt  # noqa: F401 - re-exported
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,7 +168,10 @@ def _read_json(path: Path, *, model_dir: Path) -> Any:
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointError(path, f"is over {MAX_JSON_BYTES // 2**20} MiB, far more than any real checkpoint's",
                               "replace it with the checkpoint's own file")
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except RecursionError as err:  # `[[[[...` a hundred thousand deep
+        raise ValueError("nested too deeply to be a checkpoint file") from err
 
 
 # -- reading --------------------------------------------------------------
@@ -195,8 +198,8 @@ def read_safetensors_header(path: Path, *, model_dir: Path | None = None) -> dic
                                   "the file is corrupt or not safetensors; re-download it")
         try:
             header = json.loads(fh.read(header_len))
-        except ValueError as err:
-            raise CheckpointError(path, f"header is not JSON ({err})", "re-download the file") from err
+        except (ValueError, RecursionError) as err:
+            raise CheckpointError(path, f"header is not JSON ({type(err).__name__})", "re-download the file") from err
     if not isinstance(header, dict):
         raise CheckpointError(path, "header is not a JSON object", "re-download the file")
     data_bytes = size - 8 - header_len
@@ -204,18 +207,25 @@ def read_safetensors_header(path: Path, *, model_dir: Path | None = None) -> dic
             for name, entry in header.items() if name != "__metadata__"}
 
 
+def _ints(values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
 def _tensor_meta(path: Path, name: str, entry: dict[str, Any], data_bytes: int) -> TensorMeta:
     try:
         dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if not isinstance(dtype, str) or not _ints(shape) or not _ints((begin, end)):
+            raise TypeError("dtype must be a string, shape and data_offsets non-negative integers")
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(path, f"header entry {name!r} is malformed ({entry!r})",
+        raise CheckpointError(path, f"header entry {excerpt(name)} is malformed ({excerpt(entry)})",
                               "re-download the file") from err
+    name = excerpt(name)
     if not 0 <= begin <= end <= data_bytes:
-        raise CheckpointError(path, f"tensor {name!r} spans bytes {begin}..{end} of a {data_bytes}-byte data section",
+        raise CheckpointError(path, f"tensor {name} spans bytes {begin}..{end} of a {data_bytes}-byte data section",
                               "the file is truncated; re-download it")
     expected = DTYPE_BYTES.get(dtype)
     if expected is not None and math.ceil(math.prod(shape) * expected) != end - begin:
-        raise CheckpointError(path, f"tensor {name!r} {dtype}{list(shape)} should take "
+        raise CheckpointError(path, f"tensor {name} {excerpt(dtype)}{list(shape)[:8]} should take "
                               f"{math.ceil(math.prod(shape) * expected)} bytes, header says {end - begin}",
                               "the file is corrupt; re-download it")
     return TensorMeta(dtype=dtype, shape=shape, nbytes=end - begin, file=path.name)
@@ -251,7 +261,7 @@ def _read_index(model_dir: Path) -> dict[str, Any] | None:
     for name, file in weight_map.items():
         if not (isinstance(file, str) and file.endswith(".safetensors") and Path(file).name == file
                 and not file.startswith(".")):
-            raise CheckpointError(path, f"weight_map[{name!r}] = {file!r} is not a shard file name in the model "
+            raise CheckpointError(path, f"weight_map[{excerpt(name)}] = {excerpt(file)} is not a shard file name in the model "
                                         "directory", "fix or re-download the index (shards are "
                                                      "'model-00001-of-0000N.safetensors' beside it)")
     return index
@@ -300,7 +310,7 @@ def inspect_checkpoint(model_dir: Path) -> CheckpointInfo:
 def _check_index_matches(model_dir: Path, index: dict[str, Any], tensors: dict[str, TensorMeta]) -> None:
     for name, file in index["weight_map"].items():
         if name not in tensors or tensors[name].file != file:
-            raise CheckpointError(model_dir / INDEX_FILE, f"maps {name!r} to {file}, which does not hold it",
+            raise CheckpointError(model_dir / INDEX_FILE, f"maps {excerpt(name)} to {excerpt(file)}, which does not hold it",
                                   "the index and shards are from different saves; re-download")
 
 
@@ -342,19 +352,24 @@ def _tied(config: dict[str, Any], family: Family) -> bool:
 def _attention_params(config: dict[str, Any], family: Family, layer_type: str | None) -> int:
     hidden = _int(family, config, "hidden_size") or 0
     heads = _int(family, config, "num_attention_heads") or 0
-    text = family.text_config(config)
-    if layer_type in family.attention.skip_layer_types and text.get("linear_num_value_heads"):
+    raw = family.text_config(config)
+
+    def text(key: str) -> int:  # a hostile config's "x" or 1e300 counts as absent, never multiplied
+        value = raw.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**40 else 0
+
+    if layer_type in family.attention.skip_layer_types and text("linear_num_value_heads"):
         # Gated DeltaNet: qkv + z + out projections, per-head a/b gates.
-        k = text.get("linear_num_key_heads", 0) * text.get("linear_key_head_dim", 0)
-        v = text["linear_num_value_heads"] * text.get("linear_value_head_dim", 0)
-        return hidden * (2 * k + v) + 2 * hidden * v + 2 * hidden * text["linear_num_value_heads"]
+        k = text("linear_num_key_heads") * text("linear_key_head_dim")
+        v = text("linear_num_value_heads") * text("linear_value_head_dim")
+        return hidden * (2 * k + v) + 2 * hidden * v + 2 * hidden * text("linear_num_value_heads")
     if family.attention.kind == "mla":
-        qk = (text.get("qk_nope_head_dim") or 0) + (text.get("qk_rope_head_dim") or 0)
-        q_rank, kv_rank = text.get("q_lora_rank"), text.get("kv_lora_rank") or 0
+        qk = text("qk_nope_head_dim") + text("qk_rope_head_dim")
+        q_rank, kv_rank = text("q_lora_rank"), text("kv_lora_rank")
         q = hidden * q_rank + q_rank * heads * qk if q_rank else hidden * heads * qk
-        kv = hidden * (kv_rank + (text.get("qk_rope_head_dim") or 0))
-        kv += kv_rank * heads * ((text.get("qk_nope_head_dim") or 0) + (text.get("v_head_dim") or 0))
-        return q + kv + heads * (text.get("v_head_dim") or 0) * hidden
+        kv = hidden * (kv_rank + text("qk_rope_head_dim"))
+        kv += kv_rank * heads * (text("qk_nope_head_dim") + text("v_head_dim"))
+        return q + kv + heads * text("v_head_dim") * hidden
     head_dim = family.head_dim(config) or 0
     kv_heads = _int(family, config, "num_key_value_heads") or heads
     q = hidden * heads * head_dim * family.attention.q_rows_per_head_factor

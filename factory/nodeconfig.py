@@ -10,13 +10,15 @@ Key names of sentinel-ai's node config are accepted where they mean the same
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from factory.errors import NodeConfigError
+from factory.durable import read_regular
+from factory.errors import NodeConfigError, excerpt
 from factory.protocol import PROTOCOL_VERSION
 
 if sys.version_info >= (3, 11):
@@ -143,19 +145,22 @@ def _dotted(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
-def _excerpt(value: object, limit: int = 80) -> str:
-    """The bad value, short and escaped (repr), for a one-line error."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+# A real node config is a few KiB; anything bigger is refused unread.
+MAX_NODE_CONFIG_BYTES = 1024 * 1024
 
 
 def load_node_config(path: Path) -> NodeConfig:
     """Read and validate a node config; a missing file means all defaults."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return NodeConfig()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raw = read_regular(path, limit=MAX_NODE_CONFIG_BYTES)
+    except OSError as err:
+        raise NodeConfigError(f"{path}: cannot be read as the node config ({err.strerror or err}); make it a "
+                              f"regular TOML file under {MAX_NODE_CONFIG_BYTES // 1024} KiB") from err
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise NodeConfigError(f"{path}: not valid TOML: {err}; fix the syntax") from err
     try:
         cfg = NodeConfig.model_validate(data)
@@ -163,7 +168,7 @@ def load_node_config(path: Path) -> NodeConfig:
         first = err.errors()[0]
         key = _dotted(first["loc"])
         got = first.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {_excerpt(got)})"
+        shown = "" if isinstance(got, dict) else f" (got {excerpt(got)})"
         raise NodeConfigError(
             f"{path}: key {key}: {first['msg']}{shown}; "
             f"fix that key (see factory_node.toml.example)"

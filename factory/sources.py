@@ -22,7 +22,6 @@ stations' loader calls it with downloads allowed. No torch import here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -113,7 +112,7 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 
 def looks_local(value: str, *, root: Path) -> bool:
     """A path rather than a repo id; repo ids have at most one '/'."""
-    return is_local_path_like(value, root=root) or value.count("/") > 1 or os.path.lexists(root / value)
+    return is_local_path_like(value, root=root) or value.count("/") > 1
 
 
 # ── local directories ───────────────────────────────────────────────────────

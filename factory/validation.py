@@ -861,7 +861,19 @@ def is_local_path_like(s: str, *, root: Path | None = None) -> bool:
         return True
     if s.lower().endswith(DATA_FILE_SUFFIXES):
         return True
-    return root is not None and bool(s) and (root / s).exists()
+    return root is not None and bool(s) and _exists_or_unprobeable(root / s)
+
+
+def _exists_or_unprobeable(path: Path) -> bool:
+    """Does `path` exist? A name the kernel refuses to look up (too long,
+    no permission) counts as a path, so resolve_inside reports it cleanly."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):  # ENAMETOOLONG, EACCES, an embedded NUL
+        return True
+    return True
 
 
 def _escape_reason(root: Path, rel: Path) -> str:

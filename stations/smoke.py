@@ -26,10 +26,14 @@ import math
 import sys
 from pathlib import Path
 
-from factory.errors import StageFailed
+from factory.errors import StageFailed, printable
 from factory.load_plan import NodeMemory
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
+
+# A reload failure's text goes into error.json through the package stage:
+# short and printable (it may quote a hostile checkpoint).
+MAX_PROBLEM_CHARS = 1000
 
 PROBE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
 MIN_MAX_LOGPROB = -20.0
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_node_config(Layout(Path(args.root)).node_config) if args.root else NodeConfig()
         result = check(args.model_dir, config=config, base=args.base)
     except Exception as err:  # noqa: BLE001 - any failure to load is the finding
-        result = {"ok": False, "problems": [f"{type(err).__name__}: {err}"]}
+        result = {"ok": False, "problems": [f"{type(err).__name__}: {printable(str(err), MAX_PROBLEM_CHARS)}"]}
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

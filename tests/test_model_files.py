@@ -413,3 +413,34 @@ def test_prequantised_checkpoint_checks_layers_only(tiny_model, tmp_path: Path) 
     assert check_model_dir(model_dir).ok
     _edit_config(model_dir, num_hidden_layers=3)
     assert "layers [2] are not on disk" in str(check_model_dir(model_dir).problems[0])
+
+
+def _hostile_header(path: Path, header: dict, data: bytes = b"\0" * 16) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2, 2], "data_offsets": ["0", "16"]},
+    {"dtype": ["F32"], "shape": [2, 2], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [2, "x" * 3000], "data_offsets": [0, 16]},
+    {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]},
+])
+def test_hostile_header_types_are_a_clean_refusal_with_an_excerpt(tmp_path: Path, entry) -> None:
+    from factory.model_files import read_safetensors_header
+
+    path = _hostile_header(tmp_path / "model.safetensors", {"w": entry})
+    with pytest.raises(CheckpointError, match="malformed") as info:
+        read_safetensors_header(path)
+    assert len(str(info.value)) < 600
+
+
+def test_a_deeply_nested_header_is_not_json_not_a_crash(tmp_path: Path) -> None:
+    from factory.model_files import read_safetensors_header
+
+    raw = b"[" * 200000
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="not JSON"):
+        read_safetensors_header(path)

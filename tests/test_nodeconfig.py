@@ -3,6 +3,7 @@ aliases; every error names the file, the dotted key and the bad value."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -144,3 +145,20 @@ def test_commands_refuse_a_spinning_config_with_exit_78(root):
     r = factory("status", root=root)
     assert r.returncode == 78
     assert "key daemon.rescan_seconds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo", "huge"])
+def test_a_node_config_that_is_not_a_small_regular_file_is_a_config_error(tmp_path, kind):
+    from factory.errors import NodeConfigError
+    from factory.nodeconfig import load_node_config
+
+    path = tmp_path / "factory_node.toml"
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # would block a plain open() forever
+    else:
+        with open(path, "wb") as f:
+            f.truncate(64 * 2**20)
+    with pytest.raises(NodeConfigError, match="cannot be read as the node config"):
+        load_node_config(path)

@@ -593,3 +593,12 @@ def test_deep_nesting_in_free_form_fields_is_fine() -> None:
     assert check_bytes(raw).ok
     [finding] = check_bytes(b"[" * 100_000 + b"]" * 100_000).findings
     assert "nested too deeply" in finding.message
+
+
+def test_a_dataset_name_too_long_for_the_kernel_is_a_finding_not_a_traceback(tmp_path):
+    from factory.validation import check_bytes
+
+    alloy = {"name": "x", "version": "1.0.0", "source": {"baseModel": "selftest", "architecture": "selftest"},
+             "stages": [{"type": "train", "dataset": "a" * 5000, "steps": 1}]}
+    report = check_bytes(json.dumps(alloy).encode(), root=tmp_path)
+    assert all(len(str(f)) < 2500 for f in report.findings)
