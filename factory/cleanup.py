@@ -442,8 +442,7 @@ def _evict(line: Line, ev: Eviction) -> Outcome:
             # source is off its name.
             moved_on = _snapshot(line, ev.part, ev.work_dir, ev.watch) != ev.seen
             if not moved_on:
-                _follow(ev, target)
-                doomed = _hide(ev.work_dir)
+                doomed = _retire(ev, target)
     except OSError as err:
         where = f" to {ev.tier.name} {ev.tier.path}" if ev.tier else ""
         kept = "; the work dir is kept" + (f" and so is its verified copy {target}" if target else "")
@@ -673,6 +672,23 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
     os.rename(src, dst)
+
+
+def _retire(ev: Eviction, target: Path | None) -> Path:
+    """Point the records at the copy and take the source off its name, in
+    the order that never leaves a record pointing at nothing: a move follows
+    first (the copy exists); a delete hides first and puts the source back
+    if its records cannot be rewritten. Caller holds the line lock."""
+    if target is not None:
+        _follow(ev, target)
+        return _hide(ev.work_dir)
+    hidden = _hide(ev.work_dir)
+    try:
+        _follow(ev, None)
+    except OSError:
+        os.rename(hidden, ev.work_dir)
+        raise
+    return hidden
 
 
 def _hide(path: Path) -> Path:

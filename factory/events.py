@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import stat
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -245,10 +247,18 @@ def _store_counter(path: Path, seq: int) -> None:
     mode = durable.file_mode_for(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
     except OSError as err:
-        if err.errno != errno.ELOOP:
+        if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EINVAL):
             raise
-        os.unlink(path)  # a symlink planted under our name: never write through it
+        # A symlink, FIFO or directory planted under our name: never write
+        # through it; replace it with a counter of our own.
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
         fd, created = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), True
     try:
         os.pwrite(fd, record, 0)

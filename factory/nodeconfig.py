@@ -98,7 +98,7 @@ class ForgeSection(_Section):
     retry_backoff_seconds: float = Field(default=30.0, ge=0, le=DAY)
     # The memory budget of one part's process tree (RSS of the child and its
     # children), in GB. None: 90% of this node's physical RAM. Over it the
-    # daemon stops the part (an infrastructure failure) before the kernel's
+    # daemon stops the part (deterministic: rework, not retried) before the kernel's
     # OOM killer picks a process for it.
     part_memory_gb: float | None = Field(default=None, gt=0, le=2**20)
     # Pickle weights (.bin/.pt) and trust_remote_code both run code written

@@ -374,3 +374,20 @@ def test_a_read_only_disk_never_raises(tmp_path, caplog):
             subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         assert log.emit("part/finished", "p")["seq"] == 5
         assert _seqs(path) == [1, 5]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_counter_that_is_not_a_regular_file_is_replaced_and_events_go_on(tmp_path, kind):
+    from factory.events import EventLog, read_events
+
+    log = EventLog(tmp_path / "events.jsonl")
+    log.emit("daemon/started", None)
+    counter = tmp_path / ".events.seq"
+    counter.unlink()
+    if kind == "fifo":
+        os.mkfifo(counter)
+    else:
+        counter.mkdir()
+    log.emit("daemon/stopped", None)
+    assert [e["seq"] for e in read_events(tmp_path / "events.jsonl")] == [1, 2]
+    assert counter.is_file()
