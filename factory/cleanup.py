@@ -431,10 +431,10 @@ def _evict(line: Line, ev: Eviction) -> Outcome:
     """Copy (for a move), then under the line lock check the part did not
     move on, point its records at the copy and take the source off its
     name; delete it last. Any failure before that keeps the source."""
-    target = None
+    target = copy = None
     try:
         if ev.action == "move":
-            target = _copy_to_tier(ev)
+            copy = target = _copy_to_tier(ev)  # verified, still under its hidden .evicting name
         with line.locked():
             # RACE: while we copied, the part may have gone back on the line
             # (factory retry, a claim) or its record been rewritten; no move
@@ -442,6 +442,12 @@ def _evict(line: Line, ev: Eviction) -> Outcome:
             # source is off its name.
             moved_on = _snapshot(line, ev.part, ev.work_dir, ev.watch) != ev.seen
             if not moved_on:
+                # The copy takes its final name only now, next to the records'
+                # rewrite: a cleanup killed before this leaves a hidden copy
+                # of a dead pid, which the next cleanup removes.
+                if copy is not None:
+                    target = _rename_unique(copy, ev.target)
+                    durable.fsync_dir(target.parent)
                 doomed = _retire(ev, target)
     except OSError as err:
         where = f" to {ev.tier.name} {ev.tier.path}" if ev.tier else ""
@@ -480,8 +486,9 @@ def _follow(ev: Eviction, target: Path | None) -> None:
 
 
 def _copy_to_tier(ev: Eviction) -> Path:
-    """A verified copy of the work dir under its final name on the tier; on
-    any failure the partial copy is removed and the error raised."""
+    """A verified copy of the work dir on the tier, under a hidden temporary
+    name (the caller gives it its final name); on any failure the partial
+    copy is removed and the error raised."""
     tier = ev.tier.remeasured()
     if tier.problem:
         raise OSError(errno.ENOENT, tier.problem)
@@ -494,13 +501,12 @@ def _copy_to_tier(ev: Eviction) -> Path:
     try:
         digests = _copy_tree(ev.work_dir, tmp)
         _verify(ev.work_dir, tmp, digests)
-        final = _rename_unique(tmp, ev.target)
     except BaseException:
         if os.path.lexists(tmp):
             _remove(tmp)
         raise
     durable.fsync_dir(evicted)
-    return final
+    return tmp
 
 
 def _mkdir_durable(d: Path) -> None:

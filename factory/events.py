@@ -378,15 +378,26 @@ class EventLog:
 
 
 def _file_events(path: Path) -> Iterator[dict]:
+    """A log's events, read in chunks: memory is the events, not the file."""
     try:
-        with durable.open_regular(path) as f:
-            data = f.read()
+        f = durable.open_regular(path)
     except OSError:  # missing, or not a regular file
         return
-    for raw in data.split(b"\n"):
-        ev = parse_event(raw)
-        if ev is not None:
-            yield ev
+    lines = _LineBuffer()
+    with f:
+        for chunk in _chunks(f):
+            for raw in lines.feed(chunk):
+                ev = parse_event(raw)
+                if ev is not None:
+                    yield ev
+    ev = parse_event(lines.buf)  # a last line without its newline
+    if ev is not None:
+        yield ev
+
+
+def _chunks(f) -> Iterator[bytes]:
+    while chunk := f.read(_CHUNK):
+        yield chunk
 
 
 def read_events(path: Path, *, since: int = 0, keep: int = 5) -> list[dict]:
@@ -432,7 +443,7 @@ def follow(path: Path, *, since: int = 0, poll: float = 0.2, keep: int = 5,
 
     def drain() -> Iterator[dict]:
         nonlocal last
-        for raw in lines.feed(f.read()):
+        for raw in (line for chunk in _chunks(f) for line in lines.feed(chunk)):
             ev = parse_event(raw)
             if ev is None or ev["seq"] <= last:
                 continue
