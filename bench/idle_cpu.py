@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -49,6 +48,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+from machine import machine  # bench/machine.py: run as a script, bench/ is on sys.path
 
 # The target for an idle worker, percent of one core.
 TARGET_CPU_PERCENT = 1.0
@@ -207,20 +208,6 @@ def measure(tmp: Path, *, no_inotify: bool, seconds: float, settle: float) -> di
         "not_before": retried.get("not_before"),
         "target_met": 100 * cpu / wall < TARGET_CPU_PERCENT,
     }
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for raw in Path("/proc/cpuinfo").read_text().splitlines():
-            if raw.startswith("model name"):
-                model = raw.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-            "tmp": tempfile.gettempdir()}
 
 
 def markdown(fig: dict) -> str:

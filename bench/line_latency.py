@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -59,6 +58,7 @@ from pathlib import Path
 from factory import durable, intake
 from factory.line import Line
 from factory.nodeconfig import DaemonSection, load_node_config
+from machine import machine  # bench/machine.py: run as a script, bench/ is on sys.path
 
 # How long to wait for one event before calling the run broken.
 EVENT_TIMEOUT_SECONDS = 30.0
@@ -262,20 +262,6 @@ def line_overhead(tmp: Path, *, parts: int, baseline_runs: int) -> dict:
         "baseline_detail": {"before": baseline_before, "after": baseline_after},
         "ratio_per_part_to_baseline": round(per_part * 1000 / baseline_ms, 2),
     }
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for raw in Path("/proc/cpuinfo").read_text().splitlines():
-            if raw.startswith("model name"):
-                model = raw.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-            "tmp": tempfile.gettempdir()}
 
 
 def markdown(fig: dict) -> str:
