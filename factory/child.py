@@ -25,7 +25,7 @@ from factory.errors import StopRequested
 from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
 from factory.outcomes import (
-    EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, NO_ROOM_CAUSE, classify,
+    EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, classify,
 )
 from factory.protocol import CLAIMED_ALLOY, FAILURE_TEXT, Layout, parse_part
 from factory.stages import StageContext, load_stage, write_report_line
@@ -70,7 +70,7 @@ def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: P
     message = str(err) or type(err).__name__
     tb = traceback.format_exc()
     free = None
-    if verdict.no_room_path is not None or verdict.cause.startswith(NO_ROOM_CAUSE):
+    if verdict.no_room:
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
         free = free_bytes_at(Path(verdict.no_room_path or work_dir))
@@ -80,7 +80,7 @@ def _failure_report(err: BaseException, info: dict, work_dir: Path, stage_dir: P
         except OSError:
             pass  # a full disk: error.json keeps the capped message
     return {"t": "failed", **info, "class": verdict.cls, "cause": verdict.cause,
-            "no_room_path": verdict.no_room_path, "free_bytes": free, "message": message,
+            "no_room": verdict.no_room, "no_room_path": verdict.no_room_path, "free_bytes": free, "message": message,
             "exception": type(err).__name__, "traceback": tb}
 
 

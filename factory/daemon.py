@@ -42,7 +42,7 @@ from factory.integrity import alloy_hash
 from factory.line import Line, Part, Waiting
 from factory.locks import WorkerLock
 from factory.outcomes import (
-    EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_CAUSE, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
+    EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
 )
 from factory.protocol import (
     CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, MAX_ALLOY_BYTES, TICKET, parse_part,
@@ -684,7 +684,7 @@ class Daemon:
             name = signal_name(-rc)
             hint = " (usually the kernel's OOM killer: see `journalctl -k | grep -i oom`)" if name == "SIGKILL" else ""
             self._infra(ch, f"the part's process was killed by {name}{hint}")
-        elif rc == EXIT_INFRA and (failure.get("cause") or "").startswith(NO_ROOM_CAUSE):
+        elif rc == EXIT_INFRA and failure.get("no_room"):
             path = failure.get("no_room_path") or str(line.layout.work_dir(part.base))
             free = failure.get("free_bytes")  # measured by the child when the disk filled
             self._stage_failed(ch, stage=stage, failure_class="infrastructure",

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import durable
+from factory import durable, transitions
 from factory.errors import BadInput, Conflict
 from factory.events import utc_now
 from factory.line import Line, Part
@@ -67,8 +67,6 @@ def _rejection(part: Part, result: GateResult) -> dict:
 def reject(line: Line, part: Part, result: GateResult) -> Part | None:
     """Send a part that failed the gate to rework with a readable error.json.
     None when the part is no longer where the caller saw it."""
-    from factory import transitions
-
     rec = _rejection(part, result)
     try:
         return transitions.set_aside(line, part, rec, kind="part/rejected", outcome="rejected",
@@ -225,37 +223,35 @@ class Adopter:
         waits = [self.settle - (now - s.since) for s in self.seen.values() if now - s.since < self.settle]
         return max(0.0, min(waits)) if waits else None
 
-    def adopt(self, part: Part) -> Part:
+    def adopt(self, part: Part) -> Part | None:
         raw = durable.read_regular(part.path, limit=MAX_ALLOY_BYTES)
         result = gate(raw, file_name=part.path.name, line=self.line)
         with self.line.locked():
             # RACE: an enqueuer may have written the ticket since our scan.
             if part.sidecar_path(TICKET).exists() or not part.path.exists():
                 return part
-            if len(self.line.alloy_copies(part.base)) > 1:
-                return self._set_aside_duplicate(part)
-            durable.write_json(part.sidecar_path(TICKET), _ticket(result.priority, "dropped"))
+            others = [p for p in self.line.alloy_copies(part.base) if p.path != part.path]
+            if not others:
+                durable.write_json(part.sidecar_path(TICKET), _ticket(result.priority, "dropped"))
         self.seen.pop(part.path.name, None)
+        if others:
+            return self._set_aside_duplicate(part, others[0].station)
         self.line.events.emit("part/enqueued", part.base, origin="dropped", priority=result.priority,
                               bytes=len(raw))
         if not result.ok:
             return reject(self.line, part, result)
         return part
 
-    def _set_aside_duplicate(self, part: Part) -> Part:
+    def _set_aside_duplicate(self, part: Part, where: str) -> Part | None:
         """A hand drop whose name is already on the line: never let it touch
-        the other part's files; rename it to a free name in rework/ (caller
-        holds the line lock)."""
-        others = [p for p in self.line.alloy_copies(part.base) if p.path != part.path]
-        new = PartName(self.line.free_base(part.base))
+        the other part's files (transitions.set_aside gives it a free name)."""
         rec = error_record({"type": "intake", "index": None}, "deterministic",
                            f"{part.path.name} was dropped into intake/ but a part named {part.base!r} is already "
-                           f"on the line (in {others[0].station}/); this copy was set aside as {new.base!r}; "
-                           f"enqueue it under another name with `factory enqueue --as NAME`",
+                           f"on the line (in {where}/); this copy was set aside under the first free name "
+                           f"{part.base}-dup<N>; enqueue it under another name with `factory enqueue --as NAME`",
                            retries=0)
-        durable.write_json(self.line.layout.rework / new.sidecar(ERROR), rec)
-        durable.move(part.path, self.line.layout.rework / new.filename)
-        self.seen.pop(part.path.name, None)
-        moved = Part(new, "rework", self.line.layout.rework / new.filename)
-        self.line.events.emit("part/rejected", new.base, station="rework", message=rec["message"], problems=[])
-        return moved
+        try:
+            return transitions.set_aside(self.line, part, rec, kind="part/rejected", outcome="rejected",
+                                         payload={"station": "rework", "message": rec["message"], "problems": []})
+        except Conflict:
+            return None  # RACE: moved by someone else meanwhile

@@ -42,7 +42,6 @@ INFRA_EXCEPTIONS = frozenset({
 })
 # OS errors that say the node is out of room: the part waits, spends nothing.
 NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-NO_ROOM_CAUSE = "out of disk space"
 # OS errors of a flaky device or network filesystem: retried.
 INFRA_ERRNOS = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
                           errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE})
@@ -62,7 +61,8 @@ class Classified:
 
     cls: FailureClass
     cause: str  # one line: which kind of fault, for the message
-    no_room_path: str | None = None  # set for a full disk: the path that filled up
+    no_room: bool = False  # a full disk: the part waits for room, spends no retry
+    no_room_path: str | None = None  # the path that filled up, when the error names it
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -88,7 +88,7 @@ def classify(err: BaseException) -> Classified:
     """
     for e in _chain(err):
         if isinstance(e, OSError) and e.errno in NO_ROOM_ERRNOS:
-            return Classified("infrastructure", f"{NO_ROOM_CAUSE} ({e.strerror or 'ENOSPC'})",
+            return Classified("infrastructure", f"out of disk space ({e.strerror or 'ENOSPC'})", no_room=True,
                               no_room_path=e.filename if isinstance(e.filename, str) else None)
     for e in _chain(err):
         names = {c.__name__ for c in type(e).__mro__}
