@@ -118,10 +118,14 @@ def node_tiers(root: Path, config: NodeConfig) -> list[Tier]:
     hot = config.storage.hot
     tiers = [measure(config.hot_dir(Path(root).absolute()), name="hot", min_free_gb=hot.min_free_gb,
                      declared=hot.fs_type, read_mb_s=hot.read_mb_s, write_mb_s=hot.write_mb_s)]
-    for i, c in enumerate(config.storage.cold):
-        tiers.append(measure(c.path, name=f"cold[{i}]", min_free_gb=c.min_free_gb,
-                             declared=c.fs_type, read_mb_s=c.read_mb_s, write_mb_s=c.write_mb_s))
-    return tiers
+    return tiers + [cold_tier(config, i) for i in range(len(config.storage.cold))]
+
+
+def cold_tier(config: NodeConfig, i: int) -> Tier:
+    """Cold tier `i` of the node config, measured now."""
+    c = config.storage.cold[i]
+    return measure(c.path, name=f"cold[{i}]", min_free_gb=c.min_free_gb,
+                   declared=c.fs_type, read_mb_s=c.read_mb_s, write_mb_s=c.write_mb_s)
 
 
 # Cold-tier folders the factory writes into (docs/FACTORY-PROTOCOL.md).

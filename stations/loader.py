@@ -28,7 +28,7 @@ from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measu
 from factory.model_files import check_model_dir
 from factory.nodeconfig import ForgeSection, NodeConfig
 from factory.stages import StageContext
-from factory.tiers import measure, offload_dir
+from factory.tiers import cold_tier, offload_dir
 
 # On a CPU, float32 is exact and uses fast kernels on CPUs without bf16
 # support; it is chosen when twice the bf16 size still fits what the plan
@@ -117,18 +117,16 @@ def offload_folder(decision: LoadDecision, config: NodeConfig, base: str) -> Pat
     if folder is None:
         raise StageFailed(f"the load plan for {decision.model_dir} offloads to disk, but this node has no cold "
                           "tier; add a [[storage.cold]] tier to factory_node.toml or run the part on a larger node")
-    cold = config.storage.cold[0]
-    tier = measure(Path(cold.path), name="cold[0]", min_free_gb=cold.min_free_gb)
+    tier = cold_tier(config, 0)
     need = decision.spill_bytes
     if tier.problem is not None:
         raise StageFailed(f"the load plan for {decision.model_dir} offloads {need / GIB:.2f} GiB to the cold tier "
-                          f"storage.cold[0].path, but {tier.problem} (or fix storage.cold[0].path in "
-                          "factory_node.toml)")
+                          f"{tier.key}, but {tier.problem} (or fix {tier.key} in factory_node.toml)")
     if not tier.room_for(need):
         raise OSError(errno.ENOSPC, f"the load plan for {decision.model_dir} offloads {need / GIB:.2f} GiB to the "
-                                    f"cold tier storage.cold[0], which has {tier.free_gib:.2f} GiB free and keeps "
-                                    f"{cold.min_free_gb:g} GiB (storage.cold[0].min_free_gb); free space there",
-                      str(cold.path))
+                                    f"cold tier {tier.name}, which has {tier.free_gib:.2f} GiB free and keeps "
+                                    f"{tier.min_free_gb:g} GiB ({tier.key.removesuffix('.path')}"
+                                    ".min_free_gb); free space there", str(tier.path))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
