@@ -29,6 +29,16 @@ class NotARegularFile(OSError):
     followed or read (a symlink in intake/ could point at a secret)."""
 
 
+# What a file that is not regular is, in words, for every message that refuses one.
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symbolic link"}
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ("a FIFO (named pipe)", ...)."""
+    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
 def file_mode_for(directory: Path) -> int:
     """Files get their directory's permissions minus execute, never wider:
     an operator who closes the root to other users closes its files too."""
@@ -120,9 +130,10 @@ def _open_regular_fd(path: Path) -> int:
         if err.errno == errno.ELOOP:
             raise NotARegularFile(errno.ELOOP, "is a symbolic link (never followed)", str(path)) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
         os.close(fd)
-        raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
+        raise NotARegularFile(errno.EINVAL, f"is {kind}, not a regular file", str(path))
     return fd
 
 

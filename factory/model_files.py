@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Literal
 
 from adapters.registry import family_for_config
 from adapters.schema import Family, template_regex
+from factory.durable import file_kind
 from factory.errors import CheckpointError, UnknownArchitectureError, excerpt  # noqa: F401 - re-exported
 
 CONFIG_FILE = "config.json"
@@ -45,8 +46,6 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 model's index is a few MB); a bigger file is not a checkpoint's, and is not
 read into memory."""
 
-FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
-              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 DTYPE_BYTES: dict[str, float] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -110,11 +109,6 @@ def _allowed_dirs(model_dir: Path) -> tuple[Path, ...]:
     return (real,)
 
 
-def _kind(mode: int) -> str | None:
-    """What a file that is not regular is, in words; None for a regular file."""
-    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
 def _real_inside(path: Path, model_dir: Path) -> Path:
     """The real path behind `path`, refused if a symlink leads out of the
     model directory (and its HF blobs)."""
@@ -139,7 +133,7 @@ def checked_file(path: Path, *, model_dir: Path) -> Path:
             mode = os.stat(real).st_mode
         except FileNotFoundError as err:
             raise CheckpointError(path, f"is a dangling symlink (to {real})", "finish the download") from err
-    kind = _kind(mode)
+    kind = file_kind(mode)
     if kind is not None:
         raise CheckpointError(path, f"is {kind}, not a regular file",
                               "replace it with the real file (re-download or re-save the checkpoint)")
@@ -153,7 +147,7 @@ def open_checked(path: Path, *, model_dir: Path) -> BinaryIO:
     # keeps a FIFO put there meanwhile from blocking the open, O_NOFOLLOW
     # refuses a symlink, and fstat checks what was actually opened.
     fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    kind = _kind(os.fstat(fd).st_mode)
+    kind = file_kind(os.fstat(fd).st_mode)
     if kind is not None:
         os.close(fd)
         raise CheckpointError(path, f"is {kind}, not a regular file", "replace it with the real file")
@@ -697,7 +691,7 @@ def _entry_problems(model_dir: Path) -> list[ModelProblem]:
             continue
         except FileNotFoundError:  # a dangling link; a shard's is reported by its header read
             continue
-        kind = None if stat.S_ISDIR(mode) else _kind(mode)
+        kind = None if stat.S_ISDIR(mode) else file_kind(mode)
         if kind is not None:
             problems.append(ModelProblem("files", f"{entry}: is {kind}, not a regular file (opening it would "
                                                   "block or read without end)",

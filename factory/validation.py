@@ -54,6 +54,7 @@ from factory.alloy import (
     LoraStage,
     Stage,
 )
+from factory.durable import file_kind
 from factory.integrity import alloy_hash, model_hash
 from factory.errors import EXCERPT_CHARS, PathEscapeError, excerpt, printable  # noqa: F401 - PathEscapeError, excerpt re-exported
 from factory.protocol import ALLOY_SUFFIX, MAX_ALLOY_BYTES, MAX_BASE_CHARS, check_base
@@ -241,13 +242,6 @@ class _Unreadable:
     value: object = None
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 _TOO_BIG_FIX = ("check that this is the alloy you meant (real alloys are well under 100 KB); keep data such "
                 "as corpora in separate files the alloy names")
 
@@ -257,7 +251,7 @@ def _too_big(size: int | str, *, done: str = "read") -> str:
 
 
 def _not_regular(mode: int) -> _Unreadable:
-    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "not a regular file")
+    kind = file_kind(mode) or "not a regular file"
     return _Unreadable(f"is {kind}, not a regular file; it was not read",
                        "pass the alloy file itself (a regular file holding the JSON)")
 
