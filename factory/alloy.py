@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -157,6 +157,14 @@ class Stage(AlloyModel):
     type: str
     timeout_seconds: float | None = Field(default=None, gt=0)
 
+    def field_value(self, key: str) -> Any:
+        """The value of the on-disk (camelCase) `key`: a declared field, its
+        schema default when unset, or an extra key the alloy carries."""
+        for name, info in type(self).model_fields.items():
+            if info.alias == key:
+                return getattr(self, name)
+        return (self.model_extra or {}).get(key)
+
 
 class GenericStage(Stage):
     """A stage whose `type` this factory does not know; kept verbatim so a
@@ -171,10 +179,16 @@ class ExpertActivationProfileStage(Stage):
     # one of the two is required (checked in validation).
     calibration_corpus: str | None = None
     calibration_corpus_file: str | None = None
+    metric: Literal["activation_count", "router_l2", "activation_magnitude"] = "activation_count"
+    # Tokens per calibration sequence; forge-alloy spells it maxLength.
     sequence_length: PositiveInt | None = None
+    max_length: int | None = Field(default=None, ge=128)
     min_tokens_per_expert: int | None = Field(default=None, ge=0)
     calibration_examples: PositiveInt | None = None
     calibration_tokens: PositiveInt | None = None
+    # A torch device string ("cuda:0", "cpu"); never a GPU's display name.
+    device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?|auto)$")
+    importance_output: str | None = None
     metric_version: str | None = None
     implementation: str | None = None
     notes: str | None = None
@@ -197,8 +211,15 @@ class ExpertPruneStage(Stage):
     prune_pct: float | None = Field(default=None, ge=0, lt=100)
     top_k: PositiveInt | None = None
     strategy: str | None = None
+    selection_strategy: str | None = None
     metric: str | None = None
     metric_source: str | None = None
+    profile_dataset: str | None = None
+    profile_steps: PositiveInt | None = None
+    importance_json: str | None = None
+    expert_tensor_layout: Literal["auto", "mlp-experts-unfused", "block_sparse_moe-unfused", "granite-moe-fused",
+                                  "deepseek-routed-shared"] = "auto"
+    calibration_corpus: str | None = None
     experts_dropped: int | None = Field(default=None, ge=0)
     experts_renamed: int | None = Field(default=None, ge=0)
     router_sliced_layers: int | None = Field(default=None, ge=0)
@@ -212,39 +233,57 @@ class ExpertPruneStage(Stage):
     notes: str | None = None
 
 
+PruneStrategy = Literal["entropy", "magnitude", "gradient", "random", "activation-magnitude",
+                        "calibration-aware-activation-count", "per-layer-normalized-router-importance"]
+
+
 class PruneStage(Stage):
     """Attention-head pruning. Above 0.9 a model no longer recovers, and
-    forge-alloy's own schema caps `level` there."""
+    forge-alloy's own schema caps `level` there. Strategies and defaults are
+    forge-alloy's."""
 
     type: Literal["prune"] = "prune"
-    strategy: str
+    strategy: PruneStrategy
     level: float = Field(ge=0.0, le=0.9)
-    min_heads_per_layer: PositiveInt | None = None
-    min_kv_heads_per_layer: PositiveInt | None = None
-    analysis_steps: PositiveInt | None = None
+    min_heads_per_layer: PositiveInt = 4
+    min_kv_heads_per_layer: PositiveInt = 2
+    analysis_steps: PositiveInt = 200
+    calibration_corpus: str | None = None
+    calibration_corpus_file: str | None = None
     per_layer_normalized: bool | None = None
     defrag_mode: str | None = None
     notes: str | None = None
 
 
-class _TrainingFields(Stage):
-    """Optimiser fields shared by train and the LoRA stages. All optional:
-    the family adapter fills defaults at run time (as forge-alloy does)."""
+DOMAINS = ("code", "reasoning", "general", "chat", "science")
+"""Training domains: keys the node config's [domains] table maps to a
+dataset. A domain is never itself a dataset name."""
 
-    domain: str | None = None
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "polynomial"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class _TrainingFields(Stage):
+    """Optimiser fields shared by train and the LoRA stages, with forge-alloy's
+    ranges and defaults. `steps` and `learningRate` have none here: they come
+    from the family and the model's size at run time (factory.datasets), and
+    the resolved values are written into the executed alloy."""
+
+    domain: str | None = None  # one of DOMAINS when it selects the data (checked in validation)
     dataset: str | None = None
     steps: PositiveInt | None = None
-    epochs: PositiveInt | None = None
+    epochs: int | None = Field(default=None, ge=1, le=20)
     learning_rate: LearningRate | None = None
-    batch_size: PositiveInt | None = None
-    gradient_accumulation: PositiveInt | None = None
-    scheduler: str | None = None
-    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    weight_decay: float | None = Field(default=None, ge=0.0)
-    max_gradient_norm: float | None = Field(default=None, gt=0.0)
-    precision: str | None = None
-    sequence_length: PositiveInt | None = None
+    batch_size: int = Field(default=4, ge=1, le=64)
+    gradient_accumulation: int = Field(default=1, ge=1, le=16)
+    scheduler: Scheduler = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_gradient_norm: float = Field(default=1.0, gt=0.0, le=10.0)
+    precision: Precision = "bf16"
+    sequence_length: int = Field(default=2048, ge=16, le=131072)
     optimizations: list[str] | None = None
+    seed: int = Field(default=0, ge=0)
     notes: str | None = None
 
 
@@ -262,9 +301,9 @@ class LoraStage(_TrainingFields):
     type: Literal["lora"] = "lora"
     rank: int | None = Field(default=None, ge=1, le=256)
     lora_rank: int | None = Field(default=None, ge=1, le=256)
-    alpha: float | None = Field(default=None, gt=0)
-    lora_alpha: float | None = Field(default=None, gt=0)
-    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    alpha: float | None = Field(default=None, gt=0, le=512)
+    lora_alpha: float | None = Field(default=None, gt=0, le=512)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
     quantize: bool | None = None
     quantize_bits: Literal[4, 8] | None = None
@@ -274,16 +313,41 @@ class LoraStage(_TrainingFields):
     teacher: str | None = None
     teacher_precision: str | None = None
     student_precision: str | None = None
-    loss_type: str | None = None
-    kd_temperature: float | None = Field(default=None, gt=0)
+    # forge-alloy's kl_logits | mse_hidden | both; "kl+ce" is ours (KL plus
+    # next-token cross-entropy on the calibration text).
+    loss_type: Literal["kl_logits", "mse_hidden", "both", "kl+ce"] = "kl_logits"
+    kd_temperature: float = Field(default=2.0, gt=0)
     calibration_dataset: str | None = None
     calibration_source: str | None = None
     trainable_params_pct: float | None = Field(default=None, ge=0, le=100)
 
     @property
-    def effective_rank(self) -> int | None:
-        """The adapter rank, whichever key the alloy used."""
-        return self.rank if self.rank is not None else self.lora_rank
+    def effective_rank(self) -> int:
+        """The adapter rank, whichever key the alloy used (forge-alloy's
+        default 32 for a plain LoRA)."""
+        for value in (self.rank, self.lora_rank):
+            if value is not None:
+                return value
+        return self.default_rank
+
+    @property
+    def effective_alpha(self) -> float:
+        """LoRA alpha, whichever key the alloy used; twice the rank if unset."""
+        for value in (self.alpha, self.lora_alpha):
+            if value is not None:
+                return value
+        return 2.0 * self.effective_rank
+
+    @property
+    def merges(self) -> bool:
+        """Whether the adapter is merged into the saved weights."""
+        for value in (self.merge_after, self.merged_at_save):
+            if value is not None:
+                return value
+        return self.merges_by_default
+
+    default_rank: ClassVar[int] = 32
+    merges_by_default: ClassVar[bool] = False
 
 
 class CompensationLoraStage(LoraStage):
@@ -292,26 +356,35 @@ class CompensationLoraStage(LoraStage):
     type: Literal["compensation-lora"] = "compensation-lora"  # type: ignore[assignment]
     teacher: str
     calibration_corpus: str | None = None
+    calibration_corpus_file: str | None = None
+    teacher_quant: Literal["8bit", "4bit", "fp16"] | None = None
+    student_quant: Literal["fp16", "4bit", "8bit"] | None = None
+
+    default_rank: ClassVar[int] = 16
+    merges_by_default: ClassVar[bool] = True
 
 
 class CompactStage(Stage):
-    """Activity-threshold compaction; thresholds are fractions of peak."""
+    """Activity-threshold compaction; thresholds are fractions of each
+    layer's peak importance (docs/COMPACT.md), defaults forge-alloy's."""
 
     type: Literal["compact"] = "compact"
-    dead_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    dormant_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    low_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    medium_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    high_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    dead_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
+    dormant_threshold: float = Field(default=0.2, ge=0.0, le=1.0)
+    low_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
+    medium_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    high_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
     target_size_gb: float | None = Field(default=None, gt=0)
-    enable_quantization: bool | None = None
+    enable_quantization: bool = True
+    calibration_corpus: str | None = None
+    calibration_corpus_file: str | None = None
 
 
 class QuantStage(Stage):
     """Quantised export (gguf, mlx, ...). `tiers` is free-form per quant type."""
 
     type: Literal["quant"] = "quant"
-    format: str
+    format: Literal["gguf", "mlx", "safetensors", "onnx", "bnb-nf4", "bnb-4bit"]
     quant_types: list[str] = Field(min_length=1)
     device_targets: list[str] | None = None
     tool: str | None = None
@@ -328,6 +401,10 @@ class BenchmarkSpec(AlloyModel):
     metric: str | None = None
     calibrated: bool | None = None
     submit_to_leaderboard: bool | None = None
+    samples_path: str | None = None
+    base_samples_path: str | None = None
+    calibration_anchor: dict[str, Any] | None = None
+    notes: str | None = None
 
 
 class EvalStage(Stage):
@@ -336,7 +413,7 @@ class EvalStage(Stage):
     type: Literal["eval"] = "eval"
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     passing_threshold: float | None = None
-    compare_to_base: bool | None = None
+    compare_to_base: bool = True
     calibration_anchor: dict[str, Any] | None = None
     notes: str | None = None
 
@@ -346,8 +423,10 @@ class PackageStage(Stage):
 
     type: Literal["package"] = "package"
     format: str
+    runtime: str | None = None
+    optimization: str = "balanced"
     validate_on: list[str] | None = None
-    include_tokenizer: bool | None = None
+    include_tokenizer: bool = True
     notes: str | None = None
 
 
@@ -355,8 +434,8 @@ class ContextExtendStage(Stage):
     """RoPE scaling (yarn, ntk, ...) to a longer context."""
 
     type: Literal["context-extend"] = "context-extend"
-    target_length: PositiveInt
-    method: str
+    target_length: int = Field(ge=1024)
+    method: Literal["yarn", "ntk", "linear", "dynamic-ntk"]
     training_dataset: str | None = None
     training_steps: PositiveInt | None = None
 
@@ -367,6 +446,8 @@ class SourceConfigStage(Stage):
     type: Literal["source-config"] = "source-config"
     context_length: PositiveInt | None = None
     input_modalities: list[str] | None = None
+    tokenizer: str | None = None
+    target_batch_size: PositiveInt | None = None
     target_devices: list[str] | None = None
 
 
@@ -374,12 +455,14 @@ class ModalityStage(Stage):
     """Grafts an encoder (vision, audio) onto the language model."""
 
     type: Literal["modality"] = "modality"
-    modality: str
+    modality: Literal["vision", "audio", "multimodal"]
     encoder_model: str
-    projection_arch: str | None = None
-    freeze_base: bool | None = None
-    freeze_encoder: bool | None = None
+    projection_arch: Literal["mlp", "cross-attention", "linear"] = "mlp"
+    freeze_base: bool = True
+    freeze_encoder: bool = True
+    training_dataset: str | None = None
     training_steps: PositiveInt | None = None
+    projection_dim: PositiveInt | None = None
 
 
 class PublishStage(Stage):
@@ -387,11 +470,12 @@ class PublishStage(Stage):
 
     type: Literal["publish"] = "publish"
     org: str
-    repo_name_template: str | None = None
-    include_alloy: bool | None = None
-    card_from_benchmarks: bool | None = None
+    repo_name_template: str = "{base}-{domain}-forged"
+    include_alloy: bool = True
+    card_from_benchmarks: bool = True
     tags: list[str] | None = None
-    private: bool | None = None
+    private: bool = False
+    card_hash: str | None = None
 
 
 class DeliverStage(Stage):
@@ -405,8 +489,10 @@ class DeployStage(Stage):
 
     type: Literal["deploy"] = "deploy"
     target: str
-    health_check: bool | None = None
-    warmup: bool | None = None
+    health_check: bool = True
+    warmup: bool = True
+    max_concurrency: PositiveInt | None = None
+    auto_scale: bool | None = None
 
 
 SelftestOutcome = Literal["pass", "fail", "crash", "hang", "nospace"]
@@ -422,7 +508,9 @@ class SelftestStage(Stage):
     outcome: SelftestOutcome = "pass"
 
 
-# The one table of stage types: a new stage is an entry here, not an `if`.
+# The schema of each stage type (the discriminated union below). What the
+# factory does with a type (role, station, data keys, probes) is its row in
+# factory.catalog, which covers every type here.
 STAGE_TYPES: dict[str, type[Stage]] = {
     "expert-activation-profile": ExpertActivationProfileStage,
     "expert-prune": ExpertPruneStage,
@@ -443,8 +531,6 @@ STAGE_TYPES: dict[str, type[Stage]] = {
     "selftest": SelftestStage,
 }
 GENERIC_TAG = "*"  # union tag of GenericStage; never a real stage type
-# Stage types that only make sense on a mixture-of-experts model.
-MOE_STAGE_TYPES = frozenset({"expert-activation-profile", "expert-prune"})
 
 
 def _stage_tag(value: object) -> str:

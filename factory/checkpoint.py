@@ -44,7 +44,9 @@ class Checkpoint:
             data = durable.read_json(path)
         except (FileNotFoundError, ValueError):
             data = None
-        if not data or data.get("alloy_sha256") != alloy_sha256:
+        # Factories before protocol fix 9 wrote "sha256:<hex>" here; their
+        # checkpoints still resume.
+        if not data or str(data.get("alloy_sha256")).removeprefix("sha256:") != alloy_sha256:
             return cls(path, alloy_sha256)
         return cls(path, alloy_sha256, list(data.get("stages", [])))
 

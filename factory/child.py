@@ -20,15 +20,19 @@ import time
 import traceback
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from factory.alloy import Alloy
+from factory.catalog import SHIP, kind_of, load_station
 from factory.checkpoint import Checkpoint, hash_outputs
-from factory.errors import StopRequested
-from factory.integrity import alloy_hash
+from factory.errors import StageFailed, StopRequested
+from factory.integrity import alloy_hash, sha256_hex
 from factory.nodeconfig import load_node_config
 from factory.outcomes import (
     EXIT_DONE, EXIT_FAILED, EXIT_INFRA, EXIT_STOPPED, MAX_MESSAGE_CHARS, classify,
 )
 from factory.protocol import CLAIMED_ALLOY, FAILURE_TEXT, Layout, parse_part
-from factory.stages import StageContext, load_stage, write_report_line
+from factory.stages import StageContext, write_report_line
 from factory.tiers import free_bytes_at, offload_dir
 
 _PR_SET_PDEATHSIG = 1
@@ -106,21 +110,24 @@ def run_part(layout: Layout, filename: str, report) -> int:
         # assembly/ (which someone may edit or delete while the part runs).
         raw = (work_dir / CLAIMED_ALLOY).read_bytes()
         alloy = json.loads(raw)
-        stages = alloy.get("stages", [])
+        recipe = _typed(alloy)
         raw_hash = alloy_hash(raw)
-        ckpt = Checkpoint.load(work_dir, raw_hash)
-        done = ckpt.verified_prefix(work_dir, [s.get("type") for s in stages])
+        ckpt = Checkpoint.load(work_dir, sha256_hex(raw))
+        done = ckpt.verified_prefix(work_dir, [s.type for s in recipe.stages])
         if done < len(ckpt.stages):
             ckpt.truncate(done)
             ckpt.save()
-        for i, stage in enumerate(stages):
-            info = {"index": i, "type": stage.get("type")}
+        for i, stage in enumerate(recipe.stages):
+            info = {"index": i, "type": stage.type}
             if i < done:
                 report({"t": "stage_skipped", **info, "reason": "checkpoint verified"})
                 continue
+            if kind_of(stage.type).role == SHIP:
+                _hand_off(alloy, i, ckpt, report)
+                continue
             report({"t": "stage_started", **info})
-            stage_dir = work_dir / "stages" / f"{i}-{stage.get('type')}"
-            _run_stage(layout, config, alloy, stage, i, work_dir, stage_dir, ckpt, raw_hash, report)
+            stage_dir = work_dir / "stages" / f"{i}-{stage.type}"
+            _run_stage(layout, config, alloy, recipe, i, work_dir, stage_dir, ckpt, raw_hash, report)
     except StopRequested:
         report({"t": "stopped", **info})
         return EXIT_STOPPED
@@ -132,20 +139,43 @@ def run_part(layout: Layout, filename: str, report) -> int:
     return EXIT_DONE
 
 
-def _run_stage(layout: Layout, config, alloy: dict, stage: dict, i: int, work_dir: Path, stage_dir: Path,
+def _typed(alloy: dict) -> Alloy:
+    """The claimed alloy as the stations receive it. The intake gate
+    validated these bytes, so a failure here means the schema changed under
+    a queued part (a factory upgrade): the part fails with the schema's words."""
+    try:
+        return Alloy.model_validate(alloy)
+    except ValidationError as err:
+        raise StageFailed(f"the claimed alloy no longer validates against this factory's schema: {err}; "
+                          "run `factory validate` on it, fix it and enqueue it again") from None
+
+
+def _hand_off(alloy: dict, i: int, ckpt: Checkpoint, report) -> None:
+    """A ship-role stage (publish, deliver, deploy) is not run here: its
+    checkpoint entry records it as handed off, with its parameters as the
+    alloy wrote them, and result.json lists it for the shipping side."""
+    stage = alloy["stages"][i]
+    entry = {"index": i, "type": stage["type"], "elapsed_s": 0.0, "outputs": {},
+             "metrics": {}, "handed_off": {"role": SHIP, "params": stage}}
+    ckpt.record(entry)
+    report({"t": "stage_handed_off", "index": i, "type": stage["type"], "role": SHIP})
+
+
+def _run_stage(layout: Layout, config, alloy: dict, recipe: Alloy, i: int, work_dir: Path, stage_dir: Path,
                ckpt: Checkpoint, raw_hash: str, report) -> None:
     """One stage from scratch, then its checkpoint entry (outputs hashed)."""
     shutil.rmtree(stage_dir, ignore_errors=True)  # a stage restarts from scratch
     stage_dir.mkdir(parents=True)
-    ctx = StageContext(layout=layout, config=config, alloy=alloy, stage=stage, index=i,
+    stage = recipe.stages[i]
+    ctx = StageContext(layout=layout, config=config, alloy=alloy, recipe=recipe, stage=stage, index=i,
                        work_dir=work_dir, stage_dir=stage_dir, previous=list(ckpt.stages),
                        report=report, stop_requested=lambda: _stop, alloy_hash=raw_hash)
     t0 = time.monotonic()
     try:
-        result = load_stage(stage.get("type"))(ctx)
+        result = load_station(stage.type)(ctx)
     finally:
         _drop_offload(config, work_dir.name)
-    entry = {"index": i, "type": stage.get("type"), "elapsed_s": round(time.monotonic() - t0, 3),
+    entry = {"index": i, "type": stage.type, "elapsed_s": round(time.monotonic() - t0, 3),
              "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
     vram = _peak_vram_mb()
     if vram is not None:

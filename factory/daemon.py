@@ -38,7 +38,7 @@ from factory.durable import NotARegularFile
 from factory.errors import FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
-from factory.integrity import alloy_hash
+from factory.integrity import sha256_hex
 from factory.line import Line, Part, Waiting
 from factory.locks import WorkerLock
 from factory.outcomes import (
@@ -90,7 +90,7 @@ class Running:
     fd: int
     started: float
     alloy: dict  # parsed once at start (it passed the gate: stages is a list of objects)
-    alloy_sha256: str  # of the bytes gated at claim: what the part runs and its result names
+    alloy_sha256: str  # bare hex, of the bytes gated at claim: what the part runs and its result names
     buf: bytes = b""
     stage: dict | None = None
     stage_started: float = 0.0
@@ -429,7 +429,7 @@ class Daemon:
         finally:
             os.close(w)
         self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
-                             alloy=json.loads(raw), alloy_sha256=alloy_hash(raw))
+                             alloy=json.loads(raw), alloy_sha256=sha256_hex(raw))
         self.sel.register(r, selectors.EVENT_READ, "child")
         self.beat.part = part.base
         self.set_state("building")
@@ -587,6 +587,8 @@ class Daemon:
                         total=msg.get("total"), unit=msg.get("unit"))
         elif t == "stage_skipped":
             ev.emit("stage/skipped", base, stage=stage, reason=msg.get("reason"))
+        elif t == "stage_handed_off":
+            ev.emit("stage/handed-off", base, stage=stage, role=msg.get("role"))
         elif t == "stage_completed":
             self._sample(ch)
             payload = {"stage": stage, "elapsed_s": msg.get("elapsed_s"),

@@ -116,7 +116,7 @@ def run_checks(root: Path) -> list[Check]:
 def _sandbox() -> Check:
     """Benchmarks that execute generated code (HumanEval) need the OS
     sandbox; without it they are refused at plan time, so say so here."""
-    from stations.sandbox import sandbox_available  # stdlib only, no torch
+    from factory.sandbox import sandbox_available  # stdlib only, no torch
 
     why = sandbox_available()
     if why is None:

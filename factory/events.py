@@ -41,7 +41,7 @@ KINDS = frozenset({
     "part/released", "part/deferred", "part/resumed", "part/vanished", "part/waiting",
     "part/set-aside", "part/stalled",
     "part/finished", "part/rework", "part/cancelled",
-    "stage/started", "stage/progress", "stage/completed", "stage/failed", "stage/skipped",
+    "stage/started", "stage/progress", "stage/completed", "stage/failed", "stage/skipped", "stage/handed-off",
     "model/load",
 })
 

@@ -48,8 +48,15 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def alloy_hash(raw: bytes) -> str:
-    """`sha256:<hex>` of an alloy file's exact bytes."""
-    return HASH_PREFIX + hashlib.sha256(raw).hexdigest()
+    """`sha256:<hex>` of an alloy file's exact bytes (the alloy's own
+    `alloyHash` convention)."""
+    return HASH_PREFIX + sha256_hex(raw)
+
+
+def sha256_hex(raw: bytes) -> str:
+    """Bare sha256 hex of some bytes: what the line's records name
+    `*_sha256` (checkpoint.json, result.json)."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def sha256_file(path: Path | str, *, chunk: int = DEFAULT_CHUNK) -> str:

@@ -19,7 +19,6 @@ here imports torch or reads tensor data: the daemon and the CLI both plan.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,31 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from adapters import Family, UnknownArchitectureError, get_family
-from factory.alloy import MOE_STAGE_TYPES, Alloy, CalibrationCorpus, ExpertPruneStage, LoraStage, Stage
+from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, Stage
+from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
 from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
 from factory.model_files import CONFIG_FILE, CheckpointInfo, check_model_dir
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
 from factory.sources import SELFTEST, ResolvedSource, SourceError, inside_root_or_cold, looks_local, resolve_source
-from factory.stages import registered_stage_types
 from factory.tiers import Tier, node_tiers
 from factory.validation import Finding, PathEscapeError, check_file, excerpt, resolve_inside
 
 SOURCE_PATH = "$.source.baseModel"
 ARCH_PATH = "$.source.architecture"
 
-# Stages another role runs: listed in the plan as handed off, never dropped.
-# Everything else is forge work.
-STAGE_ROLES: dict[str, str] = {"publish": "ship", "deliver": "ship", "deploy": "ship"}
-FORGE_ROLE = "forge"
-# Stages that write a whole new copy of the model into the work dir. Training
-# counts always (a full fine-tune rewrites every weight); adapter stages only
-# when they merge the adapter into the weights.
-FULL_COPY_STAGES = frozenset({"expert-prune", "prune", "train", "quant", "package", "context-extend"})
-MERGING_STAGES = frozenset({"lora", "compensation-lora"})
-# Stages that read a calibration corpus (by `calibrationCorpus` id or file).
-CORPUS_STAGES = frozenset({"expert-activation-profile", "compensation-lora"})
 
 
 # ── the plan ────────────────────────────────────────────────────────────────
@@ -59,14 +47,15 @@ CORPUS_STAGES = frozenset({"expert-activation-profile", "compensation-lora"})
 
 @dataclass(frozen=True)
 class StagePlan:
-    """Who runs one stage: a station on this node, or another role's node."""
+    """Who runs one stage: a station on this node, the shipping side, or
+    nobody (a refused type; the plan has a finding for it)."""
 
     index: int
     type: str
-    role: str  # "forge", or the role that runs it ("ship")
-    station: str | None  # "module:callable" from the stage registry
+    role: str  # the catalog's: "forge", "ship" or "refused"
+    station: str | None  # "module:callable" from factory.catalog
     runs_here: bool
-    handed_off: bool  # another node's role runs it: listed, not a problem
+    handed_off: bool  # the ship role runs it after the part finishes: listed, not a problem
 
 
 @dataclass(frozen=True)
@@ -88,7 +77,7 @@ class Resources:
 
     model_bytes: int  # tensor bytes on disk, from the safetensors headers
     bytes_at_16bit: int  # what loading in bf16 takes, and what each copy writes
-    full_copies: int  # stages that write a whole model copy
+    full_copies: float  # model copies the stages write, in units of the 16-bit model (factory.catalog)
     work_dir_bytes: int  # bytes_at_16bit x (1 + full_copies)
     hot: Tier
 
@@ -99,7 +88,7 @@ class Resources:
     def to_json(self) -> dict[str, Any]:
         return {
             "model_gib": _gib(self.model_bytes), "model_gib_at_16bit": _gib(self.bytes_at_16bit),
-            "full_copies": self.full_copies, "work_dir_gib": _gib(self.work_dir_bytes),
+            "full_copies": round(self.full_copies, 3), "work_dir_gib": _gib(self.work_dir_bytes),
             "hot_tier": {"path": str(self.hot.path), "free_gib": _gib(self.hot.free_bytes),
                          "min_free_gb": self.hot.min_free_gb},
             "fits": self.fits,
@@ -148,8 +137,8 @@ class Plan:
         if self.family is not None:
             lines.append(f"  family:    {_family_text(self.family)}")
         for s in self.stages:
-            where = s.station if s.runs_here else (f"handed to a {s.role} node" if s.handed_off
-                                                   else "NOT RUNNABLE HERE")
+            where = s.station if s.runs_here else ("handed to the ship role (listed in result.json)"
+                                                   if s.handed_off else "NOT RUNNABLE HERE")
             lines.append(f"  stage {s.index}:   {s.type:<26} {s.role:<6} {where}")
         if self.load_plan is not None:
             lp = self.load_plan
@@ -187,7 +176,7 @@ def _family_text(f: FamilyPlan) -> str:
 
 def _resources_text(r: Resources) -> str:
     return (f"model {_gib_text(r.model_bytes)} on disk, {_gib_text(r.bytes_at_16bit)} at 16 bit; "
-            f"work dir {_gib_text(r.work_dir_bytes)} (1 + {r.full_copies} full copies); hot tier "
+            f"work dir {_gib_text(r.work_dir_bytes)} (1 + {r.full_copies:g} model copies); hot tier "
             f"{r.hot.path} has {_gib_text(r.hot.free_bytes)} free and keeps {r.hot.min_free_gb:g} GiB")
 
 
@@ -286,19 +275,20 @@ def check_architecture(ctx: _Context) -> Iterator[Finding]:
 
 
 def check_stations(ctx: _Context) -> Iterator[Finding]:
-    """Each stage has a station here, or a role that takes it elsewhere."""
-    stations, roles = registered_stage_types(), ctx.config.node.roles
-    known = ", ".join(sorted(stations)) or "none"
+    """Each stage is forge work a station here runs, or ship work handed
+    off; a type of another domain, or unknown, is refused now, never after
+    GPU time."""
+    roles = ctx.config.node.roles
     for i, stage in enumerate(ctx.alloy.stages):
-        role, station = STAGE_ROLES.get(stage.type, FORGE_ROLE), stations.get(stage.type)
-        handed_off = role != FORGE_ROLE and role not in roles
-        ctx.stages.append(StagePlan(i, stage.type, role, station, role in roles and station is not None, handed_off))
+        kind = kind_of(stage.type)
+        runs_here = kind.role == FORGE and FORGE in roles
+        ctx.stages.append(StagePlan(i, stage.type, kind.role, kind.station, runs_here, kind.role == SHIP))
         where = f"$.stages[{i}].type"
-        if role in roles and station is None:
-            problem = f"stage type {stage.type!r} has no station on this node (registered: {known})"
-            yield _finding(where, stage.type, problem, "install the station that provides it "
-                                                       "(a forge_factory.stages entry point) or remove the stage")
-        elif role == FORGE_ROLE and role not in roles:
+        if kind.role == REFUSED:
+            yield _finding(where, stage.type, f"stage type {stage.type!r} {kind.reason}",
+                           f"remove $.stages[{i}]; stage types this factory runs: {', '.join(forge_types())}; "
+                           "handed to the ship role: publish, deliver, deploy")
+        elif kind.role == FORGE and FORGE not in roles:
             problem = f"stage type {stage.type!r} is forge work, but this node's roles are {list(roles)}"
             yield _finding(where, stage.type, problem, "queue the alloy on a forge node, or add \"forge\" to "
                                                        "node.roles in factory_node.toml")
@@ -328,8 +318,18 @@ def check_calibration_corpora(ctx: _Context) -> Iterator[Finding]:
 
 
 def _check_stage_corpus(ctx: _Context, i: int, stage: Stage, corpora: list[CalibrationCorpus]) -> Iterator[Finding]:
-    data = stage.model_dump(by_alias=True, exclude_unset=True)
-    name, file = data.get("calibrationCorpus"), data.get("calibrationCorpusFile")
+    """The corpus keys the catalog lists for this type: an id must name a
+    calibrationCorpora entry with a path (or the stage give a file); a file
+    must be inside the root (with the entry's hash when it names one)."""
+    keys = kind_of(stage.type).corpus_keys
+    if not keys:
+        return
+    ids = [k for k in keys if not k.endswith("File")]
+    files = [k for k in keys if k.endswith("File")]
+    id_key = next((k for k in ids if isinstance(stage.field_value(k), str)), ids[0] if ids else None)
+    file_key = next((k for k in files if isinstance(stage.field_value(k), str)), None)
+    name = stage.field_value(id_key) if id_key else None
+    file = stage.field_value(file_key) if file_key else None
     j, corpus = next(((j, c) for j, c in enumerate(corpora) if name is not None and name in (c.id, c.name)),
                      (None, None))
     if isinstance(file, str):
@@ -337,14 +337,23 @@ def _check_stage_corpus(ctx: _Context, i: int, stage: Stage, corpora: list[Calib
         # that corpus's path is the same file (checked above already).
         same = corpus is not None and corpus.path is not None and _same_file(ctx.root, corpus.path, file)
         pinned = corpus.sha256 if corpus is not None and not same else None
-        yield from _check_corpus_file(ctx, f"$.stages[{i}].calibrationCorpusFile", file, pinned,
+        yield from _check_corpus_file(ctx, f"$.stages[{i}].{file_key}", file, pinned,
                                       f"$.calibrationCorpora[{j}].sha256")
-    elif stage.type in CORPUS_STAGES and isinstance(name, str) and (corpus is None or corpus.path is None):
+    elif isinstance(name, str) and (corpus is None or corpus.path is None) and not _names_a_file(ctx, name):
         problem = "names a corpus that no calibrationCorpora entry gives a path for, and the stage has no " \
                   "calibrationCorpusFile: its station would have nothing to read"
         fix = (f'add {{"name": {name!r}, "path": "calibration/<file>.jsonl", "sha256": "<sha256sum>"}} to '
-               f"calibrationCorpora, or set $.stages[{i}].calibrationCorpusFile")
-        yield _finding(f"$.stages[{i}].calibrationCorpus", name, problem, fix)
+               f"calibrationCorpora" + (f", or set $.stages[{i}].{files[0]}" if files else ""))
+        yield _finding(f"$.stages[{i}].{id_key}", name, problem, fix)
+
+
+def _names_a_file(ctx: _Context, ref: str) -> bool:
+    """An id key may also hold a path (stations accept either): a file
+    inside the root that exists is a corpus, not a dangling id."""
+    try:
+        return resolve_inside(ctx.root, ref, json_path="$").is_file()
+    except PathEscapeError:
+        return False
 
 
 def _same_file(root: Path, a: str, b: str) -> bool:
@@ -421,38 +430,15 @@ def check_declared_geometry(ctx: _Context) -> Iterator[Finding]:
         yield _finding(f"$.source.{alias}", declared, problem, f"set it to {real!r} or drop it")
 
 
-# Stage types whose station can tell from the stage alone (no model, no torch)
-# that this node cannot run it: "module:function(stage) -> reason | None".
-SUPPORT_PROBES = {
-    "quant": "stations.quant:supported_here",
-}
-
-
-def _probe(spec: str) -> Callable[[dict], str | None]:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
 def check_stage_support(ctx: _Context) -> Iterator[Finding]:
-    """Stages this node has a station for but cannot run (a converter or a
-    GPU it lacks), and eval benchmarks that are unknown or not installed."""
-    from stations.benchmarks import benchmark_problem
-
+    """What each forge stage's catalog probe says this node lacks: a
+    converter, a GPU, a benchmark's runner or data, a dataset."""
+    env = ProbeEnv(ctx.root, ctx.config, ctx.offline, ctx.hf_cache_dir)
     for plan in ctx.stages:
         if not plan.runs_here:
             continue
-        stage = ctx.alloy.stages[plan.index].model_dump(by_alias=True, exclude_unset=True)
-        if plan.type in SUPPORT_PROBES:
-            reason = _probe(SUPPORT_PROBES[plan.type])(stage)
-            if reason:
-                yield _finding(f"$.stages[{plan.index}]", plan.type, f"is unsupported here: {reason}",
-                               "run the part on a node that has it, or drop the stage")
-        for j, bench in enumerate(stage.get("benchmarks") or [] if plan.type == "eval" else []):
-            name = bench.get("name") if isinstance(bench, dict) else bench
-            problem = benchmark_problem(str(name), check_installed=True)
-            if problem:
-                yield _finding(f"$.stages[{plan.index}].benchmarks[{j}].name", name, problem,
-                               "use a known benchmark name, or install its runner on this node")
+        for u in unsupported(ctx.alloy.stages[plan.index], env):
+            yield _finding(f"$.stages[{plan.index}]{u.key}", u.value, f"is unsupported here: {u.problem}", u.fix)
 
 
 def check_moe_stages(ctx: _Context) -> Iterator[Finding]:
@@ -463,7 +449,7 @@ def check_moe_stages(ctx: _Context) -> Iterator[Finding]:
         return
     if not family.is_moe:
         for i, stage in enumerate(ctx.alloy.stages):
-            if stage.type in MOE_STAGE_TYPES:
+            if kind_of(stage.type).needs_moe:
                 problem = f"needs a mixture-of-experts model, but {ctx.base_model} is {family.name}, which is dense"
                 yield _finding(f"$.stages[{i}].type", stage.type, problem,
                                f"remove $.stages[{i}], or start from an MoE model")
@@ -519,14 +505,14 @@ def check_disk(ctx: _Context) -> Iterator[Finding]:
     hot = tiers[0]
     if ctx.info is None or hot.missing:
         return
-    copies = sum(1 for s in ctx.alloy.stages if _writes_full_copy(s))
-    need = ctx.info.bytes_at_16bit * (1 + copies)
+    copies = copies_written(ctx.alloy.stages)
+    need = int(ctx.info.bytes_at_16bit * (1 + copies))
     ctx.resources = Resources(ctx.info.total_bytes, ctx.info.bytes_at_16bit, copies, need, hot)
     if not ctx.resources.fits:
         # The whole recipe is the cause, so the finding sits at $.stages and
         # its value is the GiB the work dir needs.
         problem = (f"$.stages: the work dir needs about {_gib_text(need)} (the model at 16 bit, "
-                   f"{_gib_text(ctx.info.bytes_at_16bit)}, x (1 + {copies} stages writing a full copy)), but the hot "
+                   f"{_gib_text(ctx.info.bytes_at_16bit)}, x (1 + {copies:g} model copies the stages write)), but the hot "
                    f"tier {str(hot.path)!r} has {_gib_text(hot.free_bytes)} free and keeps "
                    f"{hot.min_free_gb:g} GiB (storage.hot.min_free_gb)")
         yield Finding("plan", "$.stages", _gib(need), problem, "free space on the hot tier, lower "
@@ -547,12 +533,6 @@ def _tier_findings(ctx: _Context, tiers: list[Tier]) -> Iterator[Finding]:
         yield Finding("plan", "$", str(tier.path), problem,
                       f"mount the disk or create the directory {tier.path}, or remove {tier.key} "
                       "from factory_node.toml")
-
-
-def _writes_full_copy(stage: Stage) -> bool:
-    if stage.type in FULL_COPY_STAGES:
-        return True
-    return isinstance(stage, LoraStage) and bool(stage.merge_after or stage.merged_at_save)
 
 
 CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (

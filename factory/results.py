@@ -52,6 +52,9 @@ def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
         out["perplexity"] = perplexities
     if benchmarks:
         out["benchmarks"] = benchmarks
+    handed_off = [{"index": s["index"], "type": s["type"], **s["handed_off"]} for s in stages if s.get("handed_off")]
+    if handed_off:
+        out["handed_off"] = handed_off
     smoke = _newest(stages, "smoke")
     integrity = {"modelHash": out.get("modelHash"), "fileHashes": out.get("fileHashes"),
                  "reload_ok": bool(smoke and smoke.get("ok"))}

@@ -31,9 +31,7 @@ _TICK = 0.02  # sleep granularity: how fast a stop request is noticed
 
 
 def run_stage(ctx: StageContext) -> StageResult:
-    seconds = float(ctx.stage.get("seconds", 0.1))
-    steps = int(ctx.stage.get("steps", 1))
-    outcome = ctx.stage.get("outcome", "pass")
+    seconds, steps, outcome = ctx.stage.seconds, ctx.stage.steps, ctx.stage.outcome
     for step in range(steps):
         deadline = time.monotonic() + seconds / steps
         while time.monotonic() < deadline:

@@ -1,10 +1,8 @@
-"""The stage registry and the contract every station implements.
+"""The contract every station implements: what it is handed, what it returns.
 
-Stage types map to callables through the `forge_factory.stages` entry-point
-group (pyproject.toml). Reading the names imports nothing, so the daemon can
-tell a known type from an unknown one without importing torch; the part's
-child process imports the one module it runs. A type with no entry fails the
-part with a clear error: no stage is ever skipped silently.
+Which station runs a stage type is `factory.catalog`'s business; the part's
+child process builds a `StageContext` per stage, with the stage already
+parsed into its typed model, and calls the station.
 """
 
 from __future__ import annotations
@@ -12,31 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from factory.errors import StageFailed, StopRequested
+from factory.alloy import Alloy, Stage
+from factory.errors import StopRequested
 from factory.nodeconfig import NodeConfig
 from factory.protocol import Layout
-
-ENTRY_POINT_GROUP = "forge_factory.stages"
-
-
-def registered_stage_types() -> dict[str, str]:
-    """type -> "module:callable", read from package metadata (no imports)."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def load_stage(stage_type: str) -> Callable[["StageContext"], "StageResult"]:
-    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if stage_type not in eps:
-        known = ", ".join(sorted(eps)) or "none"
-        raise StageFailed(
-            f"stage type {stage_type!r} has no station on this node (registered: {known}); "
-            "install the station that provides it or remove the stage from the alloy"
-        )
-    return eps[stage_type].load()
 
 
 @dataclass
@@ -53,8 +33,9 @@ class StageContext:
 
     layout: Layout
     config: NodeConfig
-    alloy: dict
-    stage: dict
+    alloy: dict  # the claimed alloy as JSON data (for writing the executed alloy)
+    recipe: Alloy  # the same alloy, validated and typed
+    stage: Stage  # this stage's typed model, defaults from the schema
     index: int
     work_dir: Path  # work/<base>/: survives retries, keyed by the base name
     stage_dir: Path  # work/<base>/stages/<index>-<type>/
@@ -71,7 +52,7 @@ class StageContext:
         """Call at safe points: raises StopRequested after SIGTERM so the part
         can go back to intake and resume from its last checkpoint."""
         if self.stop_requested():
-            raise StopRequested(f"stop requested during stage {self.index} ({self.stage.get('type')})")
+            raise StopRequested(f"stop requested during stage {self.index} ({self.stage.type})")
 
     def emit(self, kind: str, **payload: Any) -> None:
         """Ask the daemon to write an event (e.g. model/load) for this part."""

@@ -46,7 +46,6 @@ from pydantic_core import ErrorDetails
 from factory.alloy import (
     ExpertActivationProfileStage,
     GENERIC_TAG,
-    MOE_STAGE_TYPES,
     STAGE_TYPES,
     Alloy,
     AlloyModel,
@@ -54,6 +53,7 @@ from factory.alloy import (
     LoraStage,
     Stage,
 )
+from factory.catalog import kind_of
 from factory.durable import file_kind
 from factory.integrity import alloy_hash, model_hash
 from factory.errors import EXCERPT_CHARS, PathEscapeError, excerpt, printable  # noqa: F401 - PathEscapeError, excerpt re-exported
@@ -721,7 +721,7 @@ def rule_moe_stages_need_moe(alloy: Alloy) -> Iterator[Finding]:
     if alloy.source.is_moe is not False:
         return
     for i, stage in enumerate(alloy.stages):
-        if stage.type in MOE_STAGE_TYPES:
+        if kind_of(stage.type).needs_moe:
             problem = (
                 f"the source is declared dense, but $.stages[{i}] is an {stage.type} stage, "
                 "which needs a mixture-of-experts model"

@@ -33,10 +33,10 @@ def source_model_dir(ctx: StageContext) -> Path:
     """The alloy's source model, resolved (downloaded when the node allows)."""
     from factory.sources import resolve_source
 
-    resolved = resolve_source(ctx.alloy["source"], root=ctx.layout.root, config=ctx.config,
+    resolved = resolve_source(ctx.recipe.source, root=ctx.layout.root, config=ctx.config,
                               allow_download=True)
     if resolved.path is None:
-        raise StageFailed(f"source {ctx.alloy['source'].get('baseModel')!r} names no model; "
+        raise StageFailed(f"source {ctx.recipe.source.base_model!r} names no model; "
                           "this stage needs real weights")
     return resolved.path
 
@@ -62,12 +62,14 @@ def model_result(ctx: StageContext, model_dir: Path, metrics: dict, *extra: Path
 
 
 def stage_field(ctx: StageContext, *names: str, default: Any = None, required: bool = False) -> Any:
-    """The first of `names` present in the stage (alloys spell fields two ways)."""
+    """TRANSITIONAL (removed once every station reads typed fields): the
+    first of `names` the alloy set in the stage."""
+    given = ctx.stage.model_dump(by_alias=True, exclude_unset=True)
     for name in names:
-        if ctx.stage.get(name) is not None:
-            return ctx.stage[name]
+        if given.get(name) is not None:
+            return given[name]
     if required:
-        raise StageFailed(f"stage {ctx.index} ({ctx.stage.get('type')}) needs {names[0]!r}; "
+        raise StageFailed(f"stage {ctx.index} ({ctx.stage.type}) needs {names[0]!r}; "
                           f"add it to $.stages[{ctx.index}]")
     return default
 

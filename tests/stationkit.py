@@ -14,7 +14,9 @@ from pathlib import Path
 from factory.integrity import alloy_hash
 from factory.nodeconfig import load_node_config
 from factory.protocol import Layout
-from factory.stages import StageContext, StageResult, load_stage
+from factory.alloy import Alloy
+from factory.catalog import load_station
+from factory.stages import StageContext, StageResult
 
 
 @dataclass
@@ -34,11 +36,13 @@ class Reports:
 def make_ctx(root: Path, alloy: dict, index: int, *, base: str = "part",
              previous: list[dict] | None = None, reports: Reports | None = None) -> StageContext:
     layout = Layout(root)
-    stage = alloy["stages"][index]
+    recipe = Alloy.model_validate(alloy)  # as the child does: a schema error fails here, loudly
+    stage = recipe.stages[index]
     work = layout.work_dir(base)
-    stage_dir = work / "stages" / f"{index}-{stage['type']}"
+    stage_dir = work / "stages" / f"{index}-{stage.type}"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(layout=layout, config=load_node_config(layout.node_config), alloy=alloy, stage=stage,
+    return StageContext(layout=layout, config=load_node_config(layout.node_config), alloy=alloy, recipe=recipe,
+                        stage=stage,
                         index=index, work_dir=work, stage_dir=stage_dir, previous=previous or [],
                         report=reports if reports is not None else Reports(), stop_requested=lambda: False,
                         alloy_hash=alloy_hash(json.dumps(alloy).encode()))
@@ -53,7 +57,7 @@ def run_stages(root: Path, alloy: dict, *, base: str = "part", upto: int | None 
     entries: list[dict] = []
     for i, stage in enumerate(alloy["stages"][:upto]):
         ctx = make_ctx(root, alloy, i, base=base, previous=list(entries), reports=reports)
-        result: StageResult = load_stage(stage["type"])(ctx)
+        result: StageResult = load_station(stage["type"])(ctx)
         entries.append({"index": i, "type": stage["type"], "metrics": result.metrics,
                         "outputs": hash_outputs(ctx.work_dir, result.outputs)})
     return entries, reports

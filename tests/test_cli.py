@@ -151,7 +151,7 @@ def test_intake_gate_refuses_what_this_node_can_never_run(root, tmp_path):
         err = json.loads((root / f"line/rework/{name}.error.json").read_text())
         assert err["problems"][0]["level"] == "plan"
     err = json.loads((root / "line/rework/stage.error.json").read_text())
-    assert err["problems"][0]["path"] == "$.stages[0].type" and "no station on this node" in err["message"]
+    assert err["problems"][0]["path"] == "$.stages[0].type" and "is not a stage type" in err["message"]
     err = json.loads((root / "line/rework/arch.error.json").read_text())
     assert err["problems"][0]["path"] == "$.source.architecture" and "no-such-arch" in err["message"]
 
@@ -159,11 +159,13 @@ def test_intake_gate_refuses_what_this_node_can_never_run(root, tmp_path):
 def test_unknown_stage_type_at_run_time_is_a_clear_stage_failure():
     import pytest
 
+    from factory.catalog import load_station
     from factory.errors import StageFailed
-    from factory.stages import load_stage
 
-    with pytest.raises(StageFailed, match="has no station on this node"):
-        load_stage("x-frobnicate")
+    with pytest.raises(StageFailed, match="no station runs it here"):
+        load_station("x-frobnicate")
+    with pytest.raises(StageFailed, match="handed to the ship role"):
+        load_station("publish")
 
 
 def test_plan_and_validate_exit_codes(root, tmp_path):

@@ -29,7 +29,7 @@ from adapters import Family, families
 from factory.load_plan import NodeMemory
 from factory.nodeconfig import NodeConfig
 from factory.plan import FamilyPlan, Plan, StagePlan, make_plan
-from factory.stages import registered_stage_types
+from factory.catalog import CATALOG
 
 from tests.tiny_models import EXPERTS, LAYERS, TOP_K
 
@@ -37,8 +37,8 @@ GIB = 1 << 30
 ROOMY = NodeMemory(free_ram_bytes=64 * GIB, free_vram_bytes=None, cuda_available=False)
 TINY_RAM = NodeMemory(free_ram_bytes=1 * GIB, free_vram_bytes=None, cuda_available=False)
 NODE = NodeConfig.model_validate({"storage": {"hot": {"min_free_gb": 0}}})
-STATIONS = registered_stage_types()
-NO_STATION = "has no station on this node"
+STATIONS = {t: k.station for t, k in CATALOG.items() if k.station}
+NO_STATION = "is not a stage type"
 
 
 # ── a root with models, corpora and alloys ──────────────────────────────────
@@ -203,18 +203,17 @@ def test_ship_stages_are_handed_off_not_dropped(setup: Setup) -> None:
     assert plan.ok, plan.render_text()
     assert [(s.type, s.role, s.runs_here, s.handed_off) for s in plan.stages[1:]] == [
         ("publish", "ship", False, True), ("deploy", "ship", False, True), ("deliver", "ship", False, True)]
-    assert "handed to a ship node" in plan.render_text()
+    assert "handed to the ship role" in plan.render_text()
 
 
-def test_ship_node_needs_a_station_for_ship_stages(setup: Setup) -> None:
-    if "publish" in STATIONS:
-        pytest.skip("a publish station is registered on this install")
+@pytest.mark.parametrize("stage_type", ["many-worlds-ensemble", "team-search", "gate-profile", "population-prune",
+                                        "cv-ingest", "cv-eval", "x-frobnicate"])
+def test_stages_of_other_domains_are_refused_at_plan_time(setup: Setup, stage_type: str) -> None:
     setup.model("llama")
-    setup.config = NodeConfig.model_validate({"node": {"roles": ["forge", "ship"]},
-                                              "storage": {"hot": {"min_free_gb": 0}}})
-    plan = setup.plan(alloy(stages=[{"type": "publish", "org": "acme"}]))
-    assert no_station_paths(plan) == ["$.stages[0].type"]
-    assert plan.stages[0].handed_off is False
+    plan = setup.plan(alloy(stages=[{"type": "selftest", "seconds": 0}, {"type": stage_type}]))
+    assert [f.path for f in plan.findings] == ["$.stages[1].type"], plan.render_text()
+    assert plan.stages[1].role == "refused" and not plan.stages[1].runs_here
+    assert "remove $.stages[1]" in plan.findings[0].fix
 
 
 def test_huge_config_refused_before_reading_tensors(setup: Setup) -> None:
@@ -414,7 +413,7 @@ BAD: list[tuple[str, Callable[[Setup], dict], str, str, tuple[str, ...]]] = [
      ("and the tensors on disk disagree", "q_proj")),
     ("pickle-only-weights", _pickle_only, "plan", "$.source.baseModel", ("pytorch_model.bin", "arbitrary code")),
     ("unsupported-stage-type", _unsupported_stage, "plan", "$.stages[0].type",
-     ("stage type 'x-frobnicate' has no station on this node",)),
+     ("stage type 'x-frobnicate' is not a stage type",)),
     ("forge-stage-on-ship-node", _forge_stage_on_ship_node, "plan", "$.stages[0].type",
      ("is forge work", "['ship']")),
     ("not-enough-disk", _not_enough_disk, "plan", "$.stages", ("min_free_gb", "hot tier")),

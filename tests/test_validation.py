@@ -392,7 +392,7 @@ def test_absurdly_many_values_stop_before_the_schema() -> None:
 
 def test_many_bad_items_give_a_bounded_report() -> None:
     data = copy.deepcopy(BASE)
-    data["stages"] = [{"type": "prune", "strategy": "x", "level": 5}] * 1000
+    data["stages"] = [{"type": "prune", "strategy": "entropy", "level": 5}] * 1000
     findings = check_bytes(json.dumps(data).encode()).findings
     assert len(findings) == MAX_FINDINGS
     assert findings[-1].message == f"$: {1000 - MAX_FINDINGS + 1} more finding(s) not listed"

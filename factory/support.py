@@ -1,0 +1,32 @@
+"""Support probes: can this node run a stage at all, decided before a part
+is queued. Each is named by a `factory.catalog` row and is cheap: files,
+package metadata and the node config, never torch or a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from factory import benchmarks
+from factory.alloy import EvalStage, QuantStage, Stage
+from factory.catalog import ProbeEnv, Unsupported, format_problem
+
+_ELSEWHERE = "run the part on a node that has it, or drop the stage"
+
+
+def quant_problems(stage: Stage, env: ProbeEnv) -> Iterator[Unsupported]:
+    """The quant format's own probe (converter on PATH, CUDA, ...)."""
+    assert isinstance(stage, QuantStage)
+    reason = format_problem(stage.format)
+    if reason:
+        yield Unsupported(".format", stage.format, reason, _ELSEWHERE)
+
+
+def benchmark_problems(stage: Stage, env: ProbeEnv) -> Iterator[Unsupported]:
+    """Every benchmark is known, its runner installed and its data on the node."""
+    assert isinstance(stage, EvalStage)
+    for j, bench in enumerate(stage.benchmarks):
+        problem = benchmarks.benchmark_problem(bench.name, check_installed=True)
+        if problem:
+            yield Unsupported(f".benchmarks[{j}].name", bench.name, problem,
+                              "use a known benchmark name, or install its runner on this node")
