@@ -147,6 +147,11 @@ LearningRate = Annotated[Union[str, float, int], PlainValidator(_check_learning_
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
+SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+"""A name other programs use as a path segment or an id (an adapter's name,
+a corpus id, a hub organisation, a grid node): letters, digits, `.`, `_`,
+`-`, starting with a letter or digit, at most 128 characters."""
+
 # ── stages ──────────────────────────────────────────────────────────────────
 
 
@@ -309,7 +314,7 @@ class LoraStage(_TrainingFields):
     quantize_bits: Literal[4, 8] | None = None
     merge_after: bool | None = None
     merged_at_save: bool | None = None
-    name: str | None = None
+    name: SafeName | None = None
     teacher: str | None = None
     teacher_precision: str | None = None
     student_precision: str | None = None
@@ -392,7 +397,24 @@ class QuantStage(Stage):
     notes: str | None = None
 
 
-class BenchmarkSpec(AlloyModel):
+class BenchmarkOptions(AlloyModel):
+    """How a benchmark runs; set on the eval stage for all its benchmarks, or
+    on one benchmark entry (which wins). Unset: the runner's documented default."""
+
+    limit: PositiveInt | None = None  # problems / documents / token blocks evaluated
+    n_samples: PositiveInt | None = None  # humaneval: samples per problem
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0)
+    max_new_tokens: PositiveInt | None = None
+    timeout: float | None = Field(default=None, gt=0)  # seconds per generated program
+    workers: int | None = Field(default=None, ge=1, le=64)  # sandboxed programs at once
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    eval_block_size: int | None = Field(default=None, ge=2)  # perplexity: tokens per block
+    eval_tokens: PositiveInt | None = None  # perplexity: token budget
+    eval_batch_size: int | None = Field(default=None, ge=1, le=1024)
+
+
+class BenchmarkSpec(BenchmarkOptions):
     """One benchmark an eval stage runs."""
 
     name: str
@@ -407,11 +429,17 @@ class BenchmarkSpec(AlloyModel):
     notes: str | None = None
 
 
-class EvalStage(Stage):
-    """Benchmarks, optionally anchored against the unmodified base."""
+class EvalStage(Stage, BenchmarkOptions):
+    """Benchmarks, optionally anchored against the unmodified base. A
+    held-out corpus (an id into calibrationCorpora, or a file inside the
+    root) is what perplexity measures."""
 
     type: Literal["eval"] = "eval"
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    eval_corpus: str | None = None
+    held_out_corpus: str | None = None
+    eval_corpus_file: str | None = None
+    held_out_corpus_file: str | None = None
     passing_threshold: float | None = None
     compare_to_base: bool = True
     calibration_anchor: dict[str, Any] | None = None
@@ -469,7 +497,7 @@ class PublishStage(Stage):
     """Upload to a hub organisation."""
 
     type: Literal["publish"] = "publish"
-    org: str
+    org: SafeName
     repo_name_template: str = "{base}-{domain}-forged"
     include_alloy: bool = True
     card_from_benchmarks: bool = True
@@ -488,7 +516,7 @@ class DeployStage(Stage):
     """Deploy to a grid node."""
 
     type: Literal["deploy"] = "deploy"
-    target: str
+    target: SafeName
     health_check: bool = True
     warmup: bool = True
     max_concurrency: PositiveInt | None = None
@@ -648,8 +676,8 @@ class CalibrationCorpus(AlloyModel):
     plus `format`/`textField` so a station knows how to read it). Stages refer
     to it by `id` or `name`. No published alloy in our corpus has one yet."""
 
-    id: str | None = None
-    name: str | None = None
+    id: SafeName | None = None
+    name: SafeName | None = None
     path: str | None = None
     sha256: Sha256Ref | None = None
     format: str | None = None  # e.g. "jsonl"

@@ -129,7 +129,7 @@ _ROWS = (
               dataset_keys=("trainingDataset",)),
     StageKind("quant", FORGE, "stations.quant:run_stage", _quant_copies, probe="factory.support:quant_problems"),
     StageKind("eval", FORGE, "stations.eval:run_stage",
-              corpus_keys=("evalCorpusFile", "evalCorpus", "heldOutCorpus"), benchmark_keys=("benchmarks",),
+              corpus_keys=("evalCorpus", "heldOutCorpus", "evalCorpusFile", "heldOutCorpusFile"), benchmark_keys=("benchmarks",),
               probe="factory.support:benchmark_problems"),
     StageKind("package", FORGE, "stations.package:run_stage", _one),
     StageKind("selftest", FORGE, "factory.selftest:run_stage"),

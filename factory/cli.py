@@ -325,6 +325,18 @@ def cmd_demo(args) -> int:
     return demo(Path(args.root).absolute() if args.root else None)
 
 
+def cmd_rehearse(args) -> int:
+    from factory.rehearse import rehearse, render_text
+
+    # Like the demo: a scratch root of its own, never $FACTORY_ROOT's line.
+    results = rehearse([Path(f) for f in args.files], keep=Path(args.keep) if args.keep else None)
+    if args.json:
+        _print_json([r.to_json() for r in results])
+    else:
+        print(render_text(results))
+    return EXIT_OK if all(r.ok for r in results) else 1
+
+
 def cmd_verify(args) -> int:
     from factory.integrity import verify_path
 
@@ -415,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (a new temp dir unless "
         "--root is given; $FACTORY_ROOT is ignored) and show what came out")
+    p = add("rehearse", cmd_rehearse, "run each alloy end to end on a tiny random stand-in of its architecture, "
+            "with stand-in data and capped budgets, through the real daemon on a scratch root; exit 0 when every "
+            "stage ran or was handed off", json_flag=True)
+    p.add_argument("files", nargs="+", metavar="ALLOY")
+    p.add_argument("--keep", metavar="DIR", help="build the scratch root at DIR and keep it (default: a temp dir, "
+                   "removed afterwards)")
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
     p.add_argument("path")

@@ -27,6 +27,8 @@ from typing import Any
 
 from adapters import Family, UnknownArchitectureError, get_family
 from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, Stage
+from factory.datasets import dataset_findings
+from factory.declarations import declaration_problems
 from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
 from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
@@ -441,6 +443,26 @@ def check_stage_support(ctx: _Context) -> Iterator[Finding]:
             yield _finding(f"$.stages[{plan.index}]{u.key}", u.value, f"is unsupported here: {u.problem}", u.fix)
 
 
+def check_datasets(ctx: _Context) -> Iterator[Finding]:
+    """Every dataset a stage trains on or names (the catalog's dataset keys,
+    a `domain` through [domains]) is on this node: a [datasets] file inside
+    the root, the Hugging Face cache, or, online, downloadable later."""
+    for i, stage in enumerate(ctx.alloy.stages):
+        for path, value, problem, fix in dataset_findings(stage, i, root=ctx.root, config=ctx.config,
+                                                          offline=ctx.offline):
+            yield _finding(path, value, problem, fix)
+
+
+def check_declarations(ctx: _Context) -> Iterator[Finding]:
+    """What source-config and modality stages declare agrees with the
+    source's config.json (context length, towers, token ids)."""
+    if ctx.model_config is None or not ctx.config_sane:
+        return
+    for p in declaration_problems(ctx.alloy.stages, config=ctx.model_config, family=ctx.geometry_family,
+                                  base_model=ctx.base_model):
+        yield _finding(p.json_path, p.value, p.problem, p.fix)
+
+
 def check_moe_stages(ctx: _Context) -> Iterator[Finding]:
     """Expert stages need an MoE; expert-prune keeps between top-k and the
     experts each layer has (after any earlier expert-prune)."""
@@ -544,6 +566,8 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     check_model_dir_files,
     check_architecture_agrees,
     check_declared_geometry,
+    check_declarations,
+    check_datasets,
     check_moe_stages,
     check_load_plan,
     check_disk,
@@ -566,7 +590,7 @@ def check_source_location(ctx: _Context) -> Iterator[Finding]:
 # What the intake gate can afford on every drop: no model, no corpus read.
 # (The full plan's check_source resolves the same path and more.)
 QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
-    check_architecture, check_stations, check_stage_support, check_source_location)
+    check_architecture, check_stations, check_stage_support, check_datasets, check_source_location)
 
 
 def quick_findings(alloy: Alloy, *, root: Path, config: NodeConfig) -> list[Finding]:

@@ -44,6 +44,8 @@ from pydantic.alias_generators import to_snake
 from pydantic_core import ErrorDetails
 
 from factory.alloy import (
+    DOMAINS,
+    CompactStage,
     ExpertActivationProfileStage,
     GENERIC_TAG,
     STAGE_TYPES,
@@ -826,8 +828,37 @@ def rule_profile_names_corpus(alloy: Alloy) -> Iterator[Finding]:
                           "to a file inside the factory root")
 
 
+def rule_domain_is_a_key(alloy: Alloy) -> Iterator[Finding]:
+    """`domain` selects training data through the node's [domains] table, so
+    it must be one of its keys; a dataset name belongs in `dataset`. A stage
+    that distils from a teacher may describe itself with any word (a
+    published alloy says "distillation"): its data is the teacher's corpus."""
+    for i, stage in enumerate(alloy.stages):
+        domain = getattr(stage, "domain", None)
+        if domain is None or domain in DOMAINS or getattr(stage, "teacher", None):
+            continue
+        fix = (f"use one of {', '.join(DOMAINS)}" + (f", and put the dataset in $.stages[{i}].dataset"
+                                                       if "/" in domain or "." in domain else ""))
+        yield _schema(f"$.stages[{i}].domain", domain, "is not a training domain key", fix)
+
+
+def rule_compact_thresholds_ordered(alloy: Alloy) -> Iterator[Finding]:
+    """Compaction tiers are bands of one importance scale: their bounds
+    must not cross (dead <= dormant <= low <= medium <= high)."""
+    names = ("dead_threshold", "dormant_threshold", "low_threshold", "medium_threshold", "high_threshold")
+    for path, stage in _stages(alloy, CompactStage):
+        values = [getattr(stage, n) for n in names]
+        for (a, va), (b, vb) in zip(zip(names, values), zip(names[1:], values[1:])):
+            if va > vb:
+                alias_a, alias_b = (CompactStage.model_fields[n].alias for n in (a, b))
+                yield _schema(f"{path}.{alias_b}", vb, f"is below {alias_a} = {va:g}: the tiers would overlap",
+                              f"make {alias_b} at least {va:g} (bounds rise: dead, dormant, low, medium, high)")
+
+
 RULES: tuple[Rule, ...] = (
     rule_moe_stages_need_moe,
+    rule_domain_is_a_key,
+    rule_compact_thresholds_ordered,
     rule_profile_names_corpus,
     rule_expert_prune_keep,
     rule_expert_prune_counts,

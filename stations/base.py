@@ -56,7 +56,15 @@ def output_model_dir(ctx: StageContext) -> Path:
 
 
 def model_result(ctx: StageContext, model_dir: Path, metrics: dict, *extra: Path) -> StageResult:
-    """A StageResult that hands `model_dir` on to the next stage."""
+    """A StageResult that hands `model_dir` on to the next stage. Every
+    stage that writes weights returns through here, so this is where the
+    non-text towers a modality stage recorded are proved unchanged, bit for
+    bit (stations.towers): a stage that touched them fails loudly."""
+    from stations.towers import prove_towers
+
+    proof = prove_towers(ctx, model_dir)
+    if proof is not None:
+        metrics = {**metrics, "towers_proved": proof}
     return StageResult(outputs=[model_dir, *extra],
                        metrics={MODEL_DIR: str(model_dir.relative_to(ctx.work_dir)), **metrics})
 
