@@ -480,7 +480,11 @@ class SourceConfigStage(Stage):
 
 
 class ModalityStage(Stage):
-    """Grafts an encoder (vision, audio) onto the language model."""
+    """Declares a non-text modality. The factory does not graft encoders:
+    the stage checks the model's own tower of that modality and its token
+    ids, and records every non-text tower's tensors so later stages prove
+    them unchanged (stations.modality, factory.declarations). A model
+    without that tower is refused at plan time."""
 
     type: Literal["modality"] = "modality"
     modality: Literal["vision", "audio", "multimodal"]

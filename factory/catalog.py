@@ -115,7 +115,7 @@ _NOT_LLM_FORGE = ("is a forge-alloy stage of another domain (Many-Worlds ensembl
 
 _ROWS = (
     StageKind("source-config", FORGE, "stations.source_config:run_stage"),
-    StageKind("modality", FORGE, "stations.modality:run_stage", dataset_keys=("trainingDataset",)),
+    StageKind("modality", FORGE, "stations.modality:run_stage"),
     StageKind("expert-activation-profile", FORGE, "stations.profile:run_stage", corpus_keys=_CORPUS,
               needs_moe=True),
     StageKind("expert-prune", FORGE, "stations.expert_prune:run_stage", _one, corpus_keys=("calibrationCorpus",),

@@ -162,6 +162,25 @@ class _Data:
             self.datasets[dataset_id] = rel
         return self.datasets[dataset_id]
 
+    def benchmark(self, spec: dict) -> str | None:
+        """A stand-in data file for one benchmark entry, mapped in
+        [benchmarks] under the key factory.benchmarks looks up; None for a
+        benchmark whose data ships with its runner (humaneval) or is a
+        corpus (perplexity), or that has no stand-in (the plan says so)."""
+        from factory.benchmarks import LM_EVAL, benchmark_for, lm_eval_task
+        from factory.standin_data import write_standin
+
+        bench = benchmark_for(str(spec.get("name")))
+        if bench is None or not (bench.data_key or bench.data == LM_EVAL):
+            return None
+        key = bench.data_key or lm_eval_task(spec)
+        if key not in self.benchmarks:
+            path = write_standin(key, self.root / DATA_DIR / "benchmarks")
+            if path is None:
+                return None
+            self.benchmarks[key] = str(path.relative_to(self.root))
+        return self.benchmarks[key]
+
     def domain(self, domain: str) -> None:
         """[domains] maps the domain to a stand-in dataset id, which [datasets] maps to a file."""
         if domain in DOMAINS and domain not in self.domains:
@@ -239,6 +258,9 @@ def rehearsal_alloy(data: dict, recipe: Alloy, model_rel: str, store: _Data, not
             if isinstance(bench, dict):
                 _cap(bench, {k: v for k, v in CAPS["eval"].items() if k in bench}, notes,
                      f"{where}.benchmarks[{j}]")
+                data = store.benchmark(bench)
+                if data:
+                    notes.append(f"{where}.benchmarks[{j}] {bench.get('name')}: stand-in data {data}")
     return out
 
 

@@ -23,10 +23,14 @@ def quant_problems(stage: Stage, env: ProbeEnv) -> Iterator[Unsupported]:
 
 
 def benchmark_problems(stage: Stage, env: ProbeEnv) -> Iterator[Unsupported]:
-    """Every benchmark is known, its runner installed and its data on the node."""
+    """Every benchmark is known, its runner installed and its data on the
+    node (factory.benchmarks: the [benchmarks] table, evalplus's cache, the
+    Hugging Face datasets cache)."""
     assert isinstance(stage, EvalStage)
     for j, bench in enumerate(stage.benchmarks):
-        problem = benchmarks.benchmark_problem(bench.name, check_installed=True)
+        problem = benchmarks.benchmark_problem(bench.name, check_installed=True, spec=bench, root=env.root,
+                                               config=env.config)
         if problem:
             yield Unsupported(f".benchmarks[{j}].name", bench.name, problem,
-                              "use a known benchmark name, or install its runner on this node")
+                              "use a known benchmark name, install its runner, or provide its data as the "
+                              "message says")
