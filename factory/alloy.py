@@ -381,6 +381,8 @@ class CompactStage(Stage):
     high_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
     target_size_gb: float | None = Field(default=None, gt=0)
     enable_quantization: bool = True
+    # Ours (forge-alloy has none for compact): calibration blocks measured.
+    analysis_steps: PositiveInt = 200
     calibration_corpus: str | None = None
     calibration_corpus_file: str | None = None
 

@@ -52,11 +52,12 @@ CAPS: dict[str, dict[str, int]] = {
     "context-extend": {"trainingSteps": 2},
     "expert-activation-profile": {"calibrationTokens": 512, "sequenceLength": 64},
     "prune": {"analysisSteps": 2},
+    "compact": {"analysisSteps": 2},
     "eval": {"limit": 2, "maxNewTokens": 16, "nSamples": 1, "evalTokens": 256},
 }
 # Keys a cap replaces even when the alloy did not set them (an unset one
 # would run the schema's default, e.g. 2048-token sequences).
-ALWAYS_CAPPED = {"steps", "sequenceLength", "limit", "maxNewTokens", "nSamples", "evalTokens"}
+ALWAYS_CAPPED = {"steps", "sequenceLength", "limit", "maxNewTokens", "nSamples", "evalTokens", "analysisSteps"}
 MODELS_DIR = "models"
 DATA_DIR = "data"
 # The daemon's per-stage limit on a scratch root: a tiny stage that takes
