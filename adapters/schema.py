@@ -18,7 +18,7 @@ import re
 from string import Template
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TensorTemplate = str
 """A tensor name with ``${layer}`` / ``${expert}`` placeholders."""
@@ -50,7 +50,9 @@ class ConfigKeys(_Frozen):
     ``num_local_experts``), so a family lists every spelling it accepts."""
 
     text_config: str | None = None
-    """Sub-dict holding the language model's geometry (VL models nest it)."""
+    """Sub-dict holding the language model's geometry: VL models nest it one
+    level (``text_config``), Qwen2.5-Omni two (``thinker_config.text_config``,
+    a dotted path)."""
     hidden_size: tuple[str, ...] = ("hidden_size",)
     num_hidden_layers: tuple[str, ...] = ("num_hidden_layers",)
     num_attention_heads: tuple[str, ...] = ("num_attention_heads",)
@@ -75,10 +77,17 @@ class ConfigKeys(_Frozen):
     decoder_sparse_step: tuple[str, ...] = ()
     n_group: tuple[str, ...] = ()
     topk_group: tuple[str, ...] = ()
+    # Multi-head latent attention (kind "mla") widths; unused by other kinds.
+    q_lora_rank: tuple[str, ...] = ("q_lora_rank",)
+    """Rank of the factored query (q_a_proj -> q_b_proj); null or 0 means a
+    plain q_proj (DeepSeek-V2-Lite)."""
+    qk_nope_head_dim: tuple[str, ...] = ("qk_nope_head_dim",)
+    qk_rope_head_dim: tuple[str, ...] = ("qk_rope_head_dim",)
+    v_head_dim: tuple[str, ...] = ("v_head_dim",)
 
 
 class AttentionSpec(_Frozen):
-    """Attention projections on disk, for the geometry check.
+    """Attention projections on disk, for the geometry check and head pruning.
 
     ``kind`` is the one place code branches: standard (GQA/MHA) projections
     have one shape rule, DeepSeek's multi-head latent attention another.
@@ -86,15 +95,36 @@ class AttentionSpec(_Frozen):
 
     kind: Literal["gqa", "mla"] = "gqa"
     q_proj: TensorTemplate
+    """The per-head query projection (MLA: the factored ``q_b_proj``)."""
+    q_proj_unfactored: TensorTemplate | None = None
+    """MLA only: the plain ``q_proj`` a checkpoint has instead of
+    q_a_proj/q_b_proj when its config's ``q_lora_rank`` is null
+    (DeepSeek-V2-Lite). Pick with :meth:`Family.q_proj`."""
     k_proj: TensorTemplate | None = None
     v_proj: TensorTemplate | None = None
+    kv_b_proj: TensorTemplate | None = None
+    """MLA only: the latent-to-heads key/value up-projection, rows per head
+    ``qk_nope_head_dim + v_head_dim``."""
     o_proj: TensorTemplate
+    head_independent: tuple[TensorTemplate, ...] = ()
+    """Attention tensors whose shape does not depend on the head count (MLA's
+    q_a_proj, kv_a_proj_with_mqa and their norms): head pruning copies them
+    untouched instead of refusing a tensor it cannot slice."""
     q_rows_per_head_factor: int = 1
     """Qwen3.5/Qwen3-Next full attention fuse an output gate into q_proj,
     doubling its rows (2 x heads x head_dim)."""
     skip_layer_types: tuple[str, ...] = ()
     """``layer_types`` values whose layers have no such projections (e.g.
     Gated-DeltaNet ``linear_attention`` layers in Qwen3.5)."""
+    fixed_head_count: bool = False
+    """transformers sizes this attention as hidden_size / num_attention_heads
+    and ignores config head_dim (Qwen2.5-VL's text decoder in 5.24), so no
+    checkpoint with fewer heads loads: head pruning zeroes pruned heads in
+    place (defragMode "pad") instead of removing them."""
+    heads_divide_hidden: bool = False
+    """transformers' config validation (LlamaConfig in 5.x) refuses a head
+    count that does not divide hidden_size, even with an explicit head_dim:
+    head pruning keeps only such counts, or the saved model would not load."""
 
 
 class ExpertLayout(_Frozen):
@@ -122,6 +152,33 @@ class MoESpec(_Frozen):
     ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] parameters."""
 
 
+class Tower(_Frozen):
+    """A non-text part of a checkpoint (vision encoder, audio encoder, speech
+    decoder, vocoder). No compression station may change a tower's tensors:
+    head and expert pruning copy them byte for byte, LoRA never targets them,
+    and the modality stage proves them unchanged."""
+
+    name: str
+    """What it is, unique within the family ("vision", "audio", "talker", ...)."""
+    modality: Literal["vision", "audio", "speech"]
+    prefixes: tuple[str, ...]
+    """Tensor and module name prefixes (ending in "."): on-disk names and,
+    where transformers renames on load, the in-memory ones too."""
+    config: str | None = None
+    """Dotted path of the tower's sub-config in config.json
+    ("vision_config", "thinker_config.audio_config")."""
+    standin: dict[str, Any] = Field(default_factory=dict)
+    """The tower's sub-config in a tiny random stand-in (stations/standin.py)."""
+    standin_hidden_keys: tuple[str, ...] = ()
+    """Keys of that sub-config that must equal the text model's hidden size
+    (the projection into the language model)."""
+    loaded: bool = True
+    """Whether ``Family.auto_class`` loads this tower. Qwen2.5-Omni's text
+    model (the thinker) holds vision and audio but not the talker or token2wav:
+    a station that saves a loaded model must carry the unloaded towers over
+    from its input checkpoint."""
+
+
 class TensorNames(_Frozen):
     embed: TensorTemplate = "model.embed_tokens.weight"
     lm_head: TensorTemplate = "lm_head.weight"
@@ -138,16 +195,38 @@ class Family(_Frozen):
     aliases: tuple[str, ...] = ()
     """Other spellings alloys use for ``source.architecture``."""
     auto_class: str = "AutoModelForCausalLM"
-    """The transformers Auto class that loads the whole checkpoint."""
+    """The transformers class (an Auto class, or a concrete one such as the
+    Omni thinker) whose ``from_pretrained`` loads the checkpoint's language
+    model with every tower it needs for a forward pass returning logits."""
     config: ConfigKeys = Field(default_factory=ConfigKeys)
     tensors: TensorNames = Field(default_factory=TensorNames)
     attention: AttentionSpec
     moe: MoESpec | None = None
+    towers: tuple[Tower, ...] = ()
+    """Non-text towers; empty for text-only families."""
+    standin: dict[str, Any] = Field(default_factory=dict)
+    """Text-config values a tiny random stand-in sets beyond the generic
+    width rules (stations/standin.py): MLA ranks, linear-attention head
+    widths, rope sections sized for its head_dim. Nested dicts merge into
+    the family's defaults; a value the source config has as null stays null."""
     lora_targets: tuple[str, ...]
     """Default PEFT ``target_modules``. MoE experts are fused parameters in
     transformers >= 5, not Linear modules, so MoE families target attention
     (and shared experts) only."""
     notes: str = ""
+
+    @field_validator("towers")
+    @classmethod
+    def _towers_are_distinct_prefixes(cls, towers: tuple[Tower, ...]) -> tuple[Tower, ...]:
+        """A prefix without its final dot would claim text tensors too
+        ("visual" also starts "visual_proj"); a repeated name is a typo."""
+        names = [t.name for t in towers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tower names repeat: {names}")
+        bad = [p for t in towers for p in t.prefixes if not p.endswith(".")]
+        if bad:
+            raise ValueError(f"tower prefixes must end with '.': {bad}")
+        return towers
 
     # -- config readers -------------------------------------------------
     @property
@@ -155,11 +234,13 @@ class Family(_Frozen):
         return self.moe is not None
 
     def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The dict holding the language model's geometry."""
-        key = self.config.text_config
-        if key and isinstance(config.get(key), dict):
-            return config[key]
-        return config
+        """The dict holding the language model's geometry (the config itself
+        when it is flat, as Hub Qwen2.5-VL configs are)."""
+        return _sub_dict(config, self.config.text_config) or config
+
+    def tower_config(self, config: dict[str, Any], tower: Tower) -> dict[str, Any] | None:
+        """The sub-config of ``tower``, if the config has one."""
+        return _sub_dict(config, tower.config)
 
     def read(self, config: dict[str, Any], field: str) -> Any:
         """First present candidate key for ``field`` (a ConfigKeys name)."""
@@ -182,6 +263,12 @@ class Family(_Frozen):
             return explicit
         hidden, heads = self.read(config, "hidden_size"), self.read(config, "num_attention_heads")
         return hidden // heads if hidden and heads else None
+
+    def q_proj(self, config: dict[str, Any]) -> TensorTemplate:
+        """The query projection this checkpoint has: MLA without
+        ``q_lora_rank`` keeps a plain q_proj instead of q_a_proj/q_b_proj."""
+        plain = self.attention.q_proj_unfactored
+        return plain if plain and not self.read(config, "q_lora_rank") else self.attention.q_proj
 
     def layer_types(self, config: dict[str, Any]) -> list[str] | None:
         return self.read(config, "layer_types")
@@ -223,6 +310,20 @@ class Family(_Frozen):
     def shared_expert_tensor_names(self, layer: int) -> list[str]:
         return [render(t, layer=layer) for t in self.moe.shared_experts] if self.moe else []
 
+    def tower_of(self, name: str) -> Tower | None:
+        """The tower a tensor or module name belongs to, or None for text."""
+        return next((t for t in self.towers if name.startswith(t.prefixes)), None)
+
     def names(self) -> tuple[str, ...]:
         """Every key this family answers to, canonical name first."""
         return (self.name, *self.architectures, *self.aliases)
+
+
+def _sub_dict(config: dict[str, Any], path: str | None) -> dict[str, Any] | None:
+    """``config`` walked along a dotted key path; None where a step is missing."""
+    if not path:
+        return None
+    node: Any = config
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None

@@ -5,8 +5,13 @@
                      "mmlu": {"anchorDelta": -3.0},
                      "perplexity": {"maxRatio": 1.5}},
       "hardware": {"maxVramGb": 24},
-      "integrity": {"requireModelHash": true, "requireReload": true}
+      "integrity": {"modelHashRequired": true, "samplesPathRequired": true, "requireReload": true},
+      "forgeFactory": {"perplexity": {"maxRatio": 1.5}}
     }
+
+`forgeFactory` holds our gates forge-alloy's schema has no field for (it
+validates there, as an extra key); `benchmarks.perplexity` is still read
+for alloys written before.
 
 Every benchmark result carries `score`, normalised to 0..1, higher better
 (pass@1 0.36, an lm-eval accuracy 0.61; `factory.benchmarks` says how each
@@ -43,6 +48,11 @@ def _cmp(name: str, required: float, actual: float | None, ok) -> Check:
     return Check(name, required, actual, actual is not None and ok(actual, required))
 
 
+EXTENSION_KEY = "forgeFactory"
+# integrity flag -> the key of the integrity record it requires; both our
+# spellings and forge-alloy's (modelHashRequired).
+INTEGRITY_FLAGS = (("requireModelHash", "modelHash"), ("modelHashRequired", "modelHash"),
+                   ("requireFileHashes", "fileHashes"), ("requireReload", "reload_ok"))
 POINTS = 100.0  # anchorDelta's unit: one point is 0.01 of a 0..1 score
 
 
@@ -90,16 +100,27 @@ def evaluate(criteria: dict | None, *, benchmarks: dict, perplexities: list[dict
     """
     criteria = criteria or {}
     checks = _benchmarks(criteria.get("benchmarks") or {}, benchmarks, perplexities)
+    # Our gates the reference schema has no field for live under its
+    # `forgeFactory` extension key (so the alloy validates there too).
+    ours = criteria.get(EXTENSION_KEY) or {}
+    if ours.get("perplexity"):
+        checks += _perplexity_checks(ours["perplexity"], perplexities)
     hw = criteria.get("hardware") or {}
     if hw.get("maxVramGb") is not None:
         gib = None if forged_bytes is None else round(forged_bytes / GiB, 3)
         checks.append(_cmp("hardware.maxVramGb", hw["maxVramGb"], gib, lambda a, r: a <= r))
     flags = criteria.get("integrity") or {}
-    for flag, key in (("requireModelHash", "modelHash"), ("requireFileHashes", "fileHashes"),
-                      ("requireReload", "reload_ok")):
+    for flag, key in INTEGRITY_FLAGS:
         if flags.get(flag):
             have = integrity.get(key)
             checks.append(Check(f"integrity.{flag}", True, bool(have), bool(have)))
+    if flags.get("samplesPathRequired"):
+        # Every benchmark that generates (it wrote samples for the source or
+        # forged model) must have them for the forged one.
+        missing = [n for n, r in benchmarks.items()
+                   if any("samples_path" in (r.get(role) or {}) for role in ("forged", "source"))
+                   and not (r.get("forged") or {}).get("samples_path")]
+        checks.append(Check("integrity.samplesPathRequired", True, not missing, not missing))
     return {"passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks]}
 
 

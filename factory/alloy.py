@@ -186,17 +186,30 @@ class ExpertActivationProfileStage(Stage):
     calibration_corpus_file: str | None = None
     metric: Literal["activation_count", "router_l2", "activation_magnitude"] = "activation_count"
     # Tokens per calibration sequence; forge-alloy spells it maxLength.
+    # 256 when neither is set: real attention context, while the (tokens x
+    # top-k) expert rows REAP keeps stay small next to the model.
     sequence_length: PositiveInt | None = None
     max_length: int | None = Field(default=None, ge=128)
-    min_tokens_per_expert: int | None = Field(default=None, ge=0)
+    # Below 8 routed tokens an expert's mean REAP is noise: flagged, not fatal.
+    min_tokens_per_expert: int = Field(default=8, ge=0)
     calibration_examples: PositiveInt | None = None
-    calibration_tokens: PositiveInt | None = None
+    # 50k tokens: every expert of a 64-expert top-8 model sees thousands of
+    # tokens on average, and a profile takes minutes on one GPU.
+    calibration_tokens: PositiveInt = 50_000
     # A torch device string ("cuda:0", "cpu"); never a GPU's display name.
     device: str | None = Field(default=None, pattern=r"^(cpu|cuda(:\d+)?|auto)$")
     importance_output: str | None = None
     metric_version: str | None = None
     implementation: str | None = None
     notes: str | None = None
+
+    @property
+    def block_length(self) -> int:
+        """Tokens per calibration block: sequenceLength, else maxLength, else 256."""
+        for value in (self.sequence_length, self.max_length):
+            if value is not None:
+                return value
+        return 256
 
 
 class ExpertPruneStage(Stage):

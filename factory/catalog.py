@@ -220,4 +220,7 @@ def format_problem(fmt: str) -> str | None:
     row = QUANT_FORMATS.get(fmt)
     if row is None:
         return f"quant format {fmt!r} is unknown; known: {', '.join(sorted(QUANT_FORMATS))}"
-    return _resolve(row.probe)()
+    reason = _resolve(row.probe)()
+    if reason is None and row.maker is None:
+        reason = f"this factory has no writer for quant format {fmt!r} yet, though this node has its tooling"
+    return reason

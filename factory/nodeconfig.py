@@ -6,16 +6,27 @@ names the file and the dotted key. Every number is bounded and finite (TOML
 has `inf` and `nan`): a rescan interval of 1e-9 s would spin the idle daemon.
 Key names of sentinel-ai's node config are accepted where they mean the same
 (`write_mb_per_sec` for `write_mb_s`, ...); each is listed beside its field.
+
+Three tables say where this node's data is, so a part never fails mid-run
+for want of it (`factory.datasets` reads them at plan time and in the
+stations): `[datasets]` maps a dataset id to a file inside the root,
+`[domains]` maps each training domain to a dataset id, and `[benchmarks]`
+maps a benchmark name to its data inside the root. Paths there are written
+relative to the root and checked here by their text (no `..`, not absolute);
+that they exist and do not leave the root through a symlink is checked where
+they are read (`factory.validation.resolve_inside`), since the root is known
+there.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.durable import read_regular
 from factory.errors import NodeConfigError, excerpt
@@ -126,6 +137,69 @@ class DaemonSection(_Section):
     events_keep: int = Field(default=5, ge=1, le=1000)
 
 
+# -- data tables ---------------------------------------------------------------
+# A Hugging Face repo id ("org/name") or a bare name ("wikitext-2"): letters,
+# digits, "-", "_", "." (huggingface_hub's own rule, 96 characters at most).
+_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+DATASET_ID = re.compile(rf"^{_NAME_PART}(?:/{_NAME_PART})?$")
+# Benchmark names as alloys write them: humaneval_plus, humaneval+, mmlu_pro.
+_BENCHMARK_NAME = re.compile(r"^[a-z0-9][a-z0-9_+.-]{0,63}$")
+
+
+def _dataset_id(value: str) -> str:
+    if len(value) > 96 or not DATASET_ID.match(value):
+        raise ValueError('must be a dataset id like "org/name" or "wikitext-2" (letters, digits, "-", "_", ".")')
+    return value
+
+
+def _benchmark_name(value: str) -> str:
+    if not _BENCHMARK_NAME.match(value):
+        raise ValueError('must be a lowercase benchmark name like "humaneval_plus" or "humaneval+"')
+    return value
+
+
+DatasetId = Annotated[str, AfterValidator(_dataset_id)]
+BenchmarkName = Annotated[str, AfterValidator(_benchmark_name)]
+# What a [datasets] file may be, by suffix (how stations.training_data reads it).
+DATASET_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt")
+
+
+def _root_relative(value: str) -> str:
+    """A path written relative to the factory root that cannot climb out of it
+    by its text; symlinks are checked where the file is opened."""
+    parts = PurePosixPath(value).parts
+    if not value or "\x00" in value or value.startswith(("/", "~")) or ".." in parts:
+        raise ValueError("must be a path relative to the factory root that stays inside it "
+                         "(no '..', not absolute), e.g. \"data/train.jsonl\"")
+    return value
+
+
+def _dataset_file(value: str) -> str:
+    _root_relative(value)
+    if not value.lower().endswith(DATASET_FILE_SUFFIXES):
+        raise ValueError(f"must name a dataset file ending in {', '.join(DATASET_FILE_SUFFIXES)}")
+    return value
+
+
+RootPath = Annotated[str, AfterValidator(_root_relative)]
+DatasetFile = Annotated[str, AfterValidator(_dataset_file)]
+
+
+class DomainsSection(_Section):
+    """Training domain -> dataset id (a [datasets] key or a Hugging Face id).
+    A train stage that names only a `domain` trains on this dataset. The
+    shipped defaults are sentinel-ai's: general text recovery on WikiText-2
+    (the alias "wikitext-2" is Salesforce/wikitext, config wikitext-2-raw-v1)
+    and code on an instruction-code set. The other domains have no dataset
+    until the operator names one."""
+
+    code: DatasetId | None = "m-a-p/CodeFeedback-Filtered-Instruction"
+    reasoning: DatasetId | None = None
+    general: DatasetId | None = "wikitext-2"
+    chat: DatasetId | None = None
+    science: DatasetId | None = None
+
+
 class ProtocolSection(_Section):
     version: int = PROTOCOL_VERSION
 
@@ -136,6 +210,11 @@ class NodeConfig(_Section):
     forge: ForgeSection = ForgeSection()
     daemon: DaemonSection = DaemonSection()
     protocol: ProtocolSection = ProtocolSection()
+    # Dataset id -> a file inside the root, checked before any cache.
+    datasets: dict[DatasetId, DatasetFile] = {}
+    domains: DomainsSection = DomainsSection()
+    # Benchmark name -> its data (a file or directory) inside the root.
+    benchmarks: dict[BenchmarkName, RootPath] = {}
 
     def hot_dir(self, root: Path) -> Path:
         return self.storage.hot.path or root

@@ -1,7 +1,8 @@
 """context-extend: RoPE scaling to a longer context, written into the config.
 
-Fields: targetLength (tokens), method (yarn | linear | dynamic; "ntk" and
-"dynamic-ntk" mean dynamic), optional trainingDataset/trainingSteps.
+Fields (typed and range-checked by the schema, `ContextExtendStage`):
+targetLength (tokens), method (yarn | linear | ntk | dynamic-ntk; both ntk
+spellings are transformers' "dynamic"), optional trainingDataset/trainingSteps.
 
 transformers 5 reads RoPE settings from `rope_parameters` ({"rope_type",
 "factor", "original_max_position_embeddings", "rope_theta", ...}); 4.x and
@@ -26,14 +27,14 @@ import shutil
 from pathlib import Path
 
 from adapters import family_for_config
+from factory.alloy import ContextExtendStage
 from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.stages import StageContext, StageResult
-from stations.base import input_model_dir, model_result, output_model_dir, stage_field
+from stations.base import input_model_dir, model_result, output_model_dir
 
-# alloy method -> transformers rope_type
-METHODS: dict[str, str] = {"yarn": "yarn", "linear": "linear", "dynamic": "dynamic", "ntk": "dynamic",
-                           "dynamic-ntk": "dynamic"}
+# alloy method (the schema's enum) -> transformers rope_type
+METHODS: dict[str, str] = {"yarn": "yarn", "linear": "linear", "ntk": "dynamic", "dynamic-ntk": "dynamic"}
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
 # Keys that describe the old scaling and must not survive into the new one.
 _SCALING_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "attention_factor",
@@ -41,18 +42,15 @@ _SCALING_KEYS = {"type", "rope_type", "factor", "original_max_position_embedding
 
 
 def _check_fields(ctx: StageContext) -> tuple[int, str]:
-    if stage_field(ctx, "trainingSteps", "training_steps") or stage_field(ctx, "trainingDataset",
-                                                                          "training_dataset"):
+    """(targetLength, rope_type) of the stage, or StageFailed for what this
+    station cannot do; the schema has already checked types, ranges and the
+    method enum (METHODS has a row for each of its values)."""
+    stage = ctx.stage
+    assert isinstance(stage, ContextExtendStage)
+    if stage.training_steps or stage.training_dataset:
         raise StageFailed(f"$.stages[{ctx.index}]: context-extend training is not implemented; run a train "
                           "stage after it (remove trainingSteps/trainingDataset here)")
-    target = stage_field(ctx, "targetLength", "target_length", required=True)
-    method = stage_field(ctx, "method", default="yarn")
-    if not isinstance(target, int) or target <= 0:
-        raise StageFailed(f"$.stages[{ctx.index}].targetLength must be a positive integer, got {target!r}")
-    if method not in METHODS:
-        raise StageFailed(f"$.stages[{ctx.index}].method {method!r} is unknown; use one of "
-                          f"{', '.join(sorted(METHODS))}")
-    return target, METHODS[method]
+    return stage.target_length, METHODS[stage.method]
 
 
 def rope_extension(text: dict, *, target: int, rope_type: str, where: str) -> dict:
@@ -113,7 +111,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     # 3. Weights and tokenizer unchanged.
     linked = link_or_copy(src, out, skip={"config.json"})
     ctx.progress(1, 1, "models")
-    metrics = {"target_length": target, "method": ctx.stage.get("method", "yarn"), "rope_parameters": params,
+    metrics = {"target_length": target, "method": ctx.stage.method, "rope_parameters": params,
                "original_max_position_embeddings": params["original_max_position_embeddings"],
                "factor": params["factor"], "files_linked": linked}
     report = ctx.stage_dir / "context_extend.json"

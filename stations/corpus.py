@@ -99,13 +99,14 @@ def _entry_for(ctx: StageContext, ref: str) -> tuple[int, dict] | None:
 
 
 def resolve(ctx: StageContext, *, file_keys: tuple[str, ...], id_keys: tuple[str, ...]) -> Corpus:
-    """The corpus a stage names, checked against its recorded sha256 (hashed
+    """The corpus a stage names under the camelCase `file_keys` / `id_keys`
+    (read from the typed stage), checked against its recorded sha256 (hashed
     as a stream)."""
-    path_ref = next((ctx.stage[k] for k in file_keys if ctx.stage.get(k)), None)
-    id_ref = next((ctx.stage[k] for k in id_keys if ctx.stage.get(k)), None)
+    path_ref = next((v for k in file_keys if (v := ctx.stage.field_value(k))), None)
+    id_ref = next((v for k in id_keys if (v := ctx.stage.field_value(k))), None)
     ref = path_ref or id_ref
     if ref is None:
-        raise StageFailed(f"stage {ctx.index} ({ctx.stage.get('type')}) names no corpus; "
+        raise StageFailed(f"stage {ctx.index} ({ctx.stage.type}) names no corpus; "
                           f"set $.stages[{ctx.index}].{file_keys[0]} to a file inside the factory root")
     found = _entry_for(ctx, ref)
     entry = found[1] if found else {}

@@ -34,12 +34,13 @@ from typing import Any, BinaryIO, Callable
 
 from adapters import family_for_config
 from adapters.schema import Family, render, template_regex
+from factory.alloy import ExpertPruneStage
 from factory.durable import fsync_dir, tmp_path_for, write_json
 from factory.errors import StageFailed
 from factory.integrity import HashingWriter
 from factory.model_files import INDEX_FILE, inspect_checkpoint
 from factory.stages import StageContext, StageResult
-from stations.base import copy_side_files, input_model_dir, latest, model_result, output_model_dir, stage_field
+from stations.base import copy_side_files, input_model_dir, latest, model_result, output_model_dir
 
 FORMAT = "forge-factory/expert-prune"
 VERSION = 1
@@ -52,9 +53,16 @@ CONFIG_FILE = "config.json"
 # weights (never read, and stale once experts are gone).
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 METRICS = ("reap", "activation_count", "frequency", "gate_weight", "router_l2")
-_METRIC_ALIASES = {"count": "activation_count", "activation_frequency": "frequency", "gate_weight_sum": "gate_weight",
-                   "router_norm": "router_l2", "reap_saliency": "reap"}
-GROUP_ROUTING = ("auto", "preserve", "collapse")
+DEFAULT_METRIC = "reap"
+# A forge-alloy `strategy` names the metric when the stage gives no `metric`
+# (published alloys give both, and agree). Per-layer normalisation never
+# changes a per-layer top-K, so the normalised strategies rank as their metric.
+STRATEGY_METRICS = {
+    "calibration-aware-activation-count": "activation_count",
+    "activation-magnitude": "reap",
+    "per-layer-normalized-router-importance": "router_l2",
+    "magnitude": "router_l2",
+}
 # DeepSeek-V3 scores a group by the sum of its two best experts, so a group
 # must keep at least two; applied to every grouped family to stay data-free.
 MIN_EXPERTS_PER_GROUP = 2
@@ -156,10 +164,17 @@ def stray_expert_layers(family: Family, names: list[str], moe_layers: list[int])
 # ── choosing the experts ────────────────────────────────────────────────────
 
 
-def metric_name(raw: str) -> str:
-    name = _METRIC_ALIASES.get(raw, raw)
+def metric_name(stage: ExpertPruneStage, index: int) -> str:
+    """The ranking metric: `metric`, else the one `strategy` names, else DEFAULT_METRIC."""
+    if stage.metric is None and stage.strategy is not None:
+        if stage.strategy not in STRATEGY_METRICS:
+            raise StageFailed(f"$.stages[{index}].strategy {stage.strategy!r} names no expert ranking; set "
+                              f"\"metric\" to one of {', '.join(METRICS)}, or use a strategy of "
+                              f"{', '.join(STRATEGY_METRICS)}, or list the experts in keepExpertIndices")
+        return STRATEGY_METRICS[stage.strategy]
+    name = stage.metric or DEFAULT_METRIC
     if name not in METRICS:
-        raise StageFailed(f"expert-prune metric {raw!r} is unknown; use one of {', '.join(METRICS)} "
+        raise StageFailed(f"expert-prune metric {name!r} is unknown; use one of {', '.join(METRICS)} "
                           "or list the experts in keepExpertIndices")
     return name
 
@@ -346,22 +361,21 @@ class Selection:
 
 
 def _keep_count(ctx: StageContext, explicit: dict[int, list[int]] | None) -> int:
-    keep = stage_field(ctx, "keepExpertsPerLayer", "keepExperts")
+    stage: ExpertPruneStage = ctx.stage
+    keep = stage.keep_experts_per_layer if stage.keep_experts_per_layer is not None else stage.keep_experts
     if keep is None and explicit:
         keep = len(next(iter(explicit.values())))
     if keep is None:
         raise StageFailed(f"stage {ctx.index} (expert-prune) says neither keepExpertsPerLayer nor "
                           f"keepExpertIndices; add \"keepExpertsPerLayer\": <K> to $.stages[{ctx.index}]")
-    return int(keep)
+    return keep
 
 
 def _explicit_indices(ctx: StageContext, moe_layers: list[int], experts: int) -> dict[int, list[int]] | None:
-    raw = stage_field(ctx, "keepExpertIndices", "keep_expert_indices")
+    raw = ctx.stage.keep_expert_indices  # the schema holds it as {str: [int]}
     if raw is None:
         return None
     where = f"$.stages[{ctx.index}].keepExpertIndices"
-    if not isinstance(raw, dict):
-        raise StageFailed(f"{where} must map each MoE layer to a list of expert indices, got {type(raw).__name__}")
     try:
         out = {int(k): v for k, v in raw.items()}
     except ValueError as err:
@@ -369,8 +383,7 @@ def _explicit_indices(ctx: StageContext, moe_layers: list[int], experts: int) ->
     if sorted(out) != moe_layers:
         raise StageFailed(f"{where} lists layers {sorted(out)}, but the MoE layers are {moe_layers}; list each once")
     for layer, idx in out.items():
-        if (not isinstance(idx, list) or len(set(idx)) != len(idx)
-                or not all(type(i) is int and 0 <= i < experts for i in idx)):
+        if len(set(idx)) != len(idx) or not all(0 <= i < experts for i in idx):
             raise StageFailed(f"{where}.{layer} = {idx!r}: need distinct expert indices in 0..{experts - 1}")
     if len({len(v) for v in out.values()}) != 1:
         raise StageFailed(f"{where}: every layer must keep the same number of experts (the config holds one count)")
@@ -408,7 +421,7 @@ def select_experts(ctx: StageContext, *, model_dir: Path, family: Family, moe_la
     """Kept experts per layer: explicit indices, else the metric's top-K."""
     if explicit is not None:
         return Selection("explicit", explicit, None)
-    metric = metric_name(stage_field(ctx, "metric", default="reap"))
+    metric = metric_name(ctx.stage, ctx.index)
     if metric == "router_l2":  # always from the weights being pruned, profile or not
         scores = {layer: router_l2_from_disk(model_dir, family, layer, weight_files) for layer in moe_layers}
         return Selection(metric, {layer: top_experts(s, keep, groups) for layer, s in scores.items()}, None)
@@ -457,9 +470,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     if top_k and top_k > keep:
         raise StageFailed(f"the router picks top-k {top_k} experts per token but keepExpertsPerLayer is {keep}; "
                           f"keep at least {top_k} experts per layer")
-    mode = stage_field(ctx, "groupRouting", default="auto")
-    if mode not in GROUP_ROUTING:
-        raise StageFailed(f"$.stages[{ctx.index}].groupRouting {mode!r} is unknown; use one of {GROUP_ROUTING}")
+    mode = ctx.stage.group_routing or "auto"
     groups = plan_groups(mode, n_group=family.read(info.config, "n_group"),
                          topk_group=family.read(info.config, "topk_group"), keep=keep, top_k=top_k or 1)
     if explicit is not None and not _respects_groups(explicit, experts, groups.groups_for_selection):

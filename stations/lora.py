@@ -2,9 +2,11 @@
 
 * `lora`: recovery fine-tuning on a dataset with causal-LM cross-entropy.
   A `lora` stage that names a `teacher` distils, like compensation-lora.
-* `compensation-lora`: KL distillation of the (pruned) student towards a
+* `compensation-lora`: distillation of the (pruned) student towards a
   teacher, by default the alloy's unpruned source model (`teacher: "source"`).
-  `lossType` "kl" (default) or "kl+ce" (KL + cross-entropy, equal weights).
+  `lossType`: "kl_logits" (default; KL on the output distributions),
+  "kl+ce" (KL plus next-token cross-entropy), "mse_hidden" (mean squared
+  error between the last hidden states) or "both" (KL plus that MSE).
 * `train`: the same LoRA recovery path, merged. Full fine-tuning is not
   offered: it needs optimiser state for every weight (3-4x the model in
   memory), which hive nodes sized for inference do not have; a merged LoRA
@@ -12,18 +14,29 @@
 
 Phases, top to bottom in `run_training`:
 
-1. Parameters (alloy values, else the documented defaults below; targets
-   default to the family's `lora_targets`).
-2. Text: a JSONL/text file inside the factory root, or an HF dataset id
-   through `datasets` when that package is installed and the Hub reachable.
-3. Examples: each document + EOS, cut into `sequenceLength` chunks; batches
-   are right-padded, pad labels are -100 and their attention mask 0, so pads
-   never count in the loss (right padding + causal attention also leaves the
-   real tokens' logits untouched).
+1. Parameters: the typed stage (defaults from the schema). `steps` and
+   `learningRate`, when the stage omits them, come from the model's size
+   (`factory.datasets.size_defaults`: `source.totalParamsB`, else the
+   parameters the input checkpoint holds); `epochs` without `steps` runs
+   that many passes over the examples. Every value the stage omitted is
+   reported under metrics["resolved"] (camelCase key -> value) for the
+   executed alloy.
+2. Text: the data `factory.datasets.training_dataset` resolves (the same
+   answer `factory plan` gave), streamed by `stations.training_data`, which
+   also formats instruction records; a distillation stage with a pinned
+   calibration corpus reads that instead.
+3. Examples: each text + EOS, cut into `sequenceLength` chunks, read only
+   until the steps have what they consume (steps x batch x accumulation
+   examples); batches are right-padded, pad labels are -100 and their
+   attention mask 0, so pads never count in the loss (right padding + causal
+   attention also leaves the real tokens' logits untouched).
 4. Load the student as the load plan says (4-bit QLoRA only when the plan
    chose 4-bit on a GPU; on a CPU the weights are trained against in fp32),
-   the teacher for distillation, wrap the student with peft, train: fixed
-   seed, progress per step, a stop point between steps.
+   the teacher for distillation, attach LoRA to the target modules inside
+   the text decoder's layers only (the family's layer prefix: a vision or
+   audio tower never gets an adapter; matches elsewhere are dropped and
+   counted), train: fixed seed, progress per step, a stop point between
+   steps.
 5. Save the adapter (`adapter/adapter_model.safetensors`), then write the
    merged model: every shard of the input checkpoint copied with
    W + (alpha / r) B A added to the targeted weights in the checkpoint's own
@@ -38,59 +51,42 @@ Phases, top to bottom in `run_training`:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from adapters import family_for_config
-from factory.alloy import learning_rate_value
+from adapters.schema import Family
+from factory.alloy import LoraStage, Stage, learning_rate_value
+from factory.datasets import DatasetProblem, ResolvedDataset, size_defaults, training_dataset
+from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.integrity import sha256_file
 from factory.model_files import inspect_checkpoint
 from factory.stages import StageContext, StageResult
-from factory.validation import is_local_path_like
 from stations import corpus as corpus_mod
-from stations.base import (
-    copy_side_files, input_model_dir, model_result, output_model_dir, source_model_dir, stage_field,
-)
+from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, source_model_dir
+from stations.training_data import training_texts
 
-# Defaults when the alloy is silent. Alloys usually give steps and lr; these
-# are small on purpose: a forgotten field should cost minutes, not hours.
-DEFAULT_STEPS = 100
-DEFAULT_LEARNING_RATE = 2e-4  # the usual LoRA rate; full fine-tuning would want ~10x less
-DEFAULT_RANK = 16  # r=16 recovers most of what r=64 does at a quarter of the adapter
-DEFAULT_ALPHA_PER_RANK = 2.0  # alpha = 2r, scale 2: the common choice
-DEFAULT_DROPOUT = 0.0  # 0 keeps runs reproducible across devices; alloys may set 0.05
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_SEQUENCE_LENGTH = 512  # long enough for instruction pairs, short enough for 4-bit 7B on 24 GB
-DEFAULT_SCHEDULER = "cosine"
-DEFAULT_WARMUP_RATIO = 0.0
-DEFAULT_MAX_GRADIENT_NORM = 1.0
-DEFAULT_KD_TEMPERATURE = 2.0  # softens both distributions so the teacher's ranking of wrong tokens counts
-DEFAULT_SEED = 0
+# A train stage's adapter when the alloy gives none (train stages rarely do):
+# r=16 recovers most of what r=64 does at a quarter of the adapter.
+TRAIN_RANK = 16
+TRAIN_DROPOUT = 0.05  # the lora schema's default, so train and lora behave alike
 PROBE_EXAMPLES = 16  # examples scored before and after training (in-sample probe)
-SCHEDULERS = ("constant", "linear", "cosine")
-LOSS_TYPES = ("kl", "kl+ce")
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 ADAPTER_DIR = "adapter"
 SIDECAR = "training.json"
+SCRATCH_DIR = "datasets-scratch"  # the datasets library's lock files while it streams
 INDEX_FILE = "model.safetensors.index.json"
 CORPUS_FILE_KEYS = ("calibrationCorpusFile",)
 CORPUS_ID_KEYS = ("calibrationCorpus",)
 GRADIENT_CHECKPOINTING = ("gradient_checkpointing", "gradient-checkpointing", "gradientCheckpointing")
-# Record shapes a dataset line may have, tried in order: the fields joined
-# with newlines make the training text. "messages" (chat) is handled apart.
-RECORD_FIELDS: tuple[tuple[str, ...], ...] = (
-    ("text",),
-    ("prompt", "completion"),
-    ("instruction", "input", "output"),
-    ("query", "answer"),
-    ("question", "answer"),
-)
+KL_LOSSES = ("kl_logits", "kl+ce", "both")
+HIDDEN_LOSSES = ("mse_hidden", "both")
+DROPPED_KEY = "lora_targets_dropped"  # metrics: target matches outside the text decoder's layers
 
 
 # ── parameters ──────────────────────────────────────────────────────────────
@@ -100,7 +96,7 @@ RECORD_FIELDS: tuple[tuple[str, ...], ...] = (
 class TrainParams:
     mode: str  # "lora" (cross-entropy) or "compensation" (distillation)
     stage_type: str
-    steps: int
+    steps: int | None  # None: from `epochs` once the examples are counted
     learning_rate: float
     batch_size: int
     gradient_accumulation: int
@@ -118,55 +114,98 @@ class TrainParams:
     merge_requested: bool | None
     gradient_checkpointing: bool
     teacher: str | None
-    loss_type: str
-    kd_temperature: float
+    loss_type: str | None  # distillation only
+    kd_temperature: float | None  # distillation only
+    params_b: float  # the model size the step/rate defaults were read for
+    size_source: str  # "source.totalParamsB" or "checkpoint"
+
+    @property
+    def examples_needed(self) -> int | None:
+        """Examples the steps consume (None: all, for `epochs`)."""
+        return None if self.steps is None else self.steps * self.batch_size * self.gradient_accumulation
 
 
 def _where(ctx: StageContext, key: str) -> str:
     return f"$.stages[{ctx.index}].{key}"
 
 
-def _choice(ctx: StageContext, key: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise StageFailed(f"{_where(ctx, key)} = {value!r} is not supported; use one of {', '.join(allowed)}")
-    return value
+def _adapter(stage: Stage) -> tuple[int, float, float, tuple[str, ...] | None, bool | None]:
+    """(rank, alpha, dropout, targets, merge requested) of the stage. A lora
+    stage declares them; a train stage carries them as extra keys when the
+    alloy gives any (read by their camelCase names, with the lora schema's
+    ranges checked here)."""
+    if isinstance(stage, LoraStage):
+        targets = tuple(stage.target_modules) if stage.target_modules else None
+        return stage.effective_rank, stage.effective_alpha, stage.dropout, targets, stage.merges
+    rank = stage.field_value("rank") or stage.field_value("loraRank") or TRAIN_RANK
+    alpha = stage.field_value("alpha") or stage.field_value("loraAlpha") or 2.0 * rank
+    dropout = stage.field_value("dropout")
+    targets = stage.field_value("targetModules")
+    if not (isinstance(rank, int) and 1 <= rank <= 256 and isinstance(alpha, (int, float)) and 0 < alpha <= 512
+            and (dropout is None or isinstance(dropout, (int, float)) and 0 <= dropout < 1)
+            and (targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise StageFailed(f"$.stages: train stage adapter fields out of range (rank {rank!r} in [1, 256], alpha "
+                          f"{alpha!r} in (0, 512], dropout {dropout!r} in [0, 1), targetModules a list of names)")
+    return rank, float(alpha), TRAIN_DROPOUT if dropout is None else float(dropout), \
+        tuple(targets) if targets else None, True
 
 
-def read_params(ctx: StageContext, mode: str) -> TrainParams:
-    """Alloy values over documented defaults; both spellings of rank/alpha."""
-    rank = int(stage_field(ctx, "rank", "loraRank", default=DEFAULT_RANK))
-    teacher = stage_field(ctx, "teacher")
-    if mode == "compensation" and not teacher:
-        teacher = "source"  # the schema requires it; in-process callers may omit it
-    loss = str(stage_field(ctx, "lossType", default="kl")).lower().replace("_", "+").replace("-", "+")
-    targets = stage_field(ctx, "targetModules", "target_modules")
-    optimizations = stage_field(ctx, "optimizations", default=[]) or []
-    try:
-        lr = learning_rate_value(stage_field(ctx, "learningRate", "lr", default=DEFAULT_LEARNING_RATE))
-    except ValueError as err:
-        raise StageFailed(f"{_where(ctx, 'learningRate')}: {err}; write a number such as \"2e-4\"") from err
+def _model_size(ctx: StageContext, model_dir: Path) -> tuple[float, str]:
+    """Billions of parameters for the size defaults: the alloy's
+    source.totalParamsB, else what the input checkpoint holds."""
+    declared = ctx.recipe.source.total_params_b
+    if declared is not None:
+        return declared, "source.totalParamsB"
+    return inspect_checkpoint(model_dir).param_count / 1e9, "checkpoint"
+
+
+def read_params(ctx: StageContext, mode: str, model_dir: Path) -> TrainParams:
+    """The typed stage's values; steps and learning rate by model size when omitted."""
+    stage = ctx.stage
+    rank, alpha, dropout, targets, merge = _adapter(stage)
+    teacher = getattr(stage, "teacher", None) or ("source" if mode == "compensation" else None)
+    params_b, size_source = _model_size(ctx, model_dir)
+    by_size = size_defaults(params_b)
+    epochs = stage.epochs if stage.steps is None else None
+    lr = learning_rate_value(stage.learning_rate) if stage.learning_rate is not None else by_size.learning_rate
     return TrainParams(
-        mode="compensation" if teacher else "lora", stage_type=str(ctx.stage.get("type")),
-        steps=int(stage_field(ctx, "steps", default=0)) or 0,  # 0: derived in `total_steps`
-        learning_rate=lr,
-        batch_size=int(stage_field(ctx, "batchSize", default=DEFAULT_BATCH_SIZE)),
-        gradient_accumulation=int(stage_field(ctx, "gradientAccumulation", default=1)),
-        sequence_length=int(stage_field(ctx, "sequenceLength", "maxSeqLength", default=DEFAULT_SEQUENCE_LENGTH)),
-        scheduler=_choice(ctx, "scheduler", str(stage_field(ctx, "scheduler", default=DEFAULT_SCHEDULER)).lower(),
-                          SCHEDULERS),
-        warmup_ratio=float(stage_field(ctx, "warmupRatio", default=DEFAULT_WARMUP_RATIO)),
-        weight_decay=float(stage_field(ctx, "weightDecay", default=0.0)),
-        max_gradient_norm=float(stage_field(ctx, "maxGradientNorm", default=DEFAULT_MAX_GRADIENT_NORM)),
-        rank=rank, alpha=float(stage_field(ctx, "alpha", "loraAlpha", default=DEFAULT_ALPHA_PER_RANK * rank)),
-        dropout=float(stage_field(ctx, "dropout", default=DEFAULT_DROPOUT)),
-        targets=tuple(targets) if targets else None,
-        epochs=stage_field(ctx, "epochs"),
-        seed=int(stage_field(ctx, "seed", default=DEFAULT_SEED)),
-        merge_requested=stage_field(ctx, "mergeAfter", "mergedAtSave"),
-        gradient_checkpointing=any(o in GRADIENT_CHECKPOINTING for o in optimizations),
-        teacher=teacher, loss_type=_choice(ctx, "lossType", loss, LOSS_TYPES),
-        kd_temperature=float(stage_field(ctx, "kdTemperature", default=DEFAULT_KD_TEMPERATURE)),
+        mode="compensation" if teacher else "lora", stage_type=stage.type,
+        steps=stage.steps or (None if epochs else by_size.steps), learning_rate=lr,
+        batch_size=stage.batch_size, gradient_accumulation=stage.gradient_accumulation,
+        sequence_length=stage.sequence_length, scheduler=stage.scheduler, warmup_ratio=stage.warmup_ratio,
+        weight_decay=stage.weight_decay, max_gradient_norm=stage.max_gradient_norm,
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets, epochs=epochs, seed=stage.seed,
+        merge_requested=merge,
+        gradient_checkpointing=any(o in GRADIENT_CHECKPOINTING for o in stage.optimizations or []),
+        teacher=teacher, loss_type=getattr(stage, "loss_type", None) if teacher else None,
+        kd_temperature=getattr(stage, "kd_temperature", None) if teacher else None,
+        params_b=params_b, size_source=size_source,
     )
+
+
+def resolved_fields(ctx: StageContext, params: TrainParams, *, steps: int, targets: tuple[str, ...],
+                    data: "TextData") -> dict[str, Any]:
+    """camelCase field -> the value used, for every field the alloy's stage
+    left out: what the executed alloy records as this stage's settings."""
+    used: dict[str, Any] = {
+        "steps": steps, "learningRate": format(params.learning_rate, "g"), "batchSize": params.batch_size,
+        "gradientAccumulation": params.gradient_accumulation, "sequenceLength": params.sequence_length,
+        "scheduler": params.scheduler, "warmupRatio": params.warmup_ratio, "weightDecay": params.weight_decay,
+        "maxGradientNorm": params.max_gradient_norm, "rank": params.rank,
+        "alpha": int(params.alpha) if float(params.alpha).is_integer() else params.alpha,
+        "dropout": params.dropout, "targetModules": list(targets), "dataset": data.ref,
+    }
+    if params.mode == "compensation":
+        used |= {"teacher": params.teacher, "lossType": params.loss_type, "kdTemperature": params.kd_temperature}
+    given = set(ctx.stage.model_dump(by_alias=True, exclude_unset=True))
+    for pair in (("rank", "loraRank"), ("alpha", "loraAlpha")):
+        if given & set(pair):
+            given |= set(pair)
+    if params.epochs is not None:
+        given.add("steps")  # derived from the alloy's epochs, not a default
+    if data.kind == "corpus":
+        given.add("dataset")  # distils on the alloy's pinned corpus
+    return {k: v for k, v in used.items() if k not in given}
 
 
 # ── text ────────────────────────────────────────────────────────────────────
@@ -174,117 +213,33 @@ def read_params(ctx: StageContext, mode: str) -> TrainParams:
 
 @dataclass(frozen=True)
 class TextData:
-    ref: str  # what the alloy named
-    path: str | None  # the file read (None for a hub dataset)
-    sha256: str | None
-    texts: list[str]
+    ref: str  # what the alloy (or the domain table) named
+    kind: str  # "corpus" or a ResolvedDataset kind
+    path: str | None  # the file, cache or snapshot read (None: streamed from the Hub)
+    sha256: str | None  # of a file
+    texts: Iterable[str]  # read lazily
+    detail: dict[str, Any]  # id, config, domain, note
+
+    def provenance(self) -> dict[str, Any]:
+        return {"ref": self.ref, "kind": self.kind, "path": self.path, "sha256": self.sha256, **self.detail}
 
 
-def record_text(obj: Any) -> str | None:
-    """The training text of one dataset record, or None if no known shape fits."""
-    if isinstance(obj, str):
-        return obj
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("messages"), list):
-        parts = [m.get("content") for m in obj["messages"] if isinstance(m, dict)]
-        return "\n".join(p for p in parts if isinstance(p, str)) or None
-    for fields in RECORD_FIELDS:
-        if isinstance(obj.get(fields[0]), str) and all(isinstance(obj.get(f, ""), str) for f in fields):
-            return "\n".join(obj[f] for f in fields if obj.get(f))
-    return None
-
-
-def _bounded_lines(path: Path, where: str):
-    """(line number, line) of a UTF-8 file, each line read with a cap: a
-    line longer than corpus.MAX_DOC_CHARS is refused before it is whole in
-    memory (one 100 MB line must not cost gigabytes when tokenised)."""
-    limit = corpus_mod.MAX_DOC_CHARS
-    with open(path, encoding="utf-8") as f:
-        n = 0
-        while line := f.readline(limit + 1):
-            n += 1
-            if len(line) > limit:
-                raise StageFailed(f"{path}:{n} (from {where}): a line over {limit} characters; split the "
-                                  "document into several lines (records)")
-            yield n, line
-
-
-def _read_file_texts(path: Path, where: str) -> list[str]:
-    try:
-        if path.suffix not in (".jsonl", ".ndjson"):
-            return [_plain_text(path, where)]
-        return _jsonl_texts(path, where)
-    except UnicodeDecodeError as err:
-        raise StageFailed(f"{path} (from {where}): not UTF-8 ({err.reason} at byte {err.start}); "
-                          "re-encode the file as UTF-8") from err
-
-
-def _plain_text(path: Path, where: str) -> str:
-    """A plain-text dataset is one document, refused past MAX_DOC_CHARS."""
-    parts, size = [], 0
-    for _, line in _bounded_lines(path, where):
-        size += len(line)
-        if size > corpus_mod.MAX_DOC_CHARS:
-            raise StageFailed(f"{path} (from {where}): a plain-text dataset over {corpus_mod.MAX_DOC_CHARS} "
-                              "characters; give it as JSONL, one record per line")
-        parts.append(line)
-    return "".join(parts)
-
-
-def _jsonl_texts(path: Path, where: str) -> list[str]:
-    texts = []
-    for n, line in _bounded_lines(path, where):
-        if not line.strip():
-            continue
-        try:
-            text = record_text(json.loads(line))
-        except ValueError as err:
-            raise StageFailed(f"{path}:{n} (from {where}): not JSON ({err}); fix that line") from err
-        if text is None:
-            shapes = ", ".join("+".join(f) for f in RECORD_FIELDS)
-            raise StageFailed(f"{path}:{n} (from {where}): no training text; give each line one of "
-                              f"{shapes} or messages[].content")
-        texts.append(text)
-    return texts
-
-
-def _hub_texts(ctx: StageContext, ref: str, where: str) -> list[str]:
-    if importlib.util.find_spec("datasets") is None:
-        raise StageFailed(f"{where} = {ref!r} is not a file inside the factory root, and reading it as a Hugging "
-                          "Face dataset needs the `datasets` package, which is not installed on this node; "
-                          "export the data to JSONL under the root (e.g. data/train.jsonl) and name that path")
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(ref, split="train")
-    except Exception as err:  # offline, unknown id, gated: all mean "not here"
-        raise StageFailed(f"{where} = {ref!r}: the Hugging Face dataset could not be loaded ({err}); "
-                          "export it to JSONL under the factory root and name that path") from err
-    texts = [t for t in (record_text(r) for r in rows) if t]
-    if not texts:
-        raise StageFailed(f"{where} = {ref!r}: no record has a known text shape; export it to JSONL with \"text\"")
-    return texts
-
-
-def _dataset(ctx: StageContext, key: str, ref: str) -> TextData:
-    where = _where(ctx, key)
-    if not is_local_path_like(ref, root=ctx.layout.root):
-        return TextData(ref, None, None, _hub_texts(ctx, ref, where))
-    path = corpus_mod.local_file(ctx, ref, where=where, what="dataset")
-    return TextData(ref, str(path), sha256_file(path), _read_file_texts(path, where))
-
-
-def load_texts(ctx: StageContext, params: TrainParams) -> TextData:
-    """Distillation prefers a pinned calibration corpus; else the dataset."""
-    if params.mode == "compensation" and any(ctx.stage.get(k) for k in CORPUS_FILE_KEYS + CORPUS_ID_KEYS):
+def load_texts(ctx: StageContext, params: TrainParams, tokenizer, *, max_chars: int) -> TextData:
+    """Distillation prefers a pinned calibration corpus; else the resolved dataset."""
+    found = training_dataset(ctx.stage, ctx.index, root=ctx.layout.root, config=ctx.config)
+    if found is None:
         c = corpus_mod.resolve(ctx, file_keys=CORPUS_FILE_KEYS, id_keys=CORPUS_ID_KEYS)
-        return TextData(c.ref, str(c.path), c.sha256, list(corpus_mod.read_texts(c)))
-    for key in ("dataset", "trainingDataset", "calibrationDataset"):
-        if ctx.stage.get(key):
-            return _dataset(ctx, key, str(ctx.stage[key]))
-    raise StageFailed(f"stage {ctx.index} ({ctx.stage.get('type')}) names no training text; set "
-                      f"{_where(ctx, 'dataset')} to a JSONL file inside the factory root")
+        return TextData(c.ref, "corpus", str(c.path), c.sha256, corpus_mod.read_texts(c, max_chars=max_chars), {})
+    if isinstance(found, DatasetProblem):
+        raise StageFailed(str(found))
+    return _dataset_texts(found, tokenizer, max_chars=max_chars, scratch_dir=ctx.stage_dir / SCRATCH_DIR)
+
+
+def _dataset_texts(found: ResolvedDataset, tokenizer, *, max_chars: int, scratch_dir: Path) -> TextData:
+    digest = sha256_file(found.path) if found.kind == "file" else None
+    detail = {"id": found.id, "config": found.config, "domain": found.domain, "note": found.note}
+    return TextData(found.ref, found.kind, str(found.path) if found.path else None, digest,
+                    training_texts(found, tokenizer, max_chars=max_chars, scratch_dir=scratch_dir), detail)
 
 
 # ── examples and batches ────────────────────────────────────────────────────
@@ -300,15 +255,19 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
-def make_examples(tokenizer, texts: list[str], *, sequence_length: int) -> list[list[int]]:
-    """Each document + EOS, cut into chunks of at most `sequence_length`
-    tokens; chunks under 2 tokens have nothing to predict and are dropped."""
+def make_examples(tokenizer, texts: Iterable[str], *, sequence_length: int,
+                  limit: int | None = None) -> list[list[int]]:
+    """Each text + EOS, cut into chunks of at most `sequence_length` tokens
+    (chunks under 2 tokens have nothing to predict and are dropped); no text
+    is pulled from `texts` once `limit` examples are made."""
     eos = tokenizer.eos_token_id
-    out = []
+    out: list[list[int]] = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        out += [ids[i:i + sequence_length] for i in range(0, len(ids), sequence_length)]
-    return [e for e in out if len(e) >= 2]
+        out += [c for c in (ids[i:i + sequence_length] for i in range(0, len(ids), sequence_length)) if len(c) >= 2]
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    return out
 
 
 def collate(examples: list[list[int]], *, pad_id: int) -> Batch:
@@ -359,6 +318,14 @@ def distillation_loss(student_logits, teacher_logits, attention_mask, *, tempera
     return (per_token * mask).sum() / mask.sum().clamp(min=1) * temperature**2
 
 
+def hidden_mse_loss(student_hidden, teacher_hidden, attention_mask):
+    """Mean squared error between the last hidden states, averaged over the
+    hidden width and the real tokens (pads excluded)."""
+    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)  # (B, T)
+    mask = attention_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
 # ── models ──────────────────────────────────────────────────────────────────
 
 
@@ -368,9 +335,9 @@ def teacher_dir(ctx: StageContext, teacher: str) -> Path:
     from factory.sources import resolve_source
 
     try:
-        if teacher in ("source", ctx.alloy["source"].get("baseModel")):
+        if teacher in ("source", ctx.recipe.source.base_model):
             return source_model_dir(ctx)
-        resolved = resolve_source({"baseModel": teacher, "architecture": ctx.alloy["source"]["architecture"]},
+        resolved = resolve_source({"baseModel": teacher, "architecture": ctx.recipe.source.architecture},
                                   root=ctx.layout.root, config=ctx.config, allow_download=True)
     except BadInput as err:
         raise StageFailed(f"{_where(ctx, 'teacher')}: {err}") from err
@@ -379,7 +346,30 @@ def teacher_dir(ctx: StageContext, teacher: str) -> Path:
     return resolved.path
 
 
-def wrap_with_lora(model, params: TrainParams, targets: tuple[str, ...], *, quantized: bool):
+def text_layer_prefix(family: Family) -> str:
+    """Module-name prefix of the text decoder's layers, from the family's
+    layer marker ("model.language_model.layers.${layer}...." ->
+    "model.language_model.layers.")."""
+    return family.tensors.layer_marker.split("${layer}")[0]
+
+
+def lora_modules(model, targets: tuple[str, ...], prefix: str) -> tuple[list[str], int]:
+    """Full names of the modules `targets` select (peft's rule: the name, or
+    a name ending in "." + target) inside the text decoder's layers, and how
+    many matches lie outside them (a vision or audio tower, a projector)
+    and are dropped."""
+    keep, dropped = [], 0
+    for name, _ in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if name.startswith(prefix):
+            keep.append(name)
+        else:
+            dropped += 1
+    return keep, dropped
+
+
+def wrap_with_lora(model, params: TrainParams, modules: list[str], *, quantized: bool):
     import peft
     import torch
 
@@ -391,12 +381,23 @@ def wrap_with_lora(model, params: TrainParams, targets: tuple[str, ...], *, quan
     model.config.use_cache = False
     torch.manual_seed(params.seed)  # LoRA A init
     config = peft.LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                             target_modules=list(targets), bias="none")
+                             target_modules=modules, bias="none")
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:
-        raise StageFailed(f"LoRA targets {list(targets)} do not fit this model ({err}); "
-                          "set targetModules to module names the model has (e.g. q_proj, v_proj)") from err
+        raise StageFailed(f"LoRA cannot attach to {modules[:3]}... ({err}); set targetModules to linear "
+                          "layers of the text decoder (e.g. q_proj, v_proj)") from err
+
+
+def _attach_targets(ctx: StageContext, model, targets: tuple[str, ...], family: Family) -> tuple[list[str], int]:
+    prefix = text_layer_prefix(family)
+    modules, dropped = lora_modules(model, targets, prefix)
+    if not modules:
+        where = "only outside the text decoder's layers" if dropped else "nowhere in this model"
+        raise StageFailed(f"LoRA targets {list(targets)} do not fit this model: they match {where} "
+                          f"({prefix}*); set {_where(ctx, 'targetModules')} to module names of its text layers "
+                          "(e.g. q_proj, v_proj)")
+    return modules, dropped
 
 
 def trainable_counts(model) -> tuple[int, int]:
@@ -408,44 +409,64 @@ def trainable_counts(model) -> tuple[int, int]:
 
 
 def total_steps(params: TrainParams, n_examples: int) -> int:
-    """`steps`, else `epochs` over the examples, else DEFAULT_STEPS."""
-    if params.steps:
+    """`steps` (the alloy's or the size default), else `epochs` passes over the examples."""
+    if params.steps is not None:
         return params.steps
-    if params.epochs:
-        return params.epochs * math.ceil(n_examples / (params.batch_size * params.gradient_accumulation))
-    return DEFAULT_STEPS
+    return params.epochs * math.ceil(n_examples / (params.batch_size * params.gradient_accumulation))
+
+
+def warmup_steps(params: TrainParams, steps: int) -> int:
+    """Linear warm-up steps; "constant" has none (transformers' meaning:
+    "constant_with_warmup" is the one that warms up)."""
+    return 0 if params.scheduler == "constant" else math.ceil(params.warmup_ratio * steps)
 
 
 def lr_factor(step: int, *, total: int, warmup: int, scheduler: str) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    """Multiplier of the base learning rate at optimizer step `step` (0-based),
+    for the schema's schedulers: after warm-up, constant(_with_warmup) holds
+    1; linear and polynomial (transformers' default power 1) fall linearly to
+    0; cosine follows half a cosine to 0."""
     if step < warmup:
         return (step + 1) / warmup
-    if scheduler == "constant":
+    if scheduler in ("constant", "constant_with_warmup"):
         return 1.0
     progress = (step - warmup) / max(total - warmup, 1)
-    return 1.0 - progress if scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress if scheduler in ("linear", "polynomial") else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Objective:
-    """The loss of one batch: cross-entropy, or distillation from a teacher."""
+    """The loss of one batch: cross-entropy, or distillation from a teacher
+    (see the module docstring for the loss types)."""
 
     def __init__(self, params: TrainParams, teacher=None) -> None:
         self.params, self.teacher = params, teacher
+        self.hidden = teacher is not None and params.loss_type in HIDDEN_LOSSES
 
     def __call__(self, model, batch: Batch):
         import torch
 
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=self.hidden)
         if self.teacher is None:
-            return causal_lm_loss(logits, batch.labels)
+            return causal_lm_loss(out.logits, batch.labels)
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        if t_logits.shape[-1] != logits.shape[-1]:
-            raise StageFailed(f"teacher vocabulary ({t_logits.shape[-1]}) differs from the student's "
-                              f"({logits.shape[-1]}); distil from the same tokenizer's model")
-        loss = distillation_loss(logits, t_logits.to(logits.device), batch.attention_mask,
-                                 temperature=self.params.kd_temperature)
-        return loss + causal_lm_loss(logits, batch.labels) if self.params.loss_type == "kl+ce" else loss
+            t_out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 output_hidden_states=self.hidden)
+        loss = 0.0
+        if self.params.loss_type in KL_LOSSES:
+            if t_out.logits.shape[-1] != out.logits.shape[-1]:
+                raise StageFailed(f"teacher vocabulary ({t_out.logits.shape[-1]}) differs from the student's "
+                                  f"({out.logits.shape[-1]}); distil from the same tokenizer's model")
+            loss = distillation_loss(out.logits, t_out.logits.to(out.logits.device), batch.attention_mask,
+                                     temperature=self.params.kd_temperature)
+        if self.hidden:
+            s_h, t_h = out.hidden_states[-1], t_out.hidden_states[-1]
+            if s_h.shape != t_h.shape:
+                raise StageFailed(f"lossType {self.params.loss_type!r} compares hidden states, but the teacher's "
+                                  f"are {tuple(t_h.shape)} and the student's {tuple(s_h.shape)}; use kl_logits")
+            loss = loss + hidden_mse_loss(s_h, t_h.to(s_h.device), batch.attention_mask)
+        if self.params.loss_type == "kl+ce":
+            loss = loss + causal_lm_loss(out.logits, batch.labels)
+        return loss
 
 
 def probe_loss(model, objective: Objective, examples: list[list[int]], *, pad_id: int, device: str) -> float:
@@ -468,7 +489,7 @@ def train_loop(ctx: StageContext, model, objective: Objective, stream: Iterator[
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
-    warmup = math.ceil(params.warmup_ratio * steps)
+    warmup = warmup_steps(params, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_factor(s, total=steps, warmup=warmup, scheduler=params.scheduler))
     curve = []
@@ -561,17 +582,20 @@ def run_training(ctx: StageContext, mode: str) -> StageResult:
 
     from stations.loader import load
 
-    # 1-2. parameters and text
-    params = read_params(ctx, mode)
-    data = load_texts(ctx, params)
+    # 1. parameters
     model_dir = input_model_dir(ctx)
-    # 3-4. models, examples, training
+    params = read_params(ctx, mode, model_dir)
+    # 2-3. models and text, examples
     torch.manual_seed(params.seed)
-    student = load(ctx, model_dir, with_tokenizer=True, purpose=f"{ctx.stage.get('type')} student")
+    student = load(ctx, model_dir, with_tokenizer=True, purpose=f"{ctx.stage.type} student")
     quantized = student.plan.strategy.startswith("gpu-4bit")
     model = student.model if student.device != "cpu" or quantized else student.model.float()
-    targets = params.targets or family_for_config(json.loads((model_dir / "config.json").read_text())).lora_targets
-    examples = make_examples(student.tokenizer, data.texts, sequence_length=params.sequence_length)
+    family = family_for_config(json.loads((model_dir / "config.json").read_text()))
+    targets = params.targets or family.lora_targets
+    limit = params.examples_needed
+    budget = None if limit is None else limit * params.sequence_length
+    data = load_texts(ctx, params, student.tokenizer, max_chars=corpus_mod.chars_for_tokens(budget))
+    examples = make_examples(student.tokenizer, data.texts, sequence_length=params.sequence_length, limit=limit)
     if not examples:
         raise StageFailed(f"dataset {data.ref!r} yields no example of 2+ tokens; give it text")
     pad_id = student.tokenizer.pad_token_id
@@ -581,7 +605,9 @@ def run_training(ctx: StageContext, mode: str) -> StageResult:
         teacher = load(ctx, teacher_dir(ctx, params.teacher), with_tokenizer=False, purpose="teacher").model
         teacher.requires_grad_(False)
     objective = Objective(params, teacher)
-    peft_model = wrap_with_lora(model, params, tuple(targets), quantized=quantized)
+    # 4. adapter on the text layers, training
+    modules, dropped = _attach_targets(ctx, model, tuple(targets), family)
+    peft_model = wrap_with_lora(model, params, modules, quantized=quantized)
     trainable, total = trainable_counts(peft_model)
     steps = total_steps(params, len(examples))
     before = probe_loss(peft_model, objective, examples, pad_id=pad_id, device=student.device)
@@ -600,14 +626,16 @@ def run_training(ctx: StageContext, mode: str) -> StageResult:
                "finalLoss": curve[-1], "probeLossBefore": before, "probeLossAfter": after,
                "trainableParams": trainable, "totalParams": total,
                "trainableParamsPct": round(100 * trainable / total, 4), "targets": list(targets),
+               "loraModules": len(modules), DROPPED_KEY: dropped,
                "rank": params.rank, "alpha": params.alpha, "mergedWeights": merged, "merged": True,
                "mergeRequested": params.merge_requested, "quantized": quantized, "examples": len(examples),
-               "dataset": {"ref": data.ref, "path": data.path, "sha256": data.sha256}}
+               "learningRate": params.learning_rate, "modelParamsB": round(params.params_b, 6),
+               "modelSizeFrom": params.size_source, "dataset": data.provenance(),
+               "resolved": resolved_fields(ctx, params, steps=steps, targets=tuple(targets), data=data)}
     if params.mode == "compensation":
         metrics |= {"teacher": params.teacher, "lossType": params.loss_type, "kdTemperature": params.kd_temperature}
     sidecar = ctx.stage_dir / SIDECAR
-    sidecar.write_text(json.dumps({**metrics, "lossCurve": curve, "inputModelDir": str(model_dir),
-                                   "config": asdict(params)}, indent=2) + "\n")
+    write_json(sidecar, {**metrics, "lossCurve": curve, "inputModelDir": str(model_dir), "config": asdict(params)})
     return model_result(ctx, out, metrics, adapter_dir, sidecar)
 
 

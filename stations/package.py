@@ -2,13 +2,22 @@
 proof that it loads.
 
 The directory holds the weights, config, tokenizer and generation config,
-a README model card written from the alloy, and `forge-alloy.json`: the input
-alloy plus `results` (perplexities, sizes, parameters, experts kept, per-stage
-durations, the load plan for this node) and `results.integrity` (fileHashes,
-modelHash, the input alloy's hash, calibration corpus hashes), in the
-forge-alloy convention, so `factory verify DIR` re-checks it. Then a fresh
-process loads the directory with stock `from_pretrained` and runs a probe
-(stations/smoke.py); a directory that does not reload fails the stage.
+a README model card written from the alloy, and `forge-alloy.json`, the
+executed alloy: the input alloy as written, each stage with the values it
+actually ran with (the `resolved` values a station reports, e.g. training
+steps and learning rate filled from the family defaults), the stages not
+run here (publish, deliver, deploy, or any after this one) as they were,
+and `results` for this run (a re-run never inherits an earlier run's
+results). `results` is written so forge-alloy's reference SDK reads it
+(`ForgeAlloy.model_validate`): its own fields where it has them
+(baselinePerplexity, finalPerplexity, finalSizeGb, forgedParamsB, a
+`benchmarks` list, `integrity` with modelHash and alloyHash), and what only
+this factory records under `results.forgeFactory`, a key the reference does
+not use. `results.integrity` adds `fileHashes` (what `factory verify DIR`
+re-checks) and `calibrationCorpora`: every corpus and dataset a stage read,
+with the sha256 it measured. Then a fresh process loads the directory with
+stock `from_pretrained` and runs a probe (stations/smoke.py); a directory
+that does not reload fails the stage.
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from adapters import family_for_config
+from factory.alloy import PackageStage
+from factory.durable import write_bytes, write_json
 from factory.errors import StageFailed
-from factory.integrity import hash_model_dir, model_hash
+from factory.integrity import HASH_PREFIX, hash_model_dir, model_hash
 from factory.model_files import inspect_checkpoint
 from factory.results import measurements
 from factory.stages import StageContext, StageResult
@@ -31,12 +43,22 @@ from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
 
 EXECUTED_ALLOY = "forge-alloy.json"
+EXTENSION_KEY = "forgeFactory"  # results.<this>: what only forge-factory records
+RESOLVED_KEY = "resolved"  # metrics[<this>]: {camelCaseField: value a station ran with}
 # Loading even a large model for one forward pass on CPU stays well inside this.
 SMOKE_TIMEOUT_SECONDS = 1800
 # Formats this station writes: a Hugging Face safetensors directory. Other
 # package formats (gguf, mlx) are produced by quant stages on nodes that have
 # the converters.
 FORMATS = ("safetensors", "safetensors-defragged", "hf", "transformers")
+GiB = 2**30
+# Where stations record a corpus or dataset they read, in their metrics:
+# (key path to its name, key path to its bare sha256 hex).
+CORPUS_RECORDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("corpus",), ("corpus_sha256",)),  # expert-activation-profile
+    (("perplexity", "corpus"), ("perplexity", "corpus_sha256")),  # eval's perplexity benchmark
+    (("dataset", "ref"), ("dataset", "sha256")),  # train, lora, compensation-lora
+)
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -64,47 +86,95 @@ def _ensure_generation_config(model_dir: Path) -> None:
     GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(model_dir)
 
 
+def _at(metrics: dict, path: tuple[str, ...]) -> Any:
+    value: Any = metrics
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def corpus_hashes(previous: list[dict]) -> list[dict]:
+    """Every corpus and dataset an earlier stage read, with the sha256 it
+    measured, from the checkpoint (CORPUS_RECORDS says where each station
+    puts it)."""
+    seen = []
+    for entry in previous:
+        metrics = entry.get("metrics") or {}
+        for name_path, hash_path in CORPUS_RECORDS:
+            digest = _at(metrics, hash_path)
+            if digest:
+                seen.append({"stage": entry["index"], "type": entry["type"], "ref": _at(metrics, name_path),
+                             "sha256": digest})
+    return seen
+
+
+def reference_benchmarks(benchmarks: dict) -> list[dict]:
+    """The eval stations' {name: {"forged": {...}, "source": {...}}} as
+    forge-alloy BenchmarkResult entries: score and baseScore (each runner's
+    normalised 0..1 `score`), delta (a fraction, not acceptance's points),
+    samples and their hashes, and the forged model's scalar metrics."""
+    out = []
+    for name, roles in benchmarks.items():
+        forged, source = roles.get("forged") or {}, roles.get("source") or {}
+        score, base = forged.get("score"), source.get("score")
+        entry: dict = {"name": name, "score": score, "baseScore": base,
+                       "delta": None if score is None or base is None else score - base,
+                       "samplesPath": forged.get("samples_path"), "baseSamplesPath": source.get("samples_path"),
+                       "resultHash": _prefixed(forged.get("samples_sha256")),
+                       "baseResultHash": _prefixed(source.get("samples_sha256")),
+                       "metrics": {k: v for k, v in forged.items() if isinstance(v, (int, float, str, bool))}}
+        out.append({k: v for k, v in entry.items() if v is not None})
+    return out
+
+
+def _prefixed(digest: str | None) -> str | None:
+    return None if digest is None else HASH_PREFIX + digest
+
+
 def _collect_results(ctx: StageContext, info, family, plan) -> dict:
-    """What the executed alloy's `results` records, from the checkpoint."""
-    config = info.config
-    results: dict = {
+    """This run's `results`, from the checkpoint: forge-alloy's fields, and
+    ours under EXTENSION_KEY."""
+    size = sum(f.stat().st_size for f in info.model_dir.glob("*.safetensors"))
+    ours: dict = {
         "forgedParams": info.param_count,
-        "forgedSizeBytes": sum(f.stat().st_size for f in (info.model_dir).glob("*.safetensors")),
+        "forgedSizeBytes": size,
         "stageDurations": [{"index": e["index"], "type": e["type"], "elapsedSeconds": e.get("elapsed_s")}
                            for e in ctx.previous],
         "loadPlan": asdict(plan),
     }
     if family.is_moe:
-        results["expertsPerLayer"] = family.expert_count(config)
-        results["topK"] = family.top_k(config)
+        ours["expertsPerLayer"] = family.expert_count(info.config)
+        ours["topK"] = family.top_k(info.config)
+    results: dict = {"finalSizeGb": round(size / GiB, 6), "forgedParamsB": round(info.param_count / 1e9, 6)}
     ppls, benchmarks = measurements(ctx.previous)
     if ppls:
-        results["perplexity"] = ppls
+        ours["perplexity"] = ppls
         # forge-alloy's own fields hold the first held-out corpus
         results["baselinePerplexity"] = ppls[0].get("source")
         results["finalPerplexity"] = ppls[0].get("forged")
     if benchmarks:
-        results["benchmarks"] = benchmarks
-    return results
+        ours["benchmarks"] = benchmarks
+        results["benchmarks"] = reference_benchmarks(benchmarks)
+    return {**results, EXTENSION_KEY: ours}
 
 
-def _corpus_hashes(ctx: StageContext) -> list[dict]:
-    seen = []
-    for e in ctx.previous:
-        m = e.get("metrics") or {}
-        for key in ("corpus_sha256", "calibration_sha256"):
-            if m.get(key):
-                seen.append({"stage": e["index"], "type": e["type"], "sha256": m[key]})
-    return seen
+def executed_stages(ctx: StageContext) -> list[dict]:
+    """The alloy's stages as written, each merged with the values its
+    station reports it resolved and ran with (in the form the alloy would
+    write them, e.g. learningRate as a string); stages without a checkpoint
+    entry (handed off, or after this one) as they were."""
+    resolved = {e["index"]: (e.get("metrics") or {}).get(RESOLVED_KEY) or {} for e in ctx.previous}
+    return [{**stage, **resolved.get(i, {})} for i, stage in enumerate(ctx.alloy["stages"])]
 
 
 def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
+    ours = results[EXTENSION_KEY]
     src = alloy.get("source", {})
     tags = "".join(f"- {t}\n" for t in alloy.get("tags") or [])
     stages = "".join(f"| {i} | {s.get('type')} |\n" for i, s in enumerate(alloy.get("stages", [])))
     ppl_line = "".join(
         f"Held-out perplexity on `{p.get('corpus')}`: source {p['source']:.3f}, forged {p['forged']:.3f} "
-        f"over {p.get('tokens')} tokens.\n\n" for p in results.get("perplexity") or [])
+        f"over {p.get('tokens')} tokens.\n\n" for p in ours.get("perplexity") or [])
     return (
         "---\n"
         f"license: {alloy.get('license') or 'other'}\n"
@@ -115,7 +185,7 @@ def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
         f"# {alloy.get('name')}\n\n{alloy.get('description') or ''}\n\n"
         f"Forged by forge-factory from `{src.get('baseModel')}` ({src.get('architecture')}).\n\n"
         "| stage | type |\n|---|---|\n" + stages + "\n" + ppl_line +
-        f"Parameters: {results['forgedParams']:,}; weights on disk: {results['forgedSizeBytes']:,} bytes.\n\n"
+        f"Parameters: {ours['forgedParams']:,}; weights on disk: {ours['forgedSizeBytes']:,} bytes.\n\n"
         f"modelHash: `{integrity['modelHash']}`  \nalloy: `{integrity['alloyHash']}`\n\n"
         "The executed recipe, with results and file hashes, is `forge-alloy.json`; "
         "re-check it with `factory verify .`.\n\n"
@@ -138,15 +208,16 @@ def _smoke(ctx: StageContext, model_dir: Path) -> dict:
 
 
 def run_stage(ctx: StageContext) -> StageResult:
-    fmt = ctx.stage.get("format", "safetensors")
-    if fmt not in FORMATS:
-        raise StageFailed(f"$.stages[{ctx.index}].format {fmt!r}: this station writes {', '.join(FORMATS)}; "
-                          "use a quant stage for gguf/mlx")
+    stage = ctx.stage
+    assert isinstance(stage, PackageStage)
+    if stage.format not in FORMATS:
+        raise StageFailed(f"$.stages[{ctx.index}].format {stage.format!r}: this station writes "
+                          f"{', '.join(FORMATS)}; use a quant stage for gguf/mlx")
     src = input_model_dir(ctx)
     out = output_model_dir(ctx)
     # 1. weights, config, tokenizer, generation config
     _copy_model(src, out)
-    if not any(out.glob("tokenizer*")) and ctx.stage.get("includeTokenizer", True):
+    if not any(out.glob("tokenizer*")) and stage.include_tokenizer:
         raise StageFailed(f"{src} has no tokenizer files; a packaged model must ship its tokenizer")
     _ensure_generation_config(out)
     ctx.progress(1, 4, "step")
@@ -160,14 +231,14 @@ def run_stage(ctx: StageContext) -> StageResult:
         "fileHashes": [{"filename": n, "sha256": h, "size": (out / n).stat().st_size} for n, h in sorted(hashes.items())],
         "modelHash": model_hash(hashes),
         "alloyHash": ctx.alloy_hash,
-        "calibrationCorpora": _corpus_hashes(ctx),
+        "calibrationCorpora": corpus_hashes(ctx.previous),
     }
     results = _collect_results(ctx, info, family, plan)
     ctx.progress(2, 4, "step")
     # 3. card and executed alloy
-    executed = {**ctx.alloy, "results": {**(ctx.alloy.get("results") or {}), **results, "integrity": integrity}}
-    (out / EXECUTED_ALLOY).write_text(json.dumps(executed, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(ctx.alloy, results, integrity))
+    executed = {**ctx.alloy, "stages": executed_stages(ctx), "results": {**results, "integrity": integrity}}
+    write_json(out / EXECUTED_ALLOY, executed)
+    write_bytes(out / "README.md", _model_card(ctx.alloy, results, integrity).encode())
     ctx.progress(3, 4, "step")
     # 4. the live-model check, in a fresh process
     ctx.stop_point()
@@ -175,9 +246,10 @@ def run_stage(ctx: StageContext) -> StageResult:
     ctx.progress(4, 4, "step")
     if not smoke.get("ok"):
         raise StageFailed(f"saved model does not reload: {'; '.join(smoke.get('problems', []))} ({out})")
+    ours = results[EXTENSION_KEY]
     metrics = {"forged_dir": str(out.relative_to(ctx.work_dir)), "modelHash": integrity["modelHash"],
-               "fileHashes": integrity["fileHashes"], "size_bytes": results["forgedSizeBytes"],
-               "params": results["forgedParams"], "smoke": smoke, "load_plan": plan.strategy}
+               "fileHashes": integrity["fileHashes"], "size_bytes": ours["forgedSizeBytes"],
+               "params": ours["forgedParams"], "smoke": smoke, "load_plan": plan.strategy}
     if family.is_moe:
-        metrics["experts_per_layer"] = results["expertsPerLayer"]
+        metrics["experts_per_layer"] = ours["expertsPerLayer"]
     return model_result(ctx, out, metrics)

@@ -37,23 +37,16 @@ from typing import Any
 
 from adapters import discover_routers, family_for_config
 from adapters.schema import Family
+from factory.alloy import ExpertActivationProfileStage
 from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.model_files import inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpora
-from stations.base import input_model_dir, stage_field
+from stations.base import input_model_dir
 from stations.expert_prune import IMPORTANCE_FORMAT, router_l2_from_disk
 from stations.loader import load
 
-# 50k tokens: enough that every expert of a 64-expert top-8 model sees
-# thousands of tokens on average, small enough for minutes on one GPU.
-DEFAULT_TOKENS = 50_000
-# 256 tokens per block: long enough for real attention context, short enough
-# that (tokens x top_k) expert rows for REAP stay small next to the model.
-DEFAULT_SEQUENCE_LENGTH = 256
-# Below 8 routed tokens an expert's mean REAP is noise; flagged, not fatal.
-DEFAULT_MIN_TOKENS_PER_EXPERT = 8
 IMPORTANCE_FILE = "importance.json"
 
 
@@ -120,14 +113,11 @@ def _router_hook(stats: LayerStats, layer: int):
     return hook
 
 
-def _blocks(ctx: StageContext, tokenizer: Any, corpus: corpora.Corpus) -> list[list[int]]:
+def _blocks(stage: ExpertActivationProfileStage, tokenizer: Any, corpus: corpora.Corpus) -> list[list[int]]:
     """Token blocks within the budget: calibrationExamples documents at most,
     calibrationTokens tokens at most, sequenceLength tokens per block."""
-    examples = stage_field(ctx, "calibrationExamples")
-    budget = int(stage_field(ctx, "calibrationTokens", default=DEFAULT_TOKENS))
-    block = int(stage_field(ctx, "sequenceLength", "sequence_length", default=DEFAULT_SEQUENCE_LENGTH))
-    blocks = corpora.read_blocks(tokenizer, corpus, block=block, budget=budget,
-                                 documents=int(examples) if examples else None)
+    blocks = corpora.read_blocks(tokenizer, corpus, block=stage.block_length, budget=stage.calibration_tokens,
+                                 documents=stage.calibration_examples)
     if not blocks:
         raise StageFailed(f"corpus {corpus.path} gave no tokens; give the profile a non-empty corpus")
     return blocks
@@ -166,6 +156,8 @@ def _check_moe(family: Family, model_dir: Path, config: dict) -> tuple[int, list
 def run_stage(ctx: StageContext) -> StageResult:
     import torch
 
+    stage = ctx.stage
+    assert isinstance(stage, ExpertActivationProfileStage)
     # 1. Model, corpus, tokens.
     model_dir = input_model_dir(ctx)
     info = inspect_checkpoint(model_dir)
@@ -174,7 +166,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     corpus = corpora.resolve(ctx, file_keys=("calibrationCorpusFile",), id_keys=("calibrationCorpus",))
     torch.manual_seed(0)
     loaded = load(ctx, model_dir, with_tokenizer=True, purpose="expert-activation-profile")
-    blocks = _blocks(ctx, loaded.tokenizer, corpus)
+    blocks = _blocks(stage, loaded.tokenizer, corpus)
 
     # 2. Hooks on the routers found in memory; they must be the config's MoE layers.
     routers = discover_routers(loaded.model, num_experts=num_experts)
@@ -194,8 +186,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     files = {name: meta.file for name, meta in info.tensors.items()}
     layers = {str(layer): _layer_record(stats[layer], router_l2_from_disk(model_dir, family, layer, files))
               for layer in moe_layers}
-    minimum = int(stage_field(ctx, "minTokensPerExpert", default=DEFAULT_MIN_TOKENS_PER_EXPERT))
-    warnings = _coverage_warnings(layers, minimum)
+    warnings = _coverage_warnings(layers, stage.min_tokens_per_expert)
     tokens = sum(len(b) for b in blocks)
     out = ctx.stage_dir / IMPORTANCE_FILE
     write_json(out, {
@@ -203,9 +194,11 @@ def run_stage(ctx: StageContext) -> StageResult:
         "corpus": {"ref": corpus.ref, "path": os.path.relpath(corpus.path, ctx.layout.root.resolve()),
                    "sha256": corpus.sha256},
         "tokens": tokens, "blocks": len(blocks), "family": family.name, "num_experts": num_experts,
-        "top_k": family.top_k(info.config), "min_tokens_per_expert": minimum, "warnings": warnings,
+        "top_k": family.top_k(info.config), "min_tokens_per_expert": stage.min_tokens_per_expert, "warnings": warnings,
         "layers": layers,
     })
     rel = str(out.relative_to(ctx.work_dir))
-    return StageResult(outputs=[out], metrics={"importance": rel, "tokens": tokens, "corpus_sha256": corpus.sha256,
+    # `corpus` and `corpus_sha256`: the shape eval's perplexity records a corpus in.
+    return StageResult(outputs=[out], metrics={"importance": rel, "tokens": tokens, "corpus": corpus.ref,
+                                               "corpus_sha256": corpus.sha256,
                                                "low_coverage_experts": len(warnings), "warnings": warnings})

@@ -1,7 +1,9 @@
 """quant: a quantised copy of the stage's input model.
 
-Formats are data (FORMATS): what each needs on the node, and the function
-that makes it.
+Formats are catalog data (`factory.catalog.QUANT_FORMATS`): each names its
+support probe (in `factory.quant_support`: what the node needs, checked
+without torch, so the planner refuses an alloy before it is queued) and the
+function here that writes it.
 
   safetensors | bnb-nf4 | bnb-4bit
       bitsandbytes 4-bit NF4 (double quant, bf16 compute), saved with its
@@ -12,77 +14,30 @@ that makes it.
       llama.cpp: `convert_hf_to_gguf.py` (on PATH) writes an f16 GGUF, then
       `llama-quantize` (on PATH) makes each of `quantTypes` (Q4_K_M, Q8_0, ...).
       Refused where either tool is missing.
+  mlx, onnx
+      Refused with what provides them (no writer here yet).
 
-`supported_here(stage)` answers "can this node run it?" from the filesystem
-and package metadata only (no torch import), so the planner can refuse an
-alloy before it is queued; `run_stage` asks again with torch as the second
-line of defence.
+`run_stage` asks the probe again in the part's child process before it
+touches the model.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from factory import catalog
+from factory.alloy import QuantStage
 from factory.durable import write_json
 from factory.errors import StageFailed
+from factory.quant_support import GGUF_CONVERTER, GGUF_QUANTIZE
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-GGUF_CONVERTER = "convert_hf_to_gguf.py"
-GGUF_QUANTIZE = "llama-quantize"
-
-
-def cuda_present() -> bool:
-    """An NVIDIA driver is loaded (no torch import: the planner calls this)."""
-    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def _bnb_problem() -> str | None:
-    if not cuda_present():
-        return ("bitsandbytes 4-bit quantization needs a CUDA GPU and this node has none; "
-                "run this part on a GPU node")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes 4-bit quantization needs the bitsandbytes package: pip install bitsandbytes"
-    return None
-
-
-def _gguf_problem() -> str | None:
-    missing = [tool for tool in (GGUF_CONVERTER, GGUF_QUANTIZE) if shutil.which(tool) is None]
-    if missing:
-        return (f"gguf needs llama.cpp's {' and '.join(missing)} on PATH, not found on this node; "
-                "build llama.cpp and put convert_hf_to_gguf.py and llama-quantize on PATH")
-    return None
-
-
-@dataclass(frozen=True)
-class Format:
-    problem: Callable[[], str | None]  # why this node cannot make it (None: it can)
-    make: str  # name of the function in this module that writes it
-
-
-FORMATS: dict[str, Format] = {
-    "safetensors": Format(_bnb_problem, "make_bnb4"),
-    "bnb-nf4": Format(_bnb_problem, "make_bnb4"),
-    "bnb-4bit": Format(_bnb_problem, "make_bnb4"),
-    "gguf": Format(_gguf_problem, "make_gguf"),
-}
-
-
-def supported_here(stage: dict) -> str | None:
-    """Why this node cannot run the quant `stage` (None when it can). Cheap:
-    no torch import, no model access."""
-    fmt = stage.get("format")
-    if fmt not in FORMATS:
-        return f"quant format {fmt!r} is not supported by this factory; supported: {', '.join(sorted(FORMATS))}"
-    return FORMATS[fmt].problem()
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -135,7 +90,9 @@ def make_bnb4(ctx: StageContext, src: Path, out: Path) -> dict:
 def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
     """f16 GGUF with llama.cpp's converter, then one file per quant type.
     Not exercised by the test suite (llama.cpp is not on the test node)."""
-    types = ctx.stage.get("quantTypes") or []
+    stage = ctx.stage
+    assert isinstance(stage, QuantStage)
+    types = stage.quant_types
     f16 = out / "model-f16.gguf"
     subprocess.run([sys.executable, shutil.which(GGUF_CONVERTER), str(src), "--outfile", str(f16),
                     "--outtype", "f16"], check=True)
@@ -150,15 +107,17 @@ def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
 
 
 def run_stage(ctx: StageContext) -> StageResult:
+    stage = ctx.stage
+    assert isinstance(stage, QuantStage)
     # 1. Refuse what this node cannot make, before touching the model.
-    problem = supported_here(ctx.stage)
+    problem = catalog.format_problem(stage.format)
     if problem:
-        raise StageFailed(f"stage {ctx.index} (quant): unsupported here: {problem}")
-    fmt = ctx.stage["format"]
+        raise StageFailed(f"$.stages[{ctx.index}].format {stage.format!r}: unsupported here: {problem}")
+    make = catalog.quant_maker(stage.format)
     # 2. Quantise the input model into this stage's model dir.
     src, out = input_model_dir(ctx), output_model_dir(ctx)
-    metrics = globals()[FORMATS[fmt].make](ctx, src, out)
+    metrics = make(ctx, src, out)
     # 3. Record the resolved settings beside the output.
     report = ctx.stage_dir / "quant.json"
-    write_json(report, {"format": fmt, "source": str(src), **metrics})
+    write_json(report, {"format": stage.format, "quantTypes": stage.quant_types, "source": str(src), **metrics})
     return model_result(ctx, out, {"quant": metrics}, report)

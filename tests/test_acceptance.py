@@ -37,6 +37,9 @@ INTEGRITY = {"modelHash": "sha256:ab", "fileHashes": [{"filename": "m.safetensor
     ({"hardware": {"maxVramGb": 1}}, True, []),
     ({"hardware": {"maxVramGb": 0.5}}, False, ["hardware.maxVramGb"]),
     ({"integrity": {"requireModelHash": True, "requireReload": True}}, True, []),
+    ({"integrity": {"modelHashRequired": True}}, True, []),
+    ({"forgeFactory": {"perplexity": {"maxRatio": 1.5}}}, False, ["benchmarks.perplexity[prose-eval].maxRatio"]),
+    ({"forgeFactory": {"perplexity": {"maxRatio": 3.0}}}, True, []),
 ])
 def test_verdicts(criteria, passed, failing):
     verdict = evaluate(criteria, benchmarks=BENCH, perplexities=PPL, forged_bytes=600 * 2**20, integrity=INTEGRITY)
@@ -66,3 +69,11 @@ def test_missing_reload_fails_integrity_gate():
     verdict = evaluate({"integrity": {"requireReload": True}}, benchmarks={}, perplexities=[],
                        forged_bytes=None, integrity={"reload_ok": False})
     assert not verdict["passed"] and verdict["checks"][0]["actual"] is False
+
+
+def test_samples_path_required_fails_a_generative_benchmark_without_samples():
+    with_samples = {"humaneval": {"forged": {"score": 0.3, "samples_path": "s.jsonl"}}}
+    without = {"humaneval": {"forged": {"score": 0.3}, "source": {"score": 0.3, "samples_path": "b.jsonl"}}}
+    gate = {"integrity": {"samplesPathRequired": True}}
+    assert evaluate(gate, benchmarks=with_samples, perplexities=[], forged_bytes=None, integrity={})["passed"]
+    assert not evaluate(gate, benchmarks=without, perplexities=[], forged_bytes=None, integrity={})["passed"]

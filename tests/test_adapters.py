@@ -26,11 +26,13 @@ from adapters import (
     resolve_architecture,
 )
 from adapters.registry import FAMILIES_DIR
-from factory.model_files import check_geometry, inspect_checkpoint
-from tests.tiny_models import EXPERTS, TOP_K
+from adapters.schema import render
+from factory.model_files import check_geometry, check_model_dir, inspect_checkpoint
+from tests.tiny_models import EXPERTS, TOP_K, build_tiny_model
 
 ALL = [pytest.param(f, id=f.name) for f in families()]
 MOE = [pytest.param(f, id=f.name) for f in families() if f.is_moe]
+TOWERED = [pytest.param(f, id=f.name) for f in families() if f.towers]
 from tests.shared_corpus import ALLOYS as CORPUS
 
 
@@ -54,7 +56,7 @@ def loaded(tiny_model):
 def test_required_families_are_registered() -> None:
     names = {f.name for f in families()}
     assert {"llama", "mistral", "qwen2", "qwen3", "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe",
-            "deepseek_v2", "deepseek_v3", "granitemoe", "qwen3_5", "qwen3_vl"} <= names
+            "deepseek_v2", "deepseek_v3", "granitemoe", "qwen3_5", "qwen3_vl", "qwen2_5_vl", "qwen2_5_omni"} <= names
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -69,7 +71,9 @@ def test_family_is_a_transformers_model_type(family: Family) -> None:
     ("Qwen3MoeForCausalLM", "qwen3_moe"), ("qwen3-moe", "qwen3_moe"), ("OlmoeForCausalLM", "olmoe"),
     ("qwen3.5", "qwen3_5"), ("Qwen3_5ForConditionalGeneration", "qwen3_5"), ("QWEN2", "qwen2"),
     ("qwen2.5", "qwen2"), ("Qwen3VLForConditionalGeneration", "qwen3_vl"), ("MixtralForCausalLM", "mixtral"),
-    ("granite-moe", "granitemoe"), ("deepseek-v3", "deepseek_v3"),
+    ("granite-moe", "granitemoe"), ("deepseek-v3", "deepseek_v3"), ("qwen2.5-vl", "qwen2_5_vl"),
+    ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"), ("Qwen2_5OmniForConditionalGeneration", "qwen2_5_omni"),
+    ("qwen2.5-omni", "qwen2_5_omni"),
 ])
 def test_aliases_resolve(alias: str, canonical: str) -> None:
     assert resolve_architecture(alias) == canonical
@@ -227,3 +231,66 @@ def test_lora_targets_are_linear_modules(loaded, family: Family) -> None:
     linear_paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for target in family.lora_targets:
         assert target in linear_leaves or any(p.endswith("." + target) for p in linear_paths), target
+
+
+# -- non-text towers -----------------------------------------------------------
+def test_omni_keeps_all_four_towers() -> None:
+    towers = get_family("qwen2_5_omni").towers
+    assert [(t.name, t.loaded) for t in towers] == [("vision", True), ("audio", True), ("talker", False),
+                                                    ("token2wav", False)]
+
+
+@pytest.mark.parametrize("family", TOWERED)
+def test_towers_claim_real_tensors_and_no_text_tensor(tiny_model, family: Family) -> None:
+    """Every tower has tensors on disk and its sub-config in config.json; no
+    text template (embeddings, layers, attention, experts) falls in a tower,
+    so a station walking the text templates can never touch one."""
+    info = inspect_checkpoint(tiny_model(family.name))
+    for tower in family.towers:
+        assert any(family.tower_of(n) is tower for n in info.tensors), tower.name
+        assert family.tower_config(info.config, tower), tower.name
+    text = [family.tensors.embed, family.tensors.lm_head]
+    att = family.attention
+    for layer in range(family.read(info.config, "num_hidden_layers")):
+        text.append(render(family.tensors.layer_marker, layer=layer))
+    for layer in family.attention_layers(info.config):
+        text += [render(t, layer=layer) for t in (att.q_proj, att.k_proj, att.v_proj, att.o_proj) if t]
+    assert all(family.tower_of(n) is None for n in text)
+    assert set(text) - {family.tensors.lm_head} <= set(info.tensors)
+    assert not any(family.tower_of(n) for n in info.tensors if ".layers." in n and n.startswith(
+        family.tensors.layer_marker.split("${layer}")[0]))
+
+
+@pytest.mark.parametrize("family", TOWERED)
+def test_loaded_towers_are_found_in_memory(loaded, family: Family) -> None:
+    """A tower the auto class loads appears under one of its prefixes in the
+    loaded model (transformers renames visual.* to model.visual.*)."""
+    names = [n for n, _ in loaded(family).named_modules()]
+    for tower in family.towers:
+        assert any(family.tower_of(n) is tower for n in names) == tower.loaded, tower.name
+
+
+def test_tower_prefixes_must_end_with_a_dot() -> None:
+    spec = json.loads((FAMILIES_DIR / "qwen3_vl.json").read_text())
+    spec["towers"][0]["prefixes"] = ["model.visual"]
+    with pytest.raises(ValueError, match="must end with '.'"):
+        Family.model_validate(spec)
+
+
+# -- DeepSeek latent attention without q_lora_rank ---------------------------------
+def test_q_proj_follows_q_lora_rank() -> None:
+    family = get_family("deepseek_v2")
+    assert family.q_proj({"q_lora_rank": 1536}).endswith("q_b_proj.weight")
+    assert family.q_proj({"q_lora_rank": None}).endswith(".self_attn.q_proj.weight")
+    assert get_family("llama").q_proj({}) == get_family("llama").attention.q_proj
+
+
+def test_deepseek_v2_lite_plans(tmp_path: Path) -> None:
+    """DeepSeek-V2-Lite's config says q_lora_rank null and its layers hold a
+    plain q_proj: the model-dir check (plan and loader) accepts it."""
+    model_dir = build_tiny_model("deepseek_v2", tmp_path / "v2-lite", q_lora_rank=None)
+    info = inspect_checkpoint(model_dir)
+    assert "model.layers.0.self_attn.q_proj.weight" in info.tensors
+    assert not any("q_b_proj" in n for n in info.tensors)
+    check = check_model_dir(model_dir)
+    assert check.ok, [str(p) for p in check.problems]

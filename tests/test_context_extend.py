@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 import transformers
+from pydantic import ValidationError
 
+from factory.alloy import ContextExtendStage
 from factory.errors import StageFailed
 from factory.integrity import sha256_file
 from stations import context_extend
@@ -17,11 +20,14 @@ from tests.linekit import make_root
 from tests.stationkit import make_ctx
 from tests.tiny_models import build_tiny_model
 
+# forge-alloy's schema wants targetLength >= 1024: a 256-token model extended 4x.
+ORIGINAL, TARGET = 256, 1024
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = make_root(tmp_path_factory.mktemp("ctx") / "root")
-    build_tiny_model("llama", root / "models" / "m", max_position_embeddings=64)
+    build_tiny_model("llama", root / "models" / "m", max_position_embeddings=ORIGINAL)
     return root
 
 
@@ -32,43 +38,64 @@ def _run(root: Path, base: str, **stage):
     return ctx, context_extend.run_stage(ctx)
 
 
-@pytest.mark.parametrize("method, rope_type", [("yarn", "yarn"), ("linear", "linear"), ("ntk", "dynamic")])
-def test_extends_64_to_256_and_runs_past_the_original_context(root, method, rope_type):
-    ctx, result = _run(root, f"p-{method}", targetLength=256, method=method)
+def test_every_schema_method_has_a_rope_type():
+    assert set(context_extend.METHODS) == set(get_args(ContextExtendStage.model_fields["method"].annotation))
+
+
+@pytest.mark.parametrize("method, rope_type", [("yarn", "yarn"), ("linear", "linear"), ("ntk", "dynamic"),
+                                               ("dynamic-ntk", "dynamic")])
+def test_extends_4x_and_runs_past_the_original_context(root, method, rope_type):
+    ctx, result = _run(root, f"p-{method}", targetLength=TARGET, method=method)
     out = ctx.work_dir / result.metrics["model_dir"]
     raw = json.loads((out / "config.json").read_text())
-    assert raw["max_position_embeddings"] == 256
+    assert raw["max_position_embeddings"] == TARGET
     assert raw["rope_parameters"]["rope_type"] == rope_type
     assert raw["rope_parameters"]["factor"] == 4.0
-    assert raw["rope_parameters"]["original_max_position_embeddings"] == 64
+    assert raw["rope_parameters"]["original_max_position_embeddings"] == ORIGINAL
     assert raw["rope_scaling"]["factor"] == 4.0  # for 4.x and llama.cpp readers
-    assert result.metrics["context_extend"]["original_max_position_embeddings"] == 64
+    assert result.metrics["context_extend"]["original_max_position_embeddings"] == ORIGINAL
+    assert result.metrics["context_extend"]["method"] == method
     # Weights are the same bytes (hard links where possible).
     src = root / "models" / "m"
     assert sha256_file(out / "model.safetensors") == sha256_file(src / "model.safetensors")
     assert (out / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
-    # transformers reads the new rope config and runs 200 tokens (> 64).
+    # transformers reads the new rope config and runs 300 tokens (> 256).
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.rope_parameters["rope_type"] == rope_type
     assert model.config.rope_parameters["factor"] == 4.0
     with torch.no_grad():
-        logits = model(input_ids=torch.arange(200).unsqueeze(0) % 128).logits
-    assert logits.shape == (1, 200, 128) and torch.isfinite(logits).all()
+        logits = model(input_ids=torch.arange(300).unsqueeze(0) % 128).logits
+    assert logits.shape == (1, 300, 128) and torch.isfinite(logits).all()
 
 
 def test_extending_again_does_not_compound(root):
-    ctx, first = _run(root, "twice", targetLength=128, method="yarn")
+    ctx, first = _run(root, "twice", targetLength=TARGET, method="yarn")
     out = ctx.work_dir / first.metrics["model_dir"]
     config = json.loads((out / "config.json").read_text())
-    params = context_extend.extend_config(config, target=256, rope_type="yarn", where="x")
-    assert params["original_max_position_embeddings"] == 64 and params["factor"] == 4.0
+    params = context_extend.extend_config(config, target=2 * TARGET, rope_type="yarn", where="x")
+    assert params["original_max_position_embeddings"] == ORIGINAL and params["factor"] == 8.0
 
 
 @pytest.mark.parametrize("stage, match", [
-    ({"targetLength": 256, "method": "yarn", "trainingSteps": 500}, "training is not implemented"),
-    ({"targetLength": 32, "method": "yarn"}, "not longer than the original context 64"),
-    ({"targetLength": 256, "method": "longrope-ish"}, "method 'longrope-ish' is unknown"),
+    ({"targetLength": TARGET, "method": "yarn", "trainingSteps": 500}, r"\$\.stages\[0\]: context-extend training"),
 ])
 def test_refusals_name_the_field(root, stage, match):
     with pytest.raises(StageFailed, match=match):
         _run(root, "bad", **stage)
+
+
+def test_a_target_no_longer_than_the_original_is_refused(tmp_path):
+    root = make_root(tmp_path / "root")
+    build_tiny_model("llama", root / "models" / "m", max_position_embeddings=2048)
+    with pytest.raises(StageFailed, match="targetLength 1024 is not longer than the original context 2048"):
+        _run(root, "short", targetLength=1024, method="yarn")
+
+
+@pytest.mark.parametrize("stage, loc", [({"targetLength": 512, "method": "yarn"}, ("stages", 0, "context-extend",
+                                                                                   "targetLength")),
+                                        ({"targetLength": TARGET, "method": "longrope-ish"},
+                                         ("stages", 0, "context-extend", "method"))])
+def test_the_schema_refuses_bad_values_before_the_station(root, stage, loc):
+    with pytest.raises(ValidationError) as err:
+        _run(root, "schema", **stage)
+    assert [e["loc"] for e in err.value.errors()] == [loc]

@@ -82,6 +82,8 @@ def check_pruned(src: Path, out: Path, family: str, record: dict) -> None:
     for layer in layers:
         for name in spec.shared_expert_tensor_names(layer):
             assert same(after[name], before[name]), name
+    # Non-text towers (vision) are among the untouched tensors checked above.
+    assert {spec.tower_of(n).name for n in before if spec.tower_of(n)} == {t.name for t in spec.towers}
 
     # Index and records agree with the files.
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -154,6 +156,39 @@ def test_router_l2_needs_no_profile_and_picks_the_largest_rows(root: Path) -> No
     assert record["importance"] is None
 
 
+@pytest.mark.parametrize("strategy, metric", [("magnitude", "router_l2"),
+                                              ("per-layer-normalized-router-importance", "router_l2")])
+def test_a_strategy_without_metric_names_the_ranking(root: Path, strategy: str, metric: str) -> None:
+    model = moe_model(root, "qwen3_moe")
+    _, out, record = run(root, model, "qwen3_moe", {"type": "expert-prune", "keepExpertsPerLayer": 2,
+                                                     "strategy": strategy}, base=f"strategy-{strategy}")
+    assert record["metric"] == metric
+    _, _, by_metric = run(root, model, "qwen3_moe", prune_stage(metric=metric), base=f"metric-{strategy}")
+    assert record["kept"] == by_metric["kept"]
+
+
+def test_calibration_aware_strategy_ranks_by_activation_count(root: Path) -> None:
+    model = moe_model(root, "olmoe")
+    stage = {"type": "expert-prune", "keepExpertsPerLayer": 2, "strategy": "calibration-aware-activation-count"}
+    _, out, record = run(root, model, "olmoe", profile_stage(), stage, base="cal-aware")
+    importance = json.loads((root / "work" / "cal-aware" / record["importance"]).read_text())
+    assert record["metric"] == "activation_count"
+    for layer, row in importance["layers"].items():
+        assert record["kept"][layer] == sorted(sorted(range(4), key=lambda e: (-row["activation_count"][e], e))[:2])
+    check_pruned(model, out, "olmoe", record)
+
+
+def test_deepseek_v2_lite_attention_without_q_lora_rank(root: Path) -> None:
+    """V2-Lite keeps a plain q_proj (q_lora_rank null); its experts prune like V2's."""
+    model = moe_model(root, "deepseek_v2", "deepseek_v2-lite", q_lora_rank=None)
+    config = json.loads((model / "config.json").read_text())
+    assert config["q_lora_rank"] is None
+    _, out, record = run(root, model, "deepseek_v2", prune_stage(metric="router_l2"), base="v2-lite")
+    after = tensors(out)
+    assert "model.layers.0.self_attn.q_proj.weight" in after and not any("q_a_proj" in n for n in after)
+    check_pruned(model, out, "deepseek_v2", record)
+
+
 def test_explicit_indices_are_honoured(root: Path) -> None:
     model = moe_model(root, "mixtral")
     stage = prune_stage(keepExpertIndices={"0": [3, 1], "1": [0, 2]})
@@ -167,6 +202,7 @@ def test_explicit_indices_are_honoured(root: Path) -> None:
     (prune_stage(keepExpertsPerLayer=5, metric="router_l2"), "more than the 4 experts"),
     (prune_stage(metric="reap"), "needs an expert-activation-profile stage"),
     (prune_stage(metric="random"), "metric 'random' is unknown"),
+    ({"type": "expert-prune", "keepExpertsPerLayer": 2, "strategy": "entropy"}, "strategy 'entropy' names no expert"),
     (prune_stage(keepExpertIndices={"0": [0, 0], "1": [0, 1]}), "distinct expert indices"),
     (prune_stage(keepExpertIndices={"0": [0, 1]}), "the MoE layers are"),
 ])

@@ -12,7 +12,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from factory.errors import StageFailed
-from stations.lora import IGNORE_INDEX, causal_lm_loss, collate, distillation_loss, lr_factor, record_text
+from stations.lora import (
+    DROPPED_KEY, IGNORE_INDEX, causal_lm_loss, collate, distillation_loss, hidden_mse_loss, lr_factor,
+)
 from tests.linekit import factory, where, write_alloy
 from tests.stationkit import run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
@@ -35,6 +37,12 @@ def _dataset(root: Path, texts: list[str] = TRAIN_TEXTS) -> str:
 def _alloy(family: str, *stages: dict) -> dict:
     return {"name": "lora-test", "version": "1.0.0",
             "source": {"baseModel": "models/m", "architecture": family}, "stages": list(stages)}
+
+
+# Half the heads of the tiny models (4 query, 2 KV): the schema's floors of 4
+# and 2 heads per layer would keep them all.
+PRUNE_HALF = {"type": "prune", "strategy": "magnitude", "level": 0.5, "minHeadsPerLayer": 1,
+              "minKvHeadsPerLayer": 1}
 
 
 def _lora(**extra) -> dict:
@@ -88,13 +96,14 @@ def test_distillation_loss_is_zero_for_identical_logits_and_ignores_pads():
     assert float(distillation_loss(other, logits, mask, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_record_shapes():
-    assert record_text({"text": "a"}) == "a"
-    assert record_text({"prompt": "q", "completion": "a"}) == "q\na"
-    assert record_text({"instruction": "do", "input": "", "output": "done"}) == "do\ndone"
-    assert record_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) \
-        == "hi\nyo"
-    assert record_text({"label": 3}) is None
+def test_hidden_mse_ignores_pads():
+    a, b = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    b2 = b.clone()
+    b2[1, 2:] += 100  # differs only at pad positions
+    assert float(hidden_mse_loss(a, b, mask)) == pytest.approx(float(hidden_mse_loss(a, b2, mask)))
+    real = torch.cat([(a[0] - b[0]).pow(2).mean(-1), (a[1, :2] - b[1, :2]).pow(2).mean(-1)])
+    assert float(hidden_mse_loss(a, b, mask)) == pytest.approx(float(real.mean()), rel=1e-6)
 
 
 def test_lr_schedules():
@@ -102,6 +111,9 @@ def test_lr_schedules():
     assert lr_factor(2, total=10, warmup=2, scheduler="cosine") == 1.0
     assert lr_factor(9, total=10, warmup=0, scheduler="linear") == pytest.approx(0.1)
     assert lr_factor(9, total=10, warmup=0, scheduler="constant") == 1.0
+    assert lr_factor(0, total=10, warmup=2, scheduler="constant_with_warmup") == 0.5
+    assert lr_factor(5, total=10, warmup=2, scheduler="constant_with_warmup") == 1.0
+    assert lr_factor(9, total=10, warmup=0, scheduler="polynomial") == pytest.approx(0.1)
 
 
 # ── the stations ───────────────────────────────────────────────────────────
@@ -173,10 +185,10 @@ def test_compensation_brings_the_pruned_student_closer_to_the_teacher(root):
     _dataset(root)
     comp = {"type": "compensation-lora", "teacher": "source", "dataset": "data/train.jsonl", "steps": 30,
             "learningRate": "1e-2", "rank": 4, "scheduler": "constant"}
-    entries, _ = run_stages(root, _alloy("qwen3", {"type": "prune", "strategy": "magnitude", "level": 0.5}, comp))
+    entries, _ = run_stages(root, _alloy("qwen3", PRUNE_HALF, comp))
     pruned, compensated = _out(root, entries[0]), _out(root, entries[1])
     metrics = entries[1]["metrics"]
-    assert (metrics["mode"], metrics["lossType"], metrics["kdTemperature"]) == ("compensation", "kl", 2.0)
+    assert (metrics["mode"], metrics["lossType"], metrics["kdTemperature"]) == ("compensation", "kl_logits", 2.0)
     assert metrics["probeLossAfter"] < metrics["probeLossBefore"]
     assert _held_out_kl(compensated, src) < _held_out_kl(pruned, src)
     assert transformers.AutoConfig.from_pretrained(compensated).num_attention_heads == 2  # still pruned
@@ -189,6 +201,19 @@ def test_lora_with_a_teacher_distils_with_kl_plus_ce(root):
     metrics = entries[0]["metrics"]
     assert metrics["mode"] == "compensation" and metrics["lossType"] == "kl+ce"
     assert metrics["initialLoss"] > 1.0  # CE term present: KL against itself alone would be ~0
+
+
+@pytest.mark.parametrize("loss", ["mse_hidden", "both"])
+def test_hidden_state_losses_start_at_zero_against_the_same_model(root, loss):
+    """LoRA starts with B = 0, so a student distilled from its own weights
+    matches the teacher exactly at step 0 (hidden states and logits); the
+    first step's loss is then 0 and the stage still trains and merges."""
+    _model(root)
+    _dataset(root)
+    entries, _ = run_stages(root, _alloy("llama", _lora(steps=2, teacher="models/m", lossType=loss)))
+    metrics = entries[0]["metrics"]
+    assert metrics["lossType"] == loss and metrics["initialLoss"] == pytest.approx(0.0, abs=1e-6)
+    transformers.AutoModelForCausalLM.from_pretrained(_out(root, entries[0]))
 
 
 def test_train_stage_runs_the_lora_path_with_explicit_targets(root):
@@ -205,13 +230,15 @@ def test_train_stage_runs_the_lora_path_with_explicit_targets(root):
 
 
 @pytest.mark.parametrize("stage, match", [
-    ({"dataset": "org/some-dataset"}, "`datasets` package"),
+    ({"dataset": "org/some-dataset"}, "is not on this node .*`huggingface-cli download --repo-type dataset "
+                                      "org/some-dataset"),
     ({"dataset": "../outside.jsonl"}, "climbs out"),
-    ({"dataset": "data/missing.jsonl"}, "does not exist"),
-    ({"lossType": "mse", "teacher": "source"}, "lossType = 'mse'"),
-    ({"targetModules": ["nope_proj"]}, "do not fit this model"),
+    ({"dataset": "data/missing.jsonl"}, "which is missing"),
+    ({"targetModules": ["nope_proj"]}, "do not fit this model: they match nowhere"),
 ])
-def test_bad_parameters_are_refused_with_the_fix(root, stage, match):
+def test_bad_parameters_are_refused_with_the_fix(root, monkeypatch, stage, match):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "no-cache"))
     _model(root)
     _dataset(root)
     with pytest.raises(StageFailed, match=match):
@@ -221,7 +248,7 @@ def test_bad_parameters_are_refused_with_the_fix(root, stage, match):
 def test_prune_then_lora_through_the_daemon(root, tmp_path):
     _model(root, "mistral")
     _dataset(root)
-    alloy = _alloy("mistral", {"type": "prune", "strategy": "magnitude", "level": 0.5}, _lora(steps=3))
+    alloy = _alloy("mistral", PRUNE_HALF, _lora(steps=3))
     enq = factory("enqueue", str(write_alloy(tmp_path / "pl.json", alloy)), root=root)
     assert enq.returncode == 0, enq.stderr
     run = factory("run", "--until-empty", root=root, timeout=300)
@@ -249,24 +276,47 @@ def test_stop_request_is_honoured_between_steps(root):
     assert not (ctx.stage_dir / "model" / "config.json").exists()
 
 
-def test_a_dataset_line_over_the_document_cap_is_refused_unread(tmp_path, monkeypatch):
-    """A training file with one enormous line is refused by file:line before
-    the line is whole in memory (the cap is lowered here so the file stays
-    small; the rule is the same at corpus.MAX_DOC_CHARS)."""
-    import json as _json
+def test_examples_stop_pulling_text_once_the_steps_have_enough(tiny_model):
+    """Texts are read lazily: with a limit, no text after the one that
+    completes it is pulled from the stream (a 150k-record dataset is not
+    read whole for 100 steps)."""
+    from stations.lora import make_examples
 
-    from factory.errors import StageFailed
-    from stations import corpus as corpus_mod
-    from stations import lora
+    tok = transformers.AutoTokenizer.from_pretrained(add_tokenizer(tiny_model("llama", vocab_size=TOKENIZER_VOCAB)))
+    pulled = []
 
-    monkeypatch.setattr(corpus_mod, "MAX_DOC_CHARS", 1000)
-    data = tmp_path / "train.jsonl"
-    data.write_text(_json.dumps({"text": "ok"}) + "\n" + _json.dumps({"text": "x" * 5000}) + "\n")
-    with pytest.raises(StageFailed, match=r"train.jsonl:2 .*over 1000 characters"):
-        lora._read_file_texts(data, "$.stages[0].dataset")
-    plain = tmp_path / "train.txt"
-    plain.write_text(("y" * 100 + "\n") * 20)
-    with pytest.raises(StageFailed, match="plain-text dataset over 1000"):
-        lora._read_file_texts(plain, "$.stages[0].dataset")
-    data.write_text(_json.dumps({"text": "short"}) + "\n")
-    assert lora._read_file_texts(data, "$.stages[0].dataset") == ["short"]
+    def texts():
+        for i in range(1000):
+            pulled.append(i)
+            yield f"def f{i}(x):\n    return x * {i}\n"
+
+    examples = make_examples(tok, texts(), sequence_length=4, limit=10)
+    assert len(examples) == 10 and all(2 <= len(e) <= 4 for e in examples)
+    assert len(pulled) < 10  # each text gives several 4-token chunks
+    ids = tok("a b c d e f", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    chunks = [ids[i:i + 4] for i in range(0, len(ids), 4)]
+    assert make_examples(tok, iter(["a b c d e f"]), sequence_length=4) == [c for c in chunks if len(c) >= 2]
+
+
+def test_lora_never_attaches_to_the_vision_tower(root):
+    """On a vision-language model, a target that also names vision-tower
+    modules (linear_fc1 is in every vision block, the merger and the deepstack
+    mergers) attaches only to the text decoder's layers; the tower's matches
+    are dropped and counted, and its tensors come out bit for bit."""
+    src = _model(root, "qwen3_vl")
+    _dataset(root)
+    entries, _ = run_stages(root, _alloy("qwen3_vl", _lora(steps=2, targetModules=["q_proj", "linear_fc1"])))
+    metrics, out = entries[0]["metrics"], _out(root, entries[0])
+    assert metrics[DROPPED_KEY] == 3 and metrics["loraModules"] == 2  # q_proj in each of the 2 text layers
+    before, after = _tensors(src), _tensors(out)
+    vision = [n for n in before if n.startswith("model.visual.")]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == [f"model.language_model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+
+
+def test_targets_only_in_the_vision_tower_are_refused(root):
+    _model(root, "qwen3_vl")
+    _dataset(root)
+    with pytest.raises(StageFailed, match=r"match only outside the text decoder's layers \(model.language_model"):
+        run_stages(root, _alloy("qwen3_vl", _lora(steps=1, targetModules=["qkv"])))

@@ -130,12 +130,29 @@ def _leaf_keys(model: type[BaseModel]) -> set[str]:
     return keys
 
 
+# Tables whose keys are the operator's own (dataset ids, benchmark names):
+# the example documents each as a table with commented entries.
+ID_TABLES = ("datasets", "benchmarks")
+
+
 def test_the_example_loads_and_documents_every_key(tmp_path):
     cfg = load(tmp_path, EXAMPLE.read_text())
     assert cfg.storage.cold[0].name == "nas-cold"
     text = EXAMPLE.read_text()
-    for key in _leaf_keys(NodeConfig) | _leaf_keys(ColdTier):
+    for key in (_leaf_keys(NodeConfig) | _leaf_keys(ColdTier)) - set(ID_TABLES):
         assert re.search(rf"^#? ?{key} = ", text, re.M), f"{key} is not in {EXAMPLE.name}"
+    for table in ID_TABLES:
+        assert re.search(rf"^\[{table}\]", text, re.M), f"[{table}] is not in {EXAMPLE.name}"
+
+
+def test_the_example_data_tables_load_when_uncommented(tmp_path):
+    """The commented [datasets] and [benchmarks] examples are valid entries."""
+    text = re.sub(r'^# ("[^"]+"|humaneval_plus) = ', r"\1 = ", EXAMPLE.read_text(), flags=re.M)
+    cfg = load(tmp_path, text)
+    assert cfg.datasets == {"m-a-p/CodeFeedback-Filtered-Instruction": "data/codefeedback.jsonl",
+                            "Salesforce/wikitext": "data/wikitext-2-train.parquet"}
+    assert cfg.benchmarks == {"humaneval_plus": "data/HumanEvalPlus.jsonl.gz"}
+    assert cfg.domains == NodeConfig().domains  # the example shows the defaults
     for alias in ("read_mb_per_sec", "write_mb_per_sec"):
         assert alias in text
 

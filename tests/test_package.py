@@ -18,16 +18,113 @@ from safetensors.torch import load_file, save_file
 from factory.errors import StageFailed
 from factory.integrity import hash_model_dir, model_hash, verify_path
 from factory.nodeconfig import NodeConfig
+from factory.integrity import sha256_file
+from stations.package import corpus_hashes, executed_stages, reference_benchmarks
 from tests.linekit import make_root
 from tests.stationkit import Reports, make_ctx, run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
+
+CALIB, HELD, TRAIN = "calibration/calib.jsonl", "calibration/held.jsonl", "data/train.jsonl"
+# Stages the factory hands to the ship role: carried into the executed alloy as written.
+HANDED_OFF = [{"type": "publish", "org": "acme", "tags": ["tiny"], "private": True},
+              {"type": "deploy", "target": "node-a", "healthCheck": False}]
 
 
 @pytest.fixture(scope="module")
 def pkg_root(tmp_path_factory):
     root = make_root(tmp_path_factory.mktemp("pkg") / "root")
     add_tokenizer(build_tiny_model("qwen3_moe", root / "models/moe", vocab_size=TOKENIZER_VOCAB))
+    for rel, start in ((CALIB, 0), (HELD, 100), (TRAIN, 200)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n"
+                                        for i in range(start, start + 40)))
     return root
+
+
+def forged_alloy(root: Path) -> dict:
+    """profile (a calibration corpus) -> lora (a dataset file) -> eval
+    (a held-out corpus) -> package, then stages handed to the ship role."""
+    return alloy(
+        calibrationCorpora=[{"id": "calib", "path": CALIB, "sha256": sha256_file(root / CALIB)},
+                            {"id": "held", "path": HELD, "sha256": sha256_file(root / HELD)}],
+        stages=[{"type": "expert-activation-profile", "calibrationCorpus": "calib", "calibrationTokens": 256,
+                 "sequenceLength": 64},
+                {"type": "lora", "dataset": TRAIN, "steps": 2, "learningRate": "1e-3", "rank": 4,
+                 "sequenceLength": 64, "mergeAfter": True},
+                {"type": "eval", "benchmarks": [{"name": "perplexity", "subset": "held"}], "evalTokens": 256,
+                 "evalBlockSize": 64},
+                {"type": "package", "format": "safetensors"}, *HANDED_OFF])
+
+
+@pytest.fixture(scope="module")
+def forged(pkg_root):
+    """The stations run in order up to the package stage; (alloy, entries, executed alloy)."""
+    a = forged_alloy(pkg_root)
+    entries, _ = run_stages(pkg_root, a, base="forged", upto=4)
+    out = pkg_root / "work/forged" / entries[3]["metrics"]["forged_dir"]
+    return a, entries, json.loads((out / "forge-alloy.json").read_text())
+
+
+def test_the_executed_alloy_lists_every_corpus_and_dataset_a_stage_read(pkg_root, forged):
+    _, entries, executed = forged
+    got = {(c["stage"], c["type"], c["ref"], c["sha256"]) for c in executed["results"]["integrity"]["calibrationCorpora"]}
+    assert got == {(0, "expert-activation-profile", "calib", sha256_file(pkg_root / CALIB)),
+                   (1, "lora", TRAIN, sha256_file(pkg_root / TRAIN)),
+                   (2, "eval", "held", sha256_file(pkg_root / HELD))}
+    held = executed["results"]["forgeFactory"]["perplexity"][0]
+    assert executed["results"]["finalPerplexity"] == held["forged"] and held["corpus"] == "held"
+    assert executed["results"]["baselinePerplexity"] == held["source"] > 1
+
+
+def test_the_executed_alloy_carries_what_ran_and_the_stages_handed_off_as_written(forged):
+    a, entries, executed = forged
+    assert executed["stages"][4:] == HANDED_OFF
+    resolved = entries[1]["metrics"]["resolved"]  # the lora station's values for what the alloy left out
+    assert resolved and not set(resolved) & set(a["stages"][1])
+    assert executed["stages"][1] == {**a["stages"][1], **resolved}
+    assert [executed["stages"][i] for i in (0, 2, 3)] == [a["stages"][i] for i in (0, 2, 3)]
+    assert {k: executed[k] for k in a if k not in ("stages", "results")} == {k: a[k] for k in a if k != "stages"}
+
+
+def _entry(index: int, type_: str, **metrics) -> dict:
+    return {"index": index, "type": type_, "metrics": metrics}
+
+
+def test_resolved_values_are_merged_into_their_stage(pkg_root):
+    """A station reports the values it filled in under metrics["resolved"]
+    (camelCase keys); the executed alloy's stage says them."""
+    a = forged_alloy(pkg_root)
+    del a["stages"][1]["steps"], a["stages"][1]["learningRate"]
+    previous = [_entry(0, "expert-activation-profile"),
+                _entry(1, "lora", resolved={"steps": 120, "learningRate": "0.0002", "batchSize": 4})]
+    ctx = make_ctx(pkg_root, a, 3, base="resolved", previous=previous)
+    stages = executed_stages(ctx)
+    assert stages[1] == {**a["stages"][1], "steps": 120, "learningRate": "0.0002", "batchSize": 4}
+    assert stages[0] == a["stages"][0] and stages[2:] == a["stages"][2:]
+
+
+def test_corpus_hashes_read_what_the_stations_write():
+    digest = "ab" * 32
+    previous = [_entry(0, "expert-activation-profile", corpus="calib", corpus_sha256=digest),
+                _entry(1, "train", dataset={"ref": "data/x.jsonl", "path": "/r/data/x.jsonl", "sha256": digest}),
+                _entry(2, "eval", perplexity={"corpus": "held", "corpus_sha256": digest}),
+                _entry(3, "expert-prune", kept=8)]
+    assert [(c["stage"], c["ref"]) for c in corpus_hashes(previous)] == [(0, "calib"), (1, "data/x.jsonl"),
+                                                                        (2, "held")]
+
+
+def test_benchmarks_become_forge_alloy_benchmark_results():
+    raw = {"humaneval": {"forged": {"score": 0.25, "pass@1": 0.25, "passed": 1, "total": 4,
+                                    "samples_path": "stages/3-eval/humaneval_forged_samples.jsonl",
+                                    "samples_sha256": "cd" * 32, "per_task": {"HumanEval/0": True}},
+                         "source": {"score": 0.5, "pass@1": 0.5, "samples_sha256": "ef" * 32}}}
+    (entry,) = reference_benchmarks(raw)
+    assert entry == {"name": "humaneval", "score": 0.25, "baseScore": 0.5, "delta": -0.25,
+                     "samplesPath": "stages/3-eval/humaneval_forged_samples.jsonl",
+                     "resultHash": "sha256:" + "cd" * 32, "baseResultHash": "sha256:" + "ef" * 32,
+                     "metrics": {"score": 0.25, "pass@1": 0.25, "passed": 1, "total": 4,
+                                 "samples_path": "stages/3-eval/humaneval_forged_samples.jsonl",
+                                 "samples_sha256": "cd" * 32}}
 
 
 def alloy(**extra):
@@ -47,7 +144,11 @@ def test_package_writes_a_verifiable_reloadable_model(pkg_root):
     integ = executed["results"]["integrity"]
     assert integ["modelHash"] == m["modelHash"] == model_hash(hash_model_dir(out))
     assert integ["alloyHash"].startswith("sha256:")
-    assert executed["results"]["expertsPerLayer"] == 4 and executed["results"]["forgedParams"] == m["params"]
+    ours = executed["results"]["forgeFactory"]
+    assert ours["expertsPerLayer"] == 4 and ours["forgedParams"] == m["params"] == m["params"]
+    assert executed["results"]["forgedParamsB"] == round(m["params"] / 1e9, 6)
+    assert executed["results"]["finalSizeGb"] == round(m["size_bytes"] / 2**30, 6)
+    assert executed["stages"] == alloy()["stages"] and integ["calibrationCorpora"] == []
     assert verify_path(out).ok
     assert m["smoke"]["ok"] and m["smoke"]["finite"] and m["smoke"]["max_logprob"] > -20
     assert "license: apache-2.0" in (out / "README.md").read_text()

@@ -95,6 +95,7 @@ def test_profile_counts_norms_and_reap(root: Path, family: str) -> None:
     assert imp["format"] == "forge-factory/expert-importance" and imp["version"] == 1
     assert imp["num_experts"] == 4 and imp["top_k"] == TOP_K and imp["family"] == family
     assert imp["corpus"]["sha256"] == sha256_file(root / CORPUS) == metrics["corpus_sha256"]
+    assert imp["corpus"]["ref"] == metrics["corpus"] == "calib"
     assert imp["tokens"] == metrics["tokens"] == TOKENS
     assert sorted(map(int, imp["layers"])) == spec.moe_layers(config)  # one row per MoE layer, dense ones excluded
     for layer, row in imp["layers"].items():
@@ -156,6 +157,18 @@ def test_examples_and_token_budget_limit_the_corpus(root: Path) -> None:
     entries, _ = run_stages(root, alloy(root, model, "qwen3_moe", stage), base="prof-ex")
     two_docs = sum(len(_doc(i)) for i in range(2))  # byte-level BPE: at most one token per byte, plus EOS each
     assert 0 < entries[0]["metrics"]["tokens"] <= two_docs + 2
+
+
+def test_forge_alloys_max_length_sets_the_block_and_sequence_length_wins(root: Path) -> None:
+    """forge-alloy spells the block length maxLength; our sequenceLength,
+    when both are given, is the one used. Each block is one progress report."""
+    model = moe_model(root, "qwen3_moe")
+    for base, extra, block in (("prof-max", {"maxLength": 128}, 128),
+                               ("prof-both", {"maxLength": 128, "sequenceLength": SEQ}, SEQ)):
+        stage = {k: v for k, v in profile_stage(**extra).items() if k != "sequenceLength" or "sequenceLength" in extra}
+        entries, reports = run_stages(root, alloy(root, model, "qwen3_moe", stage), base=base)
+        imp = json.loads((root / "work" / base / entries[0]["metrics"]["importance"]).read_text())
+        assert imp["blocks"] == len(reports.progress()) == TOKENS // block, base
 
 
 def test_dense_model_and_changed_corpus_are_refused(root: Path) -> None:
