@@ -230,7 +230,8 @@ class ExpertPruneStage(Stage):
     top_k: PositiveInt | None = None
     strategy: str | None = None
     selection_strategy: str | None = None
-    metric: str | None = None
+    # None: the strategy picks it (stations.expert_prune).
+    metric: Literal["reap", "activation_count", "frequency", "gate_weight", "router_l2", "explicit"] | None = None
     metric_source: str | None = None
     profile_dataset: str | None = None
     profile_steps: PositiveInt | None = None
@@ -269,7 +270,10 @@ class PruneStage(Stage):
     calibration_corpus: str | None = None
     calibration_corpus_file: str | None = None
     per_layer_normalized: bool | None = None
-    defrag_mode: str | None = None
+    # None removes pruned heads; "pad" zeroes them in place, keeping
+    # heads x head_dim = hidden_size for runtimes that need it.
+    defrag_mode: Literal["pad"] | None = None
+    seed: int = Field(default=0, ge=0)  # the `random` strategy's seed
     notes: str | None = None
 
 
@@ -303,46 +307,19 @@ class _TrainingFields(Stage):
     optimizations: list[str] | None = None
     seed: int = Field(default=0, ge=0)
     notes: str | None = None
-
-
-class TrainStage(_TrainingFields):
-    """Full or adapter fine-tuning on a dataset."""
-
-    type: Literal["train"] = "train"
-
-
-class LoraStage(_TrainingFields):
-    """A LoRA adapter: plain fine-tuning, or compensation distillation when it
-    names a `teacher` (published alloys write `rank`/`alpha` or
-    `loraRank`/`loraAlpha`; both are accepted and must agree)."""
-
-    type: Literal["lora"] = "lora"
+    # The adapter a train or LoRA stage trains (published alloys write
+    # rank/alpha or loraRank/loraAlpha; both are accepted and must agree).
     rank: int | None = Field(default=None, ge=1, le=256)
     lora_rank: int | None = Field(default=None, ge=1, le=256)
     alpha: float | None = Field(default=None, gt=0, le=512)
     lora_alpha: float | None = Field(default=None, gt=0, le=512)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
-    quantize: bool | None = None
-    quantize_bits: Literal[4, 8] | None = None
-    merge_after: bool | None = None
-    merged_at_save: bool | None = None
-    name: SafeName | None = None
-    teacher: str | None = None
-    teacher_precision: str | None = None
-    student_precision: str | None = None
-    # forge-alloy's kl_logits | mse_hidden | both; "kl+ce" is ours (KL plus
-    # next-token cross-entropy on the calibration text).
-    loss_type: Literal["kl_logits", "mse_hidden", "both", "kl+ce"] = "kl_logits"
-    kd_temperature: float = Field(default=2.0, gt=0)
-    calibration_dataset: str | None = None
-    calibration_source: str | None = None
-    trainable_params_pct: float | None = Field(default=None, ge=0, le=100)
 
     @property
     def effective_rank(self) -> int:
-        """The adapter rank, whichever key the alloy used (forge-alloy's
-        default 32 for a plain LoRA)."""
+        """The adapter rank, whichever key the alloy used (else the stage
+        type's default: forge-alloy's 32 for a plain LoRA)."""
         for value in (self.rank, self.lora_rank):
             if value is not None:
                 return value
@@ -359,13 +336,52 @@ class LoraStage(_TrainingFields):
     @property
     def merges(self) -> bool:
         """Whether the adapter is merged into the saved weights."""
+        return self.merges_by_default
+
+    default_rank: ClassVar[int] = 16
+    merges_by_default: ClassVar[bool] = True  # a train stage's adapter is merged into the weights
+
+
+class TrainStage(_TrainingFields):
+    """Fine-tuning on a dataset, through a LoRA adapter merged into the
+    weights (rank 16 unless the stage says)."""
+
+    type: Literal["train"] = "train"
+
+
+class LoraStage(_TrainingFields):
+    """A LoRA adapter: plain fine-tuning, or compensation distillation when it
+    names a `teacher` (published alloys write `rank`/`alpha` or
+    `loraRank`/`loraAlpha`; both are accepted and must agree)."""
+
+    type: Literal["lora"] = "lora"
+    quantize: bool | None = None
+    quantize_bits: Literal[4, 8] | None = None
+    merge_after: bool | None = None
+    merged_at_save: bool | None = None
+    name: SafeName | None = None
+    teacher: str | None = None
+    teacher_precision: str | None = None
+    student_precision: str | None = None
+    # forge-alloy's kl_logits | mse_hidden | both; "kl+ce" is ours (KL plus
+    # next-token cross-entropy on the calibration text).
+    loss_type: Literal["kl_logits", "mse_hidden", "both", "kl+ce"] = "kl_logits"
+    kd_temperature: float = Field(default=2.0, gt=0)
+    calibration_dataset: str | None = None
+    calibration_source: str | None = None
+    trainable_params_pct: float | None = Field(default=None, ge=0, le=100)
+
+    default_rank: ClassVar[int] = 32
+    merges_by_default: ClassVar[bool] = False
+
+    @property
+    def merges(self) -> bool:
+        """mergeAfter or mergedAtSave when given, else the type's default."""
         for value in (self.merge_after, self.merged_at_save):
             if value is not None:
                 return value
         return self.merges_by_default
 
-    default_rank: ClassVar[int] = 32
-    merges_by_default: ClassVar[bool] = False
 
 
 class CompensationLoraStage(LoraStage):

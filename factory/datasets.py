@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -372,17 +371,6 @@ def stage_datasets(stage: Stage, index: int, **kw) -> list[Resolution]:
         if isinstance(value, str) and value:
             out.append(resolve_dataset(value, None, json_path=f"$.stages[{index}].{key}", **kw))
     return out
-
-
-def dataset_findings(stage: Stage, index: int, *, root: Path, config: NodeConfig, offline: bool | None = None,
-                     cache_dir: Path | None = None, hub_cache_dir: Path | None = None
-                     ) -> Iterator[tuple[str, object, str, str]]:
-    """(json_path, value, problem, fix) for each dataset the stage names that
-    is not usable on this node: what the planner turns into findings."""
-    for found in stage_datasets(stage, index, root=root, config=config, offline=offline, cache_dir=cache_dir,
-                                hub_cache_dir=hub_cache_dir):
-        if isinstance(found, DatasetProblem):
-            yield found.json_path, found.value, found.problem, found.fix
 
 
 # ── training defaults by size ───────────────────────────────────────────────

@@ -336,10 +336,14 @@ def estimate_params_from_config(config: dict[str, Any], family: Family) -> int:
 
 
 def _tied(config: dict[str, Any], family: Family) -> bool:
-    """Whether lm_head shares the embedding. The top-level key wins: VL
-    configs may say ``true`` in text_config yet save a separate lm_head."""
-    if "tie_word_embeddings" in config:
-        return bool(config["tie_word_embeddings"])
+    """Whether lm_head shares the embedding. The outermost config that says
+    wins: VL configs may say ``true`` in text_config yet save a separate
+    lm_head, and Omni's thinker_config says ``false`` above its text_config."""
+    node = config
+    for part in [""] + (family.config.text_config or "").split(".")[:-1]:
+        node = node.get(part, {}) if part else node
+        if isinstance(node, dict) and node.get("tie_word_embeddings") is not None:
+            return bool(node["tie_word_embeddings"])
     return bool(family.read(config, "tie_word_embeddings"))
 
 
@@ -527,7 +531,7 @@ def _check_attention(info: CheckpointInfo, family: Family, problems: _Problems) 
         q_rows = heads * head_dim * spec.q_rows_per_head_factor
         o_cols = heads * head_dim
         kv_rows = (family.read(cfg, "num_key_value_heads") or heads) * head_dim
-    expect = {spec.q_proj: (q_rows, None), spec.o_proj: (hidden, o_cols)}
+    expect = {family.q_proj(cfg): (q_rows, None), spec.o_proj: (hidden, o_cols)}
     for template in (spec.k_proj, spec.v_proj):
         if template:
             expect[template] = (kv_rows, hidden)

@@ -27,7 +27,7 @@ from typing import Any
 
 from adapters import Family, UnknownArchitectureError, get_family
 from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, Stage
-from factory.datasets import dataset_findings
+from factory.datasets import DatasetProblem, stage_datasets
 from factory.declarations import declaration_problems
 from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
@@ -448,9 +448,12 @@ def check_datasets(ctx: _Context) -> Iterator[Finding]:
     a `domain` through [domains]) is on this node: a [datasets] file inside
     the root, the Hugging Face cache, or, online, downloadable later."""
     for i, stage in enumerate(ctx.alloy.stages):
-        for path, value, problem, fix in dataset_findings(stage, i, root=ctx.root, config=ctx.config,
-                                                          offline=ctx.offline):
-            yield _finding(path, value, problem, fix)
+        for found in stage_datasets(stage, i, root=ctx.root, config=ctx.config, offline=ctx.offline,
+                                    hub_cache_dir=ctx.hf_cache_dir):
+            if isinstance(found, DatasetProblem):
+                yield _finding(found.json_path, found.value, found.problem, found.fix)
+            elif found.kind == "hub" and found.note:
+                ctx.notes.append(f"{found.json_path} {found.ref}: {found.note}")
 
 
 def check_declarations(ctx: _Context) -> Iterator[Finding]:

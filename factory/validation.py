@@ -52,7 +52,7 @@ from factory.alloy import (
     Alloy,
     AlloyModel,
     ExpertPruneStage,
-    LoraStage,
+    _TrainingFields,
     Stage,
 )
 from factory.catalog import kind_of
@@ -781,11 +781,11 @@ def rule_expert_prune_counts(alloy: Alloy) -> Iterator[Finding]:
 
 def rule_lora_aliases_agree(alloy: Alloy) -> Iterator[Finding]:
     """rank/loraRank and alpha/loraAlpha are two spellings; both given must agree."""
-    for path, stage in _stages(alloy, LoraStage):
+    for path, stage in _stages(alloy, _TrainingFields):
         for short, long in (("rank", "lora_rank"), ("alpha", "lora_alpha")):
             a, b = getattr(stage, short), getattr(stage, long)
             if a is not None and b is not None and a != b:
-                alias = LoraStage.model_fields[long].alias
+                alias = _TrainingFields.model_fields[long].alias
                 fix = f"keep one of {short!r} and {alias!r}"
                 yield _schema(f"{path}.{alias}", b, f"contradicts {short} = {a}", fix)
 

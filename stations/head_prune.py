@@ -33,7 +33,7 @@ Phases, top to bottom in `run_stage`:
    * `calibration-aware-activation-count` and
      `per-layer-normalized-router-importance` rank routed experts by how a
      router uses them; attention heads are not routed, so head pruning
-     refuses them (`REFUSED_STRATEGIES`, which the plan also reports).
+     refuses them (`HEAD_PRUNE_REFUSED`, which the plan also reports).
 
 4. **Selection.** KV groups are ranked by the summed score of their query
    heads; inside each kept group the best query heads are kept. Kept indices
@@ -70,6 +70,7 @@ from factory.errors import StageFailed
 from factory.model_files import CheckpointInfo, inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
+from factory.support import HEAD_PRUNE_REFUSED, HEAD_PRUNE_REFUSED_FIX
 from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir
 
 FALLBACK_STRATEGY = "magnitude"
@@ -83,19 +84,6 @@ STRATEGIES: dict[str, tuple[str, bool]] = {
     "entropy": (CONTRIBUTION, True),
     "gradient": (MASK_GRADIENT, True),
 }
-REFUSED_STRATEGIES: dict[str, str] = {
-    name: (f"strategy {name!r} ranks routed experts by how the router uses them; attention heads are not "
-           "routed, so head pruning has no such score. Use activation-magnitude (calibrated) or magnitude "
-           "(data-free) for a prune stage, or put this strategy on an expert-prune stage")
-    for name in ("calibration-aware-activation-count", "per-layer-normalized-router-importance")
-}
-"""Strategies of forge-alloy's enum that head pruning refuses, with why."""
-DEFRAG_MODES = (None, "pad")
-"""None removes pruned heads; "pad" zeroes them in place, keeping
-heads x head_dim = hidden_size for runtimes that need it (llama.cpp, and
-transformers' Qwen2.5-VL, whose family forces it: `fixed_head_count`)."""
-DEFAULT_RANDOM_SEED = 0
-"""Seed of the `random` strategy when the stage declares none."""
 CALIBRATION_BLOCK_TOKENS = 256
 SIDECAR = "head_prune.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -531,20 +519,17 @@ def read_params(ctx: StageContext) -> PruneParams:
     calibration strategy without a corpus runs FALLBACK_STRATEGY (recorded)."""
     stage: PruneStage = ctx.stage
     requested = stage.strategy
-    if requested in REFUSED_STRATEGIES:
-        raise StageFailed(f"$.stages[{ctx.index}].strategy: {REFUSED_STRATEGIES[requested]}")
+    if requested in HEAD_PRUNE_REFUSED:
+        raise StageFailed(f"$.stages[{ctx.index}].strategy: {HEAD_PRUNE_REFUSED[requested]}; "
+                          f"{HEAD_PRUNE_REFUSED_FIX}")
     calibrated = STRATEGIES[requested][1]
     named = stage.calibration_corpus_file or stage.calibration_corpus
     corpus = (corpus_mod.resolve(ctx, file_keys=CORPUS_FILE_KEYS, id_keys=CORPUS_ID_KEYS)
               if named and calibrated else None)
     ran = FALLBACK_STRATEGY if calibrated and corpus is None else requested
-    seed = getattr(stage, "seed", None)
-    if stage.defrag_mode not in DEFRAG_MODES:
-        raise StageFailed(f"$.stages[{ctx.index}].defragMode = {stage.defrag_mode!r} is not a head-pruning mode; "
-                          "use \"pad\" (zero pruned heads, keep shapes) or leave it out (remove them)")
     return PruneParams(strategy=ran, requested=requested, level=stage.level, min_heads=stage.min_heads_per_layer,
                        min_kv_heads=stage.min_kv_heads_per_layer, analysis_steps=stage.analysis_steps,
-                       corpus=corpus, seed=DEFAULT_RANDOM_SEED if seed is None else seed,
+                       corpus=corpus, seed=stage.seed,
                        pad=stage.defrag_mode == "pad")
 
 

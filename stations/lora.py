@@ -60,7 +60,7 @@ from typing import Any, Iterable, Iterator
 
 from adapters import family_for_config
 from adapters.schema import Family
-from factory.alloy import LoraStage, Stage, learning_rate_value
+from factory.alloy import Stage, learning_rate_value
 from factory.datasets import DatasetProblem, ResolvedDataset, size_defaults, training_dataset
 from factory.durable import write_json
 from factory.errors import StageFailed
@@ -73,8 +73,6 @@ from stations.training_data import training_texts
 
 # A train stage's adapter when the alloy gives none (train stages rarely do):
 # r=16 recovers most of what r=64 does at a quarter of the adapter.
-TRAIN_RANK = 16
-TRAIN_DROPOUT = 0.05  # the lora schema's default, so train and lora behave alike
 PROBE_EXAMPLES = 16  # examples scored before and after training (in-sample probe)
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 ADAPTER_DIR = "adapter"
@@ -130,24 +128,10 @@ def _where(ctx: StageContext, key: str) -> str:
 
 
 def _adapter(stage: Stage) -> tuple[int, float, float, tuple[str, ...] | None, bool | None]:
-    """(rank, alpha, dropout, targets, merge requested) of the stage. A lora
-    stage declares them; a train stage carries them as extra keys when the
-    alloy gives any (read by their camelCase names, with the lora schema's
-    ranges checked here)."""
-    if isinstance(stage, LoraStage):
-        targets = tuple(stage.target_modules) if stage.target_modules else None
-        return stage.effective_rank, stage.effective_alpha, stage.dropout, targets, stage.merges
-    rank = stage.field_value("rank") or stage.field_value("loraRank") or TRAIN_RANK
-    alpha = stage.field_value("alpha") or stage.field_value("loraAlpha") or 2.0 * rank
-    dropout = stage.field_value("dropout")
-    targets = stage.field_value("targetModules")
-    if not (isinstance(rank, int) and 1 <= rank <= 256 and isinstance(alpha, (int, float)) and 0 < alpha <= 512
-            and (dropout is None or isinstance(dropout, (int, float)) and 0 <= dropout < 1)
-            and (targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise StageFailed(f"$.stages: train stage adapter fields out of range (rank {rank!r} in [1, 256], alpha "
-                          f"{alpha!r} in (0, 512], dropout {dropout!r} in [0, 1), targetModules a list of names)")
-    return rank, float(alpha), TRAIN_DROPOUT if dropout is None else float(dropout), \
-        tuple(targets) if targets else None, True
+    """(rank, alpha, dropout, targets, merge requested) of the stage, as the
+    schema resolves them (aliases and per-type defaults in factory.alloy)."""
+    targets = tuple(stage.target_modules) if stage.target_modules else None
+    return stage.effective_rank, stage.effective_alpha, stage.dropout, targets, stage.merges
 
 
 def _model_size(ctx: StageContext, model_dir: Path) -> tuple[float, str]:

@@ -18,7 +18,7 @@ import transformers
 
 from factory.alloy import Alloy
 from factory.datasets import (
-    SIZE_DEFAULTS, DatasetProblem, ResolvedDataset, _snake, dataset_findings, resolve_dataset, size_defaults,
+    SIZE_DEFAULTS, DatasetProblem, ResolvedDataset, _snake, resolve_dataset, stage_datasets, size_defaults,
     training_dataset,
 )
 from factory.nodeconfig import NodeConfig, load_node_config
@@ -299,7 +299,9 @@ def test_dataset_findings_name_the_path_the_value_and_the_fix(tmp_path):
               _stage(type="context-extend", targetLength=4096, method="yarn", trainingDataset="org/long"),
               _stage(type="train", dataset="free text, not data")]
     _jsonl(tmp_path / "data" / "here.jsonl", [{"text": "x"}])
-    found = [list(dataset_findings(s, i, root=tmp_path, config=NodeConfig(), offline=True, **_no_caches(tmp_path)))
+    found = [[(p.json_path, p.value, p.problem, p.fix)
+              for p in stage_datasets(s, i, root=tmp_path, config=NodeConfig(), offline=True, **_no_caches(tmp_path))
+              if isinstance(p, DatasetProblem)]
              for i, s in enumerate(stages)]
     assert [f[0] for f in found[0]] == ["$.stages[0].dataset"] and found[0][0][1] == "wikitext-2"
     assert "huggingface-cli download --repo-type dataset Salesforce/wikitext" in found[0][0][3]

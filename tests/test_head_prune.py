@@ -16,7 +16,8 @@ from typing import get_args
 from adapters import get_family
 from factory.alloy import PruneStrategy
 from factory.errors import StageFailed
-from stations.head_prune import REFUSED_STRATEGIES, STRATEGIES, Geometry, plan_counts
+from factory.support import HEAD_PRUNE_REFUSED as REFUSED_STRATEGIES
+from stations.head_prune import STRATEGIES, Geometry, plan_counts
 from tests.stationkit import run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
 
@@ -174,10 +175,13 @@ def test_pad_mode_zeroes_heads_in_place_and_computes_what_removal_does(root):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_unknown_defrag_mode_is_refused(root):
-    _model(root, "qwen2")
-    with pytest.raises(StageFailed, match=r"defragMode = 'shuffle' is not a head-pruning mode; use \"pad\""):
-        _run(root, _alloy("qwen2", defragMode="shuffle"))
+def test_unknown_defrag_mode_is_refused_by_the_schema():
+    import json
+
+    from factory.validation import check_bytes
+
+    found = check_bytes(json.dumps(_alloy("qwen2", defragMode="shuffle")).encode()).findings
+    assert [(f.path, f.value) for f in found] == [("$.stages[0].defragMode", "shuffle")]
 
 
 def test_llama_keeps_a_head_count_dividing_hidden(root):
@@ -258,7 +262,7 @@ def test_every_reference_strategy_has_a_defined_behaviour():
 def test_router_strategies_are_refused_with_the_fix(root, strategy):
     _model(root, "llama")
     with pytest.raises(StageFailed, match=rf"strategy: strategy '{strategy}' .* attention heads are not routed.*"
-                                          "Use activation-magnitude"):
+                                          "use activation-magnitude"):
         _run(root, _alloy("llama", strategy=strategy))
 
 
