@@ -490,13 +490,19 @@ class PackageStage(Stage):
 
 
 class ContextExtendStage(Stage):
-    """RoPE scaling (yarn, ntk, ...) to a longer context."""
+    """RoPE scaling (yarn, ntk, ...) to a longer context, then, with
+    `trainingSteps`, a LoRA on long sequences of `trainingDataset` (the
+    [domains] table's `general` dataset when it names none)."""
 
     type: Literal["context-extend"] = "context-extend"
     target_length: int = Field(ge=1024)
     method: Literal["yarn", "ntk", "linear", "dynamic-ntk"]
     training_dataset: str | None = None
     training_steps: PositiveInt | None = None
+    # Ours: tokens per training sequence; the target length when unset.
+    sequence_length: int | None = Field(default=None, ge=16, le=1048576)
+
+    training_domain: ClassVar[str] = "general"
 
 
 class SourceConfigStage(Stage):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from factory.alloy import DOMAINS, Stage
+from factory.alloy import DOMAINS, ContextExtendStage, Stage
 from factory.errors import PathEscapeError
 from factory.nodeconfig import DATASET_FILE_SUFFIXES, DATASET_ID, NodeConfig
 from factory.validation import is_local_path_like, resolve_inside
@@ -370,6 +370,8 @@ def stage_datasets(stage: Stage, index: int, **kw) -> list[Resolution]:
         value = stage.field_value(key)
         if isinstance(value, str) and value:
             out.append(resolve_dataset(value, None, json_path=f"$.stages[{index}].{key}", **kw))
+    if isinstance(stage, ContextExtendStage) and stage.training_steps and not stage.training_dataset:
+        out.append(resolve_dataset(None, stage.training_domain, json_path=f"$.stages[{index}].trainingSteps", **kw))
     return out
 
 

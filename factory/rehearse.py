@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from factory import durable
-from factory.alloy import DOMAINS, Alloy
+from factory.alloy import DOMAINS, Alloy, ContextExtendStage
 from factory.catalog import SHIP, kind_of
 from factory.errors import FactoryError
 from factory.integrity import sha256_file
@@ -49,7 +49,7 @@ CAPS: dict[str, dict[str, int]] = {
     "train": {"steps": 2, "sequenceLength": 64, "batchSize": 2, "gradientAccumulation": 1},
     "lora": {"steps": 2, "sequenceLength": 64, "batchSize": 2, "gradientAccumulation": 1},
     "compensation-lora": {"steps": 2, "sequenceLength": 64, "batchSize": 2, "gradientAccumulation": 1},
-    "context-extend": {"trainingSteps": 2},
+    "context-extend": {"trainingSteps": 2, "sequenceLength": 64},
     "expert-activation-profile": {"calibrationTokens": 512, "sequenceLength": 64},
     "prune": {"analysisSteps": 2},
     "compact": {"analysisSteps": 2},
@@ -252,6 +252,8 @@ def rehearsal_alloy(data: dict, recipe: Alloy, model_rel: str, store: _Data, not
                 notes.append(f"{where}.{key}: {stage[key]} -> stand-in {store.dataset(stage[key])}")
         if isinstance(stage.get("domain"), str):
             store.domain(stage["domain"])
+        if isinstance(typed, ContextExtendStage) and typed.training_steps and not typed.training_dataset:
+            store.domain(typed.training_domain)
         if isinstance(stage.get("teacher"), str):
             stage["teacher"] = model_rel
         _cap(stage, CAPS.get(typed.type, {}), notes, where)

@@ -13,28 +13,34 @@ when there is one, so extending twice does not compound), and
 max_position_embeddings becomes targetLength. Multimodal configs carry this
 in their text config (the family JSON says where).
 
-Weights are not touched: every file but config.json is hard-linked (copied
-across filesystems), so their hashes equal the input's. Training after the
-extension is not implemented here: a stage with trainingSteps is refused
-with what to do instead.
+Without `trainingSteps` the weights are not touched: every file but
+config.json is hard-linked (copied across filesystems), so their hashes
+equal the input's. With `trainingSteps`, that extended model (in
+`extended/`) is then trained for that many steps by the LoRA station
+(`stations.lora.run_training`, merged) on sequences of `sequenceLength`
+tokens (default: targetLength) of `trainingDataset`, or of the [domains]
+table's `general` dataset when the stage names none; the merged model is
+the stage's output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 from adapters import family_for_config
-from factory.alloy import ContextExtendStage
+from factory.alloy import ContextExtendStage, TrainStage
 from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.stages import StageContext, StageResult
-from stations.base import input_model_dir, model_result, output_model_dir
+from stations.base import MODEL_DIR, input_model_dir, model_result, output_model_dir
 
 # alloy method (the schema's enum) -> transformers rope_type
 METHODS: dict[str, str] = {"yarn": "yarn", "linear": "linear", "ntk": "dynamic", "dynamic-ntk": "dynamic"}
+EXTENDED_DIR = "extended"  # the rope-extended model a training run starts from
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
 # Keys that describe the old scaling and must not survive into the new one.
 _SCALING_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "attention_factor",
@@ -42,15 +48,25 @@ _SCALING_KEYS = {"type", "rope_type", "factor", "original_max_position_embedding
 
 
 def _check_fields(ctx: StageContext) -> tuple[int, str]:
-    """(targetLength, rope_type) of the stage, or StageFailed for what this
-    station cannot do; the schema has already checked types, ranges and the
-    method enum (METHODS has a row for each of its values)."""
+    """(targetLength, rope_type) of the stage; the schema has already
+    checked types, ranges and the method enum (METHODS has a row for each)."""
     stage = ctx.stage
     assert isinstance(stage, ContextExtendStage)
-    if stage.training_steps or stage.training_dataset:
-        raise StageFailed(f"$.stages[{ctx.index}]: context-extend training is not implemented; run a train "
-                          "stage after it (remove trainingSteps/trainingDataset here)")
+    if stage.training_dataset and not stage.training_steps:
+        raise StageFailed(f"$.stages[{ctx.index}].trainingDataset is set but trainingSteps is not: set "
+                          "trainingSteps to train on it after the extension, or remove trainingDataset")
     return stage.target_length, METHODS[stage.method]
+
+
+def _training_stage(stage: ContextExtendStage) -> TrainStage:
+    """The train stage the long-context training runs as."""
+    data = {"type": "train", "steps": stage.training_steps,
+            "sequenceLength": stage.sequence_length or stage.target_length}
+    if stage.training_dataset:
+        data["dataset"] = stage.training_dataset
+    else:
+        data["domain"] = stage.training_domain
+    return TrainStage.model_validate(data)
 
 
 def rope_extension(text: dict, *, target: int, rope_type: str, where: str) -> dict:
@@ -106,14 +122,24 @@ def run_stage(ctx: StageContext) -> StageResult:
     config = json.loads(config_path.read_text())
     # 2. The new config.
     params = extend_config(config, target=target, rope_type=rope_type, where=str(config_path))
-    out = output_model_dir(ctx)
+    training = bool(ctx.stage.training_steps)
+    out = ctx.stage_dir / EXTENDED_DIR if training else output_model_dir(ctx)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
     # 3. Weights and tokenizer unchanged.
     linked = link_or_copy(src, out, skip={"config.json"})
-    ctx.progress(1, 1, "models")
     metrics = {"target_length": target, "method": ctx.stage.method, "rope_parameters": params,
                "original_max_position_embeddings": params["original_max_position_embeddings"],
                "factor": params["factor"], "files_linked": linked}
     report = ctx.stage_dir / "context_extend.json"
     write_json(report, {"source": str(src), **metrics})
-    return model_result(ctx, out, {"context_extend": metrics}, report)
+    if not training:
+        ctx.progress(1, 1, "models")
+        return model_result(ctx, out, {"context_extend": metrics}, report)
+    # 4. Long-context training of the extended model, merged into the output.
+    from stations.lora import run_training
+
+    trained = run_training(dataclasses.replace(ctx, stage=_training_stage(ctx.stage)), "lora", model_dir=out)
+    metrics["training"] = {k: v for k, v in trained.metrics.items() if k != MODEL_DIR}
+    return StageResult(outputs=[*trained.outputs, report],
+                       metrics={MODEL_DIR: trained.metrics[MODEL_DIR], "context_extend": metrics})

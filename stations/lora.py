@@ -561,13 +561,15 @@ def _free_memory() -> None:
 # ── the stages ──────────────────────────────────────────────────────────────
 
 
-def run_training(ctx: StageContext, mode: str) -> StageResult:
+def run_training(ctx: StageContext, mode: str, *, model_dir: Path | None = None) -> StageResult:
+    """Train `ctx.stage` (a typed training stage) on `model_dir`, default
+    this stage's input model; the merged model goes to the stage's output."""
     import torch
 
     from stations.loader import load
 
     # 1. parameters
-    model_dir = input_model_dir(ctx)
+    model_dir = model_dir or input_model_dir(ctx)
     params = read_params(ctx, mode, model_dir)
     # 2-3. models and text, examples
     torch.manual_seed(params.seed)

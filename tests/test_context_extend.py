@@ -18,7 +18,7 @@ from factory.integrity import sha256_file
 from stations import context_extend
 from tests.linekit import make_root
 from tests.stationkit import make_ctx
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
 
 # forge-alloy's schema wants targetLength >= 1024: a 256-token model extended 4x.
 ORIGINAL, TARGET = 256, 1024
@@ -76,12 +76,36 @@ def test_extending_again_does_not_compound(root):
     assert params["original_max_position_embeddings"] == ORIGINAL and params["factor"] == 8.0
 
 
-@pytest.mark.parametrize("stage, match", [
-    ({"targetLength": TARGET, "method": "yarn", "trainingSteps": 500}, r"\$\.stages\[0\]: context-extend training"),
-])
-def test_refusals_name_the_field(root, stage, match):
-    with pytest.raises(StageFailed, match=match):
-        _run(root, "bad", **stage)
+def test_a_dataset_without_steps_is_refused(root):
+    with pytest.raises(StageFailed, match=r"\$\.stages\[0\]\.trainingDataset is set but trainingSteps is not"):
+        _run(root, "bad", targetLength=TARGET, method="yarn", trainingDataset="data/long.jsonl")
+
+
+def test_training_steps_train_the_extended_model_on_long_sequences(tmp_path):
+    """trainingSteps: the rope-extended model is trained (LoRA, merged) on
+    sequences longer than the original context; the output keeps the new
+    rope config, its weights changed, and it reloads."""
+    root = make_root(tmp_path / "root")
+    add_tokenizer(build_tiny_model("llama", root / "models" / "m", max_position_embeddings=ORIGINAL,
+                                   vocab_size=TOKENIZER_VOCAB))
+    text = " ".join(f"word{i % 50} and more text {i}" for i in range(400))
+    (root / "data").mkdir()
+    (root / "data" / "long.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(4)))
+    with (root / "factory_node.toml").open("a") as f:
+        f.write('\n[datasets]\n"acme/long-docs" = "data/long.jsonl"\n')
+    ctx, result = _run(root, "trained", targetLength=TARGET, method="yarn", trainingSteps=2,
+                       trainingDataset="acme/long-docs", sequenceLength=300)
+    out = ctx.work_dir / result.metrics["model_dir"]
+    training = result.metrics["context_extend"]["training"]
+    assert training["steps"] == 2 and training["dataset"]["ref"] == "acme/long-docs"
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["max_position_embeddings"] == TARGET and raw["rope_parameters"]["factor"] == 4.0
+    src = root / "models" / "m"
+    assert sha256_file(out / "model.safetensors") != sha256_file(src / "model.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(300).unsqueeze(0) % 128).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_a_target_no_longer_than_the_original_is_refused(tmp_path):
