@@ -342,16 +342,23 @@ def _check_stage_corpus(ctx: _Context, i: int, stage: Stage, corpora: list[Calib
         yield from _check_corpus_file(ctx, f"$.stages[{i}].{file_key}", file, pinned,
                                       f"$.calibrationCorpora[{j}].sha256")
     elif isinstance(name, str) and (corpus is None or corpus.path is None) and not _names_a_file(ctx, name):
-        problem = "names a corpus that no calibrationCorpora entry gives a path for, and the stage has no " \
-                  "calibrationCorpusFile: its station would have nothing to read"
-        fix = (f'add {{"name": {name!r}, "path": "calibration/<file>.jsonl", "sha256": "<sha256sum>"}} to '
+        by_id = Layout(ctx.root).corpus_for_id(name)
+        problem = ("names a corpus that no calibrationCorpora entry gives a path for, the stage has no "
+                   f"file key, and the node has no {by_id or 'calibration/<id>.jsonl'}: its station would have "
+                   "nothing to read")
+        fix = ((f"put the corpus (JSONL, one {{\"text\": ...}} per line) at {by_id}, or add " if by_id else "add ")
+               + f'{{"name": {name!r}, "path": "calibration/<file>.jsonl", "sha256": "<sha256sum>"}} to '
                f"calibrationCorpora" + (f", or set $.stages[{i}].{files[0]}" if files else ""))
         yield _finding(f"$.stages[{i}].{id_key}", name, problem, fix)
 
 
 def _names_a_file(ctx: _Context, ref: str) -> bool:
-    """An id key may also hold a path (stations accept either): a file
-    inside the root that exists is a corpus, not a dangling id."""
+    """An id key may also hold a path (stations accept either), and the node
+    may keep an id's corpus at calibration/<id>.jsonl: either existing file
+    is a corpus, not a dangling id."""
+    by_id = Layout(ctx.root).corpus_for_id(ref)
+    if by_id is not None and by_id.is_file():
+        return True
     try:
         return resolve_inside(ctx.root, ref, json_path="$").is_file()
     except PathEscapeError:

@@ -109,6 +109,10 @@ def base_from_filename(filename: str) -> str:
     return filename[: -len(".json")] if filename.endswith(".json") else filename
 
 
+CORPUS_SUFFIX = ".jsonl"
+_CORPUS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where everything of one root lives."""
@@ -188,6 +192,15 @@ class Layout:
     @property
     def calibration(self) -> Path:
         return self.root / "calibration"
+
+    def corpus_for_id(self, corpus_id: str) -> Path | None:
+        """calibration/<id>.jsonl: where the node keeps the corpus of a
+        `calibrationCorpus` id that no calibrationCorpora entry gives a path
+        for (published alloys cite corpora by id alone). None for an id that
+        is not a plain file name."""
+        if not _CORPUS_ID.fullmatch(corpus_id):
+            return None
+        return self.calibration / f"{corpus_id}{CORPUS_SUFFIX}"
 
     @property
     def node_config(self) -> Path:

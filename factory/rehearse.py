@@ -242,11 +242,19 @@ def rehearsal_alloy(data: dict, recipe: Alloy, model_rel: str, store: _Data, not
     for i, (stage, typed) in enumerate(zip(out["stages"], recipe.stages)):
         where = f"$.stages[{i}]"
         kind = kind_of(typed.type)
+        named = {c.get(k) for c in out.get("calibrationCorpora") or [] for k in ("id", "name")}
         for key in kind.corpus_keys:
             value = stage.get(key)
             if isinstance(value, str) and key.endswith("File"):
                 store.corpus(value, code="prose" not in value)
                 notes.append(f"{where}.{key}: a stand-in corpus at {value}")
+            elif isinstance(value, str) and value not in named and not any(
+                    isinstance(stage.get(k), str) for k in kind.corpus_keys if k.endswith("File")):
+                by_id = Layout(store.root).corpus_for_id(value)
+                if by_id is not None:
+                    store.corpus(str(by_id.relative_to(store.root)))
+                    notes.append(f"{where}.{key}: {value} -> a stand-in corpus at the node's "
+                                 f"{by_id.relative_to(store.root)}")
         for key in kind.dataset_keys:
             if isinstance(stage.get(key), str):
                 notes.append(f"{where}.{key}: {stage[key]} -> stand-in {store.dataset(stage[key])}")

@@ -13,7 +13,9 @@ when there is one, so extending twice does not compound), and
 max_position_embeddings becomes targetLength. Multimodal configs carry this
 in their text config (the family JSON says where).
 
-Without `trainingSteps` the weights are not touched: every file but
+A model whose context already reaches targetLength passes through
+unchanged (recorded as `extended: false`; a native 256k model asked for
+32k is not an error). Without `trainingSteps` the weights are not touched: every file but
 config.json is hard-linked (copied across filesystems), so their hashes
 equal the input's. With `trainingSteps`, that extended model (in
 `extended/`) is then trained for that many steps by the LoRA station
@@ -120,26 +122,41 @@ def run_stage(ctx: StageContext) -> StageResult:
     src = input_model_dir(ctx)
     config_path = src / "config.json"
     config = json.loads(config_path.read_text())
+    training = bool(ctx.stage.training_steps)
+    report = ctx.stage_dir / "context_extend.json"
+    current = family_for_config(config).text_config(config).get("max_position_embeddings")
+    if isinstance(current, int) and current >= target:
+        # 2'. Already that long: nothing to scale. The model passes through
+        # unchanged (no copy), or is trained as it is when trainingSteps asks.
+        metrics = {"target_length": target, "method": ctx.stage.method, "extended": False,
+                   "reason": f"the model's context is already {current} tokens (max_position_embeddings)"}
+        write_json(report, {"source": str(src), **metrics})
+        if not training:
+            ctx.progress(1, 1, "models")
+            return StageResult(outputs=[report], metrics={"context_extend": metrics})
+        return _train(ctx, src, metrics, report)
     # 2. The new config.
     params = extend_config(config, target=target, rope_type=rope_type, where=str(config_path))
-    training = bool(ctx.stage.training_steps)
     out = ctx.stage_dir / EXTENDED_DIR if training else output_model_dir(ctx)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
     # 3. Weights and tokenizer unchanged.
     linked = link_or_copy(src, out, skip={"config.json"})
-    metrics = {"target_length": target, "method": ctx.stage.method, "rope_parameters": params,
+    metrics = {"target_length": target, "method": ctx.stage.method, "extended": True, "rope_parameters": params,
                "original_max_position_embeddings": params["original_max_position_embeddings"],
                "factor": params["factor"], "files_linked": linked}
-    report = ctx.stage_dir / "context_extend.json"
     write_json(report, {"source": str(src), **metrics})
     if not training:
         ctx.progress(1, 1, "models")
         return model_result(ctx, out, {"context_extend": metrics}, report)
-    # 4. Long-context training of the extended model, merged into the output.
+    return _train(ctx, out, metrics, report)
+
+
+def _train(ctx: StageContext, model_dir: Path, metrics: dict, report: Path) -> StageResult:
+    """4. Long-context training of `model_dir`, merged into the stage's output."""
     from stations.lora import run_training
 
-    trained = run_training(dataclasses.replace(ctx, stage=_training_stage(ctx.stage)), "lora", model_dir=out)
+    trained = run_training(dataclasses.replace(ctx, stage=_training_stage(ctx.stage)), "lora", model_dir=model_dir)
     metrics["training"] = {k: v for k, v in trained.metrics.items() if k != MODEL_DIR}
     return StageResult(outputs=[*trained.outputs, report],
                        metrics={MODEL_DIR: trained.metrics[MODEL_DIR], "context_extend": metrics})

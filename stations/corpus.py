@@ -110,11 +110,14 @@ def resolve(ctx: StageContext, *, file_keys: tuple[str, ...], id_keys: tuple[str
                           f"set $.stages[{ctx.index}].{file_keys[0]} to a file inside the factory root")
     found = _entry_for(ctx, ref)
     entry = found[1] if found else {}
-    rel = path_ref or entry.get("path")
+    by_id = ctx.layout.corpus_for_id(ref) if not path_ref and not entry.get("path") else None
+    rel = path_ref or entry.get("path") or (str(by_id.relative_to(ctx.layout.root)) if by_id else None)
     if not rel:
         raise StageFailed(f"corpus {ref!r} has no path: add it to $.calibrationCorpora with a \"path\" "
                           "inside the factory root")
-    where = f"$.stages[{ctx.index}].{file_keys[0]}" if path_ref else f"$.calibrationCorpora[{found[0]}].path"
+    where = (f"$.stages[{ctx.index}].{file_keys[0]}" if path_ref else
+             f"$.calibrationCorpora[{found[0]}].path" if found and entry.get("path") else
+             f"$.stages[{ctx.index}].{id_keys[0]} (the node's {rel})")
     path = local_file(ctx, rel, where=where, what="corpus")
     digest = sha256_file(path)
     want = (entry.get("sha256") or "").removeprefix("sha256:")

@@ -108,11 +108,13 @@ def test_training_steps_train_the_extended_model_on_long_sequences(tmp_path):
     assert torch.isfinite(logits).all()
 
 
-def test_a_target_no_longer_than_the_original_is_refused(tmp_path):
+def test_a_model_already_that_long_passes_through_unchanged(tmp_path):
     root = make_root(tmp_path / "root")
     build_tiny_model("llama", root / "models" / "m", max_position_embeddings=2048)
-    with pytest.raises(StageFailed, match="targetLength 1024 is not longer than the original context 2048"):
-        _run(root, "short", targetLength=1024, method="yarn")
+    ctx, result = _run(root, "short", targetLength=1024, method="yarn")
+    assert "model_dir" not in result.metrics  # the next stage takes the input model as it is
+    assert result.metrics["context_extend"]["extended"] is False
+    assert "already 2048 tokens" in result.metrics["context_extend"]["reason"]
 
 
 @pytest.mark.parametrize("stage, loc", [({"targetLength": 512, "method": "yarn"}, ("stages", 0, "context-extend",
