@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -330,23 +331,21 @@ def teacher_dir(ctx: StageContext, teacher: str) -> Path:
     return resolved.path
 
 
-def text_layer_prefix(family: Family) -> str:
-    """Module-name prefix of the text decoder's layers, from the family's
-    layer marker ("model.language_model.layers.${layer}...." ->
-    "model.language_model.layers.")."""
-    return family.tensors.layer_marker.split("${layer}")[0]
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 
 
-def lora_modules(model, targets: tuple[str, ...], prefix: str) -> tuple[list[str], int]:
+def lora_modules(model, targets: tuple[str, ...], family: Family) -> tuple[list[str], int]:
     """Full names of the modules `targets` select (peft's rule: the name, or
-    a name ending in "." + target) inside the text decoder's layers, and how
-    many matches lie outside them (a vision or audio tower, a projector)
-    and are dropped."""
+    a name ending in "." + target) inside decoder layers outside every
+    non-text tower the family declares (its prefixes name both the saved and
+    the loaded layout, e.g. Qwen2.5-VL's `visual.` and `model.visual.`), and
+    how many matches were dropped (a vision or audio tower's blocks, a
+    projector)."""
     keep, dropped = [], 0
     for name, _ in model.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        if name.startswith(prefix):
+        if family.tower_of(name) is None and _DECODER_LAYER.search(name):
             keep.append(name)
         else:
             dropped += 1
@@ -374,13 +373,11 @@ def wrap_with_lora(model, params: TrainParams, modules: list[str], *, quantized:
 
 
 def _attach_targets(ctx: StageContext, model, targets: tuple[str, ...], family: Family) -> tuple[list[str], int]:
-    prefix = text_layer_prefix(family)
-    modules, dropped = lora_modules(model, targets, prefix)
+    modules, dropped = lora_modules(model, targets, family)
     if not modules:
         where = "only outside the text decoder's layers" if dropped else "nowhere in this model"
-        raise StageFailed(f"LoRA targets {list(targets)} do not fit this model: they match {where} "
-                          f"({prefix}*); set {_where(ctx, 'targetModules')} to module names of its text layers "
-                          "(e.g. q_proj, v_proj)")
+        raise StageFailed(f"LoRA targets {list(targets)} do not fit this model: they match {where}; set "
+                          f"{_where(ctx, 'targetModules')} to module names of its text layers (e.g. q_proj, v_proj)")
     return modules, dropped
 
 
@@ -518,6 +515,36 @@ def adapter_deltas(adapter_dir: Path) -> dict[str, Any]:
     return deltas
 
 
+def on_disk_names(deltas: dict[str, Any], names: set[str], model_dir: Path) -> dict[str, Any]:
+    """The adapter's weights under the checkpoint's own tensor names.
+
+    transformers may load a checkpoint under other module names than it
+    saves (Qwen2.5-VL: `model.layers.*` on disk is
+    `model.language_model.layers.*` in memory). A name not on disk maps to
+    the one disk tensor that ends with its decoder-layer suffix
+    ("layers.<i>.<rest>"); no such tensor, or several, is an error."""
+    by_suffix: dict[str, list[str]] = {}
+    for name in names:
+        m = _DECODER_LAYER.search(name)
+        if m:
+            by_suffix.setdefault(name[m.start():].lstrip("."), []).append(name)
+    out, unmatched = {}, []
+    for name, delta in deltas.items():
+        if name in names:
+            out[name] = delta
+            continue
+        m = _DECODER_LAYER.search(name)
+        found = by_suffix.get(name[m.start():].lstrip("."), []) if m else []
+        if len(found) == 1:
+            out[found[0]] = delta
+        else:
+            unmatched.append(name)
+    if unmatched:
+        raise StageFailed(f"adapter weights {sorted(unmatched)[:3]} match no single tensor in {model_dir}; the "
+                          "model's in-memory and on-disk names differ, so this adapter cannot be merged by name")
+    return out
+
+
 def write_merged(ctx: StageContext, model_dir: Path, adapter_dir: Path, out: Path) -> int:
     """The input checkpoint with the adapter folded in, shard by shard, in
     each tensor's own dtype; returns how many weights changed."""
@@ -526,11 +553,7 @@ def write_merged(ctx: StageContext, model_dir: Path, adapter_dir: Path, out: Pat
 
 
     info = inspect_checkpoint(model_dir)
-    deltas = adapter_deltas(adapter_dir)
-    missing = sorted(set(deltas) - set(info.tensors))
-    if missing:
-        raise StageFailed(f"adapter weights {missing[:3]} have no tensor of that name in {model_dir}; the model's "
-                          "in-memory and on-disk names differ, so this adapter cannot be merged by name")
+    deltas = on_disk_names(adapter_deltas(adapter_dir), set(info.tensors), model_dir)
     for i, file in enumerate(info.files):
         ctx.stop_point()
         with safe_open(model_dir / file, "pt") as f:
