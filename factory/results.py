@@ -8,8 +8,45 @@ computed here so every part gets one, with or without a package stage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from factory import acceptance
+
+# ── what stations record: the keys of a checkpoint entry's metrics that the
+# line reads (here, for result.json) and the package station reads (for the
+# executed alloy). One vocabulary, one reader.
+MODEL_DIR = "model_dir"  # the model dir a stage wrote, relative to the work dir
+RESOLVED = "resolved"  # {camelCaseField: value}: what a station ran with for fields the alloy left out
+TOWERS_PROVED = "towers_proved"  # stations.towers' proof that non-text towers are unchanged
+# Where stations record a corpus or dataset they read: (key path to its
+# name, key path to its bare sha256 hex).
+CORPUS_RECORDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("corpus",), ("corpus_sha256",)),  # expert-activation-profile, prune
+    (("calibration", "ref"), ("calibration", "sha256")),  # compact
+    (("perplexity", "corpus"), ("perplexity", "corpus_sha256")),  # eval's perplexity benchmark
+    (("dataset", "ref"), ("dataset", "sha256")),  # train, lora, compensation-lora
+)
+
+
+def _at(metrics: dict, path: tuple[str, ...]) -> Any:
+    value: Any = metrics
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def corpus_records(stages: list[dict]) -> list[dict]:
+    """Every corpus and dataset a stage read, with the sha256 it measured:
+    [{"stage", "type", "ref", "sha256"}]."""
+    seen = []
+    for entry in stages:
+        metrics = entry.get("metrics") or {}
+        for name_path, hash_path in CORPUS_RECORDS:
+            digest = _at(metrics, hash_path)
+            if digest:
+                seen.append({"stage": entry["index"], "type": entry["type"], "ref": _at(metrics, name_path),
+                             "sha256": digest})
+    return seen
 
 
 def _newest(stages: list[dict], key: str):
@@ -35,7 +72,7 @@ def measurements(stages: list[dict]) -> tuple[list[dict], dict]:
 def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
     """The forged-model keys of result.json (docs/FACTORY-PROTOCOL.md §9)."""
     out: dict = {}
-    model_dir = _newest(stages, "model_dir")
+    model_dir = _newest(stages, MODEL_DIR)
     forged = work_dir / model_dir if model_dir else None
     if forged is not None:
         out["forged_dir"] = str(forged)
@@ -52,6 +89,9 @@ def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
         out["perplexity"] = perplexities
     if benchmarks:
         out["benchmarks"] = benchmarks
+    corpora = corpus_records(stages)
+    if corpora:
+        out["corpora"] = corpora
     handed_off = [{"index": s["index"], "type": s["type"], **s["handed_off"]} for s in stages if s.get("handed_off")]
     if handed_off:
         out["handed_off"] = handed_off

@@ -14,10 +14,10 @@ from typing import Any
 
 
 from factory.errors import StageFailed
+from factory.results import MODEL_DIR, TOWERS_PROVED
 from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES
 from factory.stages import StageContext, StageResult
 
-MODEL_DIR = "model_dir"
 
 
 def latest(ctx: StageContext, key: str) -> tuple[dict, Any] | None:
@@ -64,7 +64,7 @@ def model_result(ctx: StageContext, model_dir: Path, metrics: dict, *extra: Path
 
     proof = prove_towers(ctx, model_dir)
     if proof is not None:
-        metrics = {**metrics, "towers_proved": proof}
+        metrics = {**metrics, TOWERS_PROVED: proof}
     return StageResult(outputs=[model_dir, *extra],
                        metrics={MODEL_DIR: str(model_dir.relative_to(ctx.work_dir)), **metrics})
 

@@ -38,7 +38,8 @@ from factory.alloy import ContextExtendStage, TrainStage
 from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.stages import StageContext, StageResult
-from stations.base import MODEL_DIR, input_model_dir, model_result, output_model_dir
+from factory.results import MODEL_DIR
+from stations.base import input_model_dir, model_result, output_model_dir
 
 # alloy method (the schema's enum) -> transformers rope_type
 METHODS: dict[str, str] = {"yarn": "yarn", "linear": "linear", "ntk": "dynamic", "dynamic-ntk": "dynamic"}

@@ -576,6 +576,8 @@ def run_stage(ctx: StageContext) -> StageResult:
     metrics["headsPerLayer"] = {str(k): {"before": geo.heads, "after": len(v["heads"])} for k, v in kept.items()}
     metrics["towerTensorsCopied"] = sum(1 for name in info.tensors if family.tower_of(name))
     metrics["defragMode"] = "pad" if pad else "remove"
+    if params.corpus is not None:
+        metrics |= {"corpus": params.corpus.ref, "corpus_sha256": params.corpus.sha256}
     sidecar = ctx.stage_dir / SIDECAR
     sidecar.write_text(json.dumps({**metrics, "family": family.name, "sourceModelDir": str(model_dir),
                                    "corpus": _corpus_json(params.corpus),

@@ -67,6 +67,7 @@ from factory.durable import write_json
 from factory.errors import StageFailed
 from factory.integrity import sha256_file
 from factory.model_files import inspect_checkpoint
+from factory.results import RESOLVED
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
 from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, source_model_dir
@@ -640,7 +641,7 @@ def run_training(ctx: StageContext, mode: str, *, model_dir: Path | None = None)
                "mergeRequested": params.merge_requested, "quantized": quantized, "examples": len(examples),
                "learningRate": params.learning_rate, "modelParamsB": round(params.params_b, 6),
                "modelSizeFrom": params.size_source, "dataset": data.provenance(),
-               "resolved": resolved_fields(ctx, params, steps=steps, targets=tuple(targets), data=data)}
+               RESOLVED: resolved_fields(ctx, params, steps=steps, targets=tuple(targets), data=data)}
     if params.mode == "compensation":
         metrics |= {"teacher": params.teacher, "lossType": params.loss_type, "kdTemperature": params.kd_temperature}
     sidecar = ctx.stage_dir / SIDECAR

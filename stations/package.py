@@ -29,7 +29,6 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from adapters import family_for_config
 from factory.alloy import PackageStage
@@ -37,14 +36,13 @@ from factory.durable import write_bytes, write_json
 from factory.errors import StageFailed
 from factory.integrity import HASH_PREFIX, hash_model_dir, model_hash
 from factory.model_files import inspect_checkpoint
-from factory.results import measurements
+from factory.results import RESOLVED, corpus_records, measurements
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
 
 EXECUTED_ALLOY = "forge-alloy.json"
 EXTENSION_KEY = "forgeFactory"  # results.<this>: what only forge-factory records
-RESOLVED_KEY = "resolved"  # metrics[<this>]: {camelCaseField: value a station ran with}
 # Loading even a large model for one forward pass on CPU stays well inside this.
 SMOKE_TIMEOUT_SECONDS = 1800
 # Formats this station writes: a Hugging Face safetensors directory. Other
@@ -52,15 +50,6 @@ SMOKE_TIMEOUT_SECONDS = 1800
 # the converters.
 FORMATS = ("safetensors", "safetensors-defragged", "hf", "transformers")
 GiB = 2**30
-# Where stations record a corpus or dataset they read, in their metrics:
-# (key path to its name, key path to its bare sha256 hex).
-CORPUS_RECORDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("corpus",), ("corpus_sha256",)),  # expert-activation-profile
-    (("perplexity", "corpus"), ("perplexity", "corpus_sha256")),  # eval's perplexity benchmark
-    (("dataset", "ref"), ("dataset", "sha256")),  # train, lora, compensation-lora
-)
-
-
 def _place(src: Path, dst: Path) -> None:
     """Hard-link when possible (weights are never modified in place), else copy."""
     try:
@@ -84,28 +73,6 @@ def _ensure_generation_config(model_dir: Path) -> None:
     from transformers import AutoConfig, GenerationConfig
 
     GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(model_dir)
-
-
-def _at(metrics: dict, path: tuple[str, ...]) -> Any:
-    value: Any = metrics
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def corpus_hashes(previous: list[dict]) -> list[dict]:
-    """Every corpus and dataset an earlier stage read, with the sha256 it
-    measured, from the checkpoint (CORPUS_RECORDS says where each station
-    puts it)."""
-    seen = []
-    for entry in previous:
-        metrics = entry.get("metrics") or {}
-        for name_path, hash_path in CORPUS_RECORDS:
-            digest = _at(metrics, hash_path)
-            if digest:
-                seen.append({"stage": entry["index"], "type": entry["type"], "ref": _at(metrics, name_path),
-                             "sha256": digest})
-    return seen
 
 
 def reference_benchmarks(benchmarks: dict) -> list[dict]:
@@ -163,7 +130,7 @@ def executed_stages(ctx: StageContext) -> list[dict]:
     station reports it resolved and ran with (in the form the alloy would
     write them, e.g. learningRate as a string); stages without a checkpoint
     entry (handed off, or after this one) as they were."""
-    resolved = {e["index"]: (e.get("metrics") or {}).get(RESOLVED_KEY) or {} for e in ctx.previous}
+    resolved = {e["index"]: (e.get("metrics") or {}).get(RESOLVED) or {} for e in ctx.previous}
     return [{**stage, **resolved.get(i, {})} for i, stage in enumerate(ctx.alloy["stages"])]
 
 
@@ -231,7 +198,7 @@ def run_stage(ctx: StageContext) -> StageResult:
         "fileHashes": [{"filename": n, "sha256": h, "size": (out / n).stat().st_size} for n, h in sorted(hashes.items())],
         "modelHash": model_hash(hashes),
         "alloyHash": ctx.alloy_hash,
-        "calibrationCorpora": corpus_hashes(ctx.previous),
+        "calibrationCorpora": corpus_records(ctx.previous),
     }
     results = _collect_results(ctx, info, family, plan)
     ctx.progress(2, 4, "step")

@@ -326,7 +326,8 @@ def test_full_cold_tier_is_an_out_of_room_condition(tiny_dir: Path, tmp_path: Pa
     config = _cold(tmp_path, min_free_gb=free_gb + 1000)
     monkeypatch.setattr(loader, "measure_node_memory", lambda **_: _spilling_memory(tiny_dir))
     root = make_root(tmp_path / "root")
-    ctx = replace(make_ctx(root, {"stages": [{"type": "eval"}]}, 0, base="full"), config=config)
+    ctx = replace(make_ctx(root, {"name": "b", "version": "1", "source": {"baseModel": "models/m", "architecture": "llama"},
+                                  "stages": [{"type": "eval", "benchmarks": [{"name": "perplexity"}]}]}, 0, base="full"), config=config)
     with pytest.raises(OSError) as err:
         loader.load(ctx, tiny_dir)
     assert err.value.errno == errno.ENOSPC and "storage.cold[0].min_free_gb" in str(err.value)

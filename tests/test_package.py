@@ -19,7 +19,8 @@ from factory.errors import StageFailed
 from factory.integrity import hash_model_dir, model_hash, verify_path
 from factory.nodeconfig import NodeConfig
 from factory.integrity import sha256_file
-from stations.package import corpus_hashes, executed_stages, reference_benchmarks
+from factory.results import corpus_records
+from stations.package import executed_stages, reference_benchmarks
 from tests.linekit import make_root
 from tests.stationkit import Reports, make_ctx, run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
@@ -103,13 +104,13 @@ def test_resolved_values_are_merged_into_their_stage(pkg_root):
     assert stages[0] == a["stages"][0] and stages[2:] == a["stages"][2:]
 
 
-def test_corpus_hashes_read_what_the_stations_write():
+def test_corpus_records_read_what_the_stations_write():
     digest = "ab" * 32
     previous = [_entry(0, "expert-activation-profile", corpus="calib", corpus_sha256=digest),
                 _entry(1, "train", dataset={"ref": "data/x.jsonl", "path": "/r/data/x.jsonl", "sha256": digest}),
                 _entry(2, "eval", perplexity={"corpus": "held", "corpus_sha256": digest}),
                 _entry(3, "expert-prune", kept=8)]
-    assert [(c["stage"], c["ref"]) for c in corpus_hashes(previous)] == [(0, "calib"), (1, "data/x.jsonl"),
+    assert [(c["stage"], c["ref"]) for c in corpus_records(previous)] == [(0, "calib"), (1, "data/x.jsonl"),
                                                                         (2, "held")]
 
 
