@@ -11,9 +11,9 @@ import pytest
 
 from factory.alloy import STAGE_TYPES, Alloy
 from factory.catalog import CATALOG, FORGE, REFUSED, SHIP, copies_written, kind_of, load_station
+from tests.shared_corpus import ALLOYS as CORPUS
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus" / "alloys"
 
 
 def test_every_schema_type_has_a_row_and_every_forge_row_a_station() -> None:
@@ -72,3 +72,41 @@ print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('stations'
 
 def test_ship_rows_are_the_hand_offs() -> None:
     assert sorted(t for t, k in CATALOG.items() if k.role == SHIP) == ["deliver", "deploy", "publish"]
+
+
+def _gate(tmp_path: Path, *stages: dict, config: dict | None = None) -> list:
+    from factory.nodeconfig import NodeConfig
+    from factory.plan import quick_findings
+
+    alloy = Alloy.model_validate({"name": "g", "version": "1", "stages": list(stages),
+                                  "source": {"baseModel": "acme/model", "architecture": "llama"}})
+    return quick_findings(alloy, root=tmp_path, config=NodeConfig.model_validate(config or {}))
+
+
+def test_gate_refuses_a_dataset_not_on_the_node_and_accepts_a_mapped_one(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hub"))
+    found = _gate(tmp_path, {"type": "train", "dataset": "acme/missing"})
+    assert [f.path for f in found] == ["$.stages[0].dataset"] and "acme/missing" in f"{found[0].fix}{found[0]}"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.jsonl").write_text('{"text": "x"}\n')
+    assert _gate(tmp_path, {"type": "train", "dataset": "acme/missing"},
+                 config={"datasets": {"acme/missing": "data/m.jsonl"}}) == []
+    # A domain goes through [domains]: refused while its dataset is nowhere.
+    found = _gate(tmp_path, {"type": "train", "domain": "general"})
+    assert [f.path for f in found] == ["$.stages[0].domain"]
+
+
+def test_gate_refuses_router_strategies_for_head_pruning(tmp_path: Path) -> None:
+    found = _gate(tmp_path, {"type": "prune", "strategy": "calibration-aware-activation-count", "level": 0.2})
+    assert [f.path for f in found] == ["$.stages[0].strategy"] and "expert-prune" in found[0].fix
+
+
+def test_gate_refuses_a_benchmark_without_data(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("HUMANEVAL_OVERRIDE_PATH", raising=False)
+    found = _gate(tmp_path, {"type": "eval", "benchmarks": [{"name": "humaneval+"}]})
+    assert [f.path for f in found] == ["$.stages[0].benchmarks[0].name"]
+    assert "humaneval_plus" in found[0].message
