@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from factory.errors import StageFailed
 from factory.results import MODEL_DIR, TOWERS_PROVED
-from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES
+from factory.durable import write_json
+from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, CheckpointInfo
 from factory.stages import StageContext, StageResult
 
 
@@ -93,3 +94,33 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
+
+
+def rewrite_shards(ctx: StageContext, info: CheckpointInfo, out_dir: Path,
+                   transform: Callable[[str, Any], Any]) -> tuple[int, int]:
+    """Copy every shard of `info`'s checkpoint to `out_dir` with
+    `transform(name, tensor)` applied, one shard in memory at a time, and an
+    index whose total_size is what was written; returns (parameters, bytes)."""
+    import copy
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    params, size = 0, 0
+    for i, file in enumerate(info.files):
+        ctx.stop_point()
+        tensors = {}
+        with safe_open(info.model_dir / file, "pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            for name in f.keys():
+                t = transform(name, f.get_tensor(name))
+                tensors[name] = t
+                params += t.numel()
+                size += t.numel() * t.element_size()
+        save_file(tensors, out_dir / file, metadata=metadata)
+        ctx.progress(i + 1, len(info.files), "files")
+    if info.index is not None:
+        index = copy.deepcopy(info.index)
+        index.setdefault("metadata", {})["total_size"] = size
+        write_json(out_dir / INDEX_FILE, index)
+    return params, size

@@ -45,16 +45,17 @@ from factory.catalog import kind_of
 from factory.datasets import TRAINING_TYPES, ResolvedDataset, training_dataset
 from factory.durable import write_json
 from factory.errors import StageFailed
-from factory.model_files import INDEX_FILE, CheckpointInfo, inspect_checkpoint
+from factory.model_files import CheckpointInfo, inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
-from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir
+from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, rewrite_shards
 from stations.head_prune import (
     CALIBRATION_BLOCK_TOKENS,
     ContributionMeter,
     Geometry,
     HeadPlan,
     Slice,
+    apply_slice,
     layer_slices,
     pruned_config,
     read_geometry,
@@ -433,42 +434,19 @@ def channel_blocks(family: Family, layer: int, tiers: list[str], kept: list[int]
 # ── writing ─────────────────────────────────────────────────────────────────
 
 
-def _index(cut: Slice) -> Any:
-    import torch
-
-    return torch.cat([torch.arange(b * cut.width, (b + 1) * cut.width) for b in cut.blocks])
-
-
 def write_compacted(ctx: StageContext, info: CheckpointInfo, out_dir: Path, slices: dict[str, Slice],
                     quant: dict[str, list[QuantBlock]]) -> tuple[int, int, dict[str, TierError]]:
     """Copy every shard, rounding `quant` blocks and then cutting `slices`,
     one shard in memory at a time; every other tensor is copied as it is.
     Returns (parameters written, bytes of tensor data, error per tier)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    params, size = 0, 0
     errors: dict[str, TierError] = {}
-    for i, file in enumerate(info.files):
-        ctx.stop_point()
-        tensors = {}
-        with safe_open(info.model_dir / file, "pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name in quant:
-                    t = apply_blocks(t, quant[name], errors)
-                if name in slices:
-                    t = t.index_select(slices[name].dim, _index(slices[name])).contiguous()
-                tensors[name] = t
-                params += t.numel()
-                size += t.numel() * t.element_size()
-        save_file(tensors, out_dir / file, metadata=metadata)
-        ctx.progress(i + 1, len(info.files), "files")
-    if info.index is not None:
-        index = copy.deepcopy(info.index)
-        index.setdefault("metadata", {})["total_size"] = size
-        write_json(out_dir / INDEX_FILE, index)
+
+    def transform(name: str, t: Any) -> Any:
+        if name in quant:
+            t = apply_blocks(t, quant[name], errors)
+        return apply_slice(t, slices[name], pad=False) if name in slices else t
+
+    params, size = rewrite_shards(ctx, info, out_dir, transform)
     return params, size, errors
 
 

@@ -71,7 +71,7 @@ from factory.model_files import CheckpointInfo, inspect_checkpoint
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
 from factory.support import HEAD_PRUNE_REFUSED, HEAD_PRUNE_REFUSED_FIX
-from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir
+from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, rewrite_shards
 
 FALLBACK_STRATEGY = "magnitude"
 """What a calibration strategy runs when the alloy names no corpus."""
@@ -450,30 +450,10 @@ def select_heads(scores: list[float], geo: Geometry, plan: HeadPlan) -> tuple[li
 
 def write_sliced_checkpoint(ctx: StageContext, info: CheckpointInfo, out_dir: Path,
                             slices: dict[str, Slice], *, pad: bool = False) -> int:
-    """Copy every shard with `slices` applied (removed, or zeroed with `pad`),
-    one shard in memory at a time; returns the parameter count written."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    params, sizes = 0, 0
-    for i, file in enumerate(info.files):
-        ctx.stop_point()
-        tensors = {}
-        with safe_open(info.model_dir / file, "pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name in slices:
-                    t = apply_slice(t, slices[name], pad=pad)
-                tensors[name] = t
-                params += t.numel()
-                sizes += t.numel() * t.element_size()
-        save_file(tensors, out_dir / file, metadata=metadata)
-        ctx.progress(i + 1, len(info.files), "files")
-    if info.index is not None:
-        index = copy.deepcopy(info.index)
-        index.setdefault("metadata", {})["total_size"] = sizes
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    """Copy every shard with `slices` applied (removed, or zeroed with `pad`);
+    returns the parameter count written."""
+    params, _ = rewrite_shards(ctx, info, out_dir, lambda name, t: apply_slice(t, slices[name], pad=pad)
+                               if name in slices else t)
     return params
 
 

@@ -190,7 +190,7 @@ def test_plan_refuses_unknown_benchmarks_and_quant_this_node_cannot_do(root, tmp
     problems = json.loads((root / "line/rework/q.error.json").read_text())["problems"]
     paths = {p["path"]: p["message"] for p in problems}
     assert "unknown benchmark 'no-such-bench'" in paths["$.stages[0].benchmarks[1].name"]
-    assert "convert_hf_to_gguf.py" in paths["$.stages[1]"]
+    assert "convert_hf_to_gguf.py" in paths["$.stages[1].format"]
 
 
 def test_score_humaneval_reproduces_a_published_figure():
