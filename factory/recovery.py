@@ -114,6 +114,16 @@ def _recover(line: Line, part: Part) -> str:
         moved = transitions.cancel_waiting(line, part)
         return f"cancelled {part.base!r} as asked: {moved.station}/{moved.path.name}"
     stage, done = _last_stage(line, part)
+    pending = _recorded_retry(part)
+    if pending is not None:
+        # The worker recorded an infrastructure failure (error.json names the
+        # next retry) and died before renaming the part: finish that move, so
+        # the retry it recorded is the one the part carries.
+        with line.locked():
+            moved = line.move(part, "intake", name=part.name.with_retry(pending))
+        line.events.emit("part/recovered", part.base, retry=pending, stage=stage, retry_spent=True,
+                         reason=f"{INTERRUPTED_MESSAGE}, after it recorded a failure; completing that retry")
+        return f"recovered {part.base!r} to {moved.station}/{moved.path.name} (the retry it had recorded)"
     before = line.ticket(part).get("interrupted")
     before = before if isinstance(before, dict) and isinstance(before.get("stages_done"), int) else {}
     progressed = not before or done > before["stages_done"]
@@ -126,6 +136,21 @@ def _recover(line: Line, part: Part) -> str:
             line, part, stage=stage, kind="part/recovered",
             message=f"{INTERRUPTED_MESSAGE}, again without finishing a stage since the last time")
     return f"recovered {part.base!r} to {moved.station}/{moved.path.name}"
+
+
+def _recorded_retry(part: Part) -> int | None:
+    """The retry an infrastructure failure wrote into this part's error.json
+    without the rename that goes with it (transitions.infrastructure_failure
+    writes the record, then renames), else None."""
+    try:
+        record = part.read_sidecar(ERROR)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("class") != "infrastructure" or record.get("waiting_for_room"):
+        return None
+    retries = record.get("retries")
+    return retries if isinstance(retries, int) and not isinstance(retries, bool) and \
+        retries == part.name.retry + 1 else None
 
 
 def _last_stage(line: Line, part: Part) -> tuple[dict | None, int]:

@@ -25,7 +25,7 @@ import pytest
 
 from factory.events import utc_now
 from tests.linekit import (
-    child_pids, drop_by_rename, events, factory, fill_disk, make_root, selftest_alloy,
+    child_pids, drop_by_rename, events, factory, fill_disk, line, make_root, selftest_alloy,
     start_logged_daemon, stop, tmpfs, wait_for, where, write_alloy,
 )
 
@@ -471,3 +471,23 @@ def test_stage_hitting_enospc_waits_for_room_without_spending_a_retry(root, tmp_
             _stop_cleanly(d, log)
         finally:
             _kill(d)
+
+
+def test_a_worker_killed_between_recording_a_retry_and_renaming_completes_that_retry(root, tmp_path):
+    """transitions.infrastructure_failure writes error.json (retries N+1),
+    then renames the part; a SIGKILL between the two left a retry-0 part
+    carrying a retry-1 record. Recovery completes the rename instead of
+    resuming it as retry 0 (found by tests/test_chaos.py)."""
+    from factory import durable, recovery
+    from factory.protocol import ERROR
+
+    assert factory("enqueue", str(write_alloy(tmp_path / "k.alloy.json", selftest_alloy())),
+                   root=root).returncode == 0
+    ln = line(root)
+    part = ln.move(ln.parts("intake")[0], "assembly")
+    durable.write_json(part.sidecar_path(ERROR), {"class": "infrastructure", "retries": 1, "message": "killed",
+                                                  "stage": None, "history": []})
+    recovery.sweep(ln)
+    assert where(root)["k"] == [("intake", 1)]
+    assert factory("run", "--until-empty", root=root, timeout=120).returncode == 0
+    assert where(root)["k"] == [("finished", 1)]
