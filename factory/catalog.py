@@ -63,12 +63,6 @@ def _one(stage: Stage) -> float:
     return 1.0
 
 
-def _merged(stage: Stage) -> float:
-    """An adapter stage saves a full merged copy when it merges, and the
-    unmerged base with its adapter otherwise: a whole model either way."""
-    return 1.0
-
-
 # A quantized type is at most ~8.5 bits a weight (Q8_0): about 0.55 of the
 # 16-bit model. GGUF also writes the f16 conversion it quantizes from.
 _QUANT_TYPE_FRACTION = 0.55
@@ -123,8 +117,10 @@ _ROWS = (
     StageKind("prune", FORGE, "stations.head_prune:run_stage", _one, corpus_keys=_CORPUS,
               probe="factory.support:prune_problems"),
     StageKind("train", FORGE, "stations.lora:run_train", _one, dataset_keys=_TRAINING),
-    StageKind("lora", FORGE, "stations.lora:run_lora", _merged, dataset_keys=_TRAINING),
-    StageKind("compensation-lora", FORGE, "stations.lora:run_compensation", _merged, corpus_keys=_CORPUS,
+    # An adapter stage saves a whole model either way: merged, or the base
+    # beside its adapter.
+    StageKind("lora", FORGE, "stations.lora:run_lora", _one, dataset_keys=_TRAINING),
+    StageKind("compensation-lora", FORGE, "stations.lora:run_compensation", _one, corpus_keys=_CORPUS,
               dataset_keys=("dataset", "calibrationDataset")),
     StageKind("compact", FORGE, "stations.compact:run_stage", _one, corpus_keys=_CORPUS),
     StageKind("context-extend", FORGE, "stations.context_extend:run_stage", _one,

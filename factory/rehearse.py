@@ -98,9 +98,7 @@ class Rehearsal:
     message: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["stages"] = [{k: v for k, v in asdict(s).items()} for s in self.stages]
-        return data
+        return asdict(self)
 
 
 # ── stand-in data ──────────────────────────────────────────────────────────

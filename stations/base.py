@@ -70,19 +70,6 @@ def model_result(ctx: StageContext, model_dir: Path, metrics: dict, *extra: Path
                        metrics={MODEL_DIR: str(model_dir.relative_to(ctx.work_dir)), **metrics})
 
 
-def stage_field(ctx: StageContext, *names: str, default: Any = None, required: bool = False) -> Any:
-    """TRANSITIONAL (removed once every station reads typed fields): the
-    first of `names` the alloy set in the stage."""
-    given = ctx.stage.model_dump(by_alias=True, exclude_unset=True)
-    for name in names:
-        if given.get(name) is not None:
-            return given[name]
-    if required:
-        raise StageFailed(f"stage {ctx.index} ({ctx.stage.type}) needs {names[0]!r}; "
-                          f"add it to $.stages[{ctx.index}]")
-    return default
-
-
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Tokenizer, generation config and the like, verbatim: every plain
     top-level file except weights, the index and config.json (stations that

@@ -39,13 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters import family_for_config
 from adapters.schema import Family, render, template_regex
 from factory.catalog import kind_of
 from factory.datasets import TRAINING_TYPES, ResolvedDataset, training_dataset
 from factory.durable import write_json
 from factory.errors import StageFailed
-from factory.model_files import CheckpointInfo, inspect_checkpoint
+from factory.model_files import CheckpointInfo
 from factory.stages import StageContext, StageResult
 from stations import corpus as corpus_mod
 from stations.base import copy_side_files, input_model_dir, model_result, output_model_dir, rewrite_shards
@@ -58,7 +57,7 @@ from stations.head_prune import (
     apply_slice,
     layer_slices,
     pruned_config,
-    read_geometry,
+    read_checkpoint,
 )
 
 SIDECAR = "compact.json"
@@ -620,11 +619,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     quantize = ctx.stage.enable_quantization
     text = calibration_text(ctx)
     model_dir = input_model_dir(ctx)
-    info = inspect_checkpoint(model_dir)
-    if not info.tensors:
-        raise StageFailed(f"{model_dir} has no safetensors weights; compact reads safetensors only")
-    family = family_for_config(info.config)
-    geo = read_geometry(family, info.config)
+    info, family, geo = read_checkpoint(model_dir, "compact")
     mlp_layers, mlp_width = dense_mlp_layers(family, info.config, info)
     # 2. importance on calibration text
     imp = measure_importance(ctx, info, family, geo, mlp_layers, text, ctx.stage.analysis_steps)

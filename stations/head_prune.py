@@ -524,15 +524,21 @@ def head_scores(ctx: StageContext, params: PruneParams, info: CheckpointInfo, fa
     return magnitude_scores(info, family, geo), 0
 
 
+def read_checkpoint(model_dir: Path, who: str) -> tuple[CheckpointInfo, Family, Geometry]:
+    """The input checkpoint's headers, its family and attention geometry;
+    `who` (the station) is refused a checkpoint without safetensors."""
+    info = inspect_checkpoint(model_dir)
+    if not info.tensors:
+        raise StageFailed(f"{model_dir} has no safetensors weights; {who} reads safetensors only")
+    family = family_for_config(info.config)
+    return info, family, read_geometry(family, info.config)
+
+
 def run_stage(ctx: StageContext) -> StageResult:
     # 1. parameters and the input checkpoint (headers only)
     params = read_params(ctx)
     model_dir = input_model_dir(ctx)
-    info = inspect_checkpoint(model_dir)
-    if not info.tensors:
-        raise StageFailed(f"{model_dir} has no safetensors weights; head pruning reads safetensors only")
-    family = family_for_config(info.config)
-    geo = read_geometry(family, info.config)
+    info, family, geo = read_checkpoint(model_dir, "head pruning")
     pad = params.pad or family.attention.fixed_head_count  # fewer heads would not load: zero them
     # 2. counts
     plan = plan_counts(geo, level=params.level, min_heads=params.min_heads, min_kv_heads=params.min_kv_heads)
