@@ -9,7 +9,8 @@
 #
 # Steps: system user `forge`; venv (CPU-only torch first on nodes without an
 # NVIDIA GPU); the package from this checkout; the factory root (`factory
-# init`, as forge); the service's environment file (mode 0600, root only: it
+# init`, as forge); the GGUF tools (bootstrap/format-tools.sh: llama.cpp
+# built for this CPU, cached after the first build); the service's environment file (mode 0600, root only: it
 # holds HF_TOKEN); the systemd unit (+ a drop-in making cold tiers writable);
 # a `factory` wrapper in /usr/local/bin; daemon-reload; enable --now.
 #
@@ -33,6 +34,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROOT="${FACTORY_ROOT:-/srv/factory}"
 PREFIX="/opt/forge-factory"
 START=1
+GGUF=1
 DRY_RUN=0
 SVC_USER="${FORGE_USER:-forge}"
 UNIT_DIR="${FORGE_UNIT_DIR:-/etc/systemd/system}"
@@ -51,6 +53,7 @@ Options:
   --root DIR     factory root to create and serve (default: \$FACTORY_ROOT or /srv/factory)
   --prefix DIR   install prefix; the venv goes to DIR/venv (default: /opt/forge-factory)
   --no-start     install and enable nothing to run: skip 'systemctl enable --now'
+  --no-gguf      skip the GGUF tools (llama.cpp is compiled on first install: minutes)
   --dry-run      print every step and what it would run; change nothing
   -h, --help     this text
 EOF
@@ -63,6 +66,7 @@ while [[ $# -gt 0 ]]; do
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
         --prefix=*) PREFIX="${1#*=}"; shift ;;
         --no-start) START=0; shift ;;
+        --no-gguf) GGUF=0; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -171,6 +175,14 @@ else
     printf '%s\n' "$FINGERPRINT" >"$TMP/stamp"
     run install -m 0644 "$TMP/stamp" "$STAMP"
     CHANGED=1
+fi
+step "GGUF tools (llama.cpp)"
+if [[ $GGUF -eq 0 ]]; then
+    note "skipped (--no-gguf): quant stages in gguf are refused at plan time on this node"
+elif [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -m stations.llama_cpp_runtime selftest >/dev/null 2>&1; then
+    note "installed and working (a tiny model converted, quantized and run)"
+else
+    run env PYTHON="$VENV/bin/python" "$REPO/bootstrap/format-tools.sh"
 fi
 cp "$REPO/docs/OPERATOR.md" "$TMP/OPERATOR.md" 2>/dev/null && \
     install_file "$TMP/OPERATOR.md" "$PREFIX/docs/OPERATOR.md" 0644 || true

@@ -157,7 +157,8 @@ def forge_types() -> list[str]:
     return sorted(t for t, k in CATALOG.items() if k.role == FORGE)
 
 
-def _resolve(spec: str) -> Callable:
+def resolve(spec: str) -> Callable:
+    """The callable a "module:function" string names (imports the module)."""
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -170,13 +171,13 @@ def load_station(stage_type: str) -> Callable:
         what = "is handed to the ship role" if kind.role == SHIP else kind.reason
         raise StageFailed(f"stage type {stage_type!r} {what}; no station runs it here "
                           f"(stations: {', '.join(forge_types())})")
-    return _resolve(kind.station)
+    return resolve(kind.station)
 
 
 def unsupported(stage: Stage, env: ProbeEnv) -> list[Unsupported]:
     """What the stage's support probe says this node lacks (empty: it can run)."""
     kind = kind_of(stage.type)
-    return list(_resolve(kind.probe)(stage, env)) if kind.probe else []
+    return list(resolve(kind.probe)(stage, env)) if kind.probe else []
 
 
 def copies_written(stages: list[Stage]) -> float:
@@ -192,14 +193,24 @@ def copies_written(stages: list[Stage]) -> float:
 class QuantFormat:
     probe: str  # "module:function" () -> reason | None, no torch
     maker: str | None  # "module:function" (ctx, src, out) -> metrics; None: cannot be made here yet
+    # "module:function" (path) -> stations.runtime.Runtime: the format's own
+    # runtime, for a format transformers does not load (None: eval loads the
+    # quant stage's output dir with transformers, as any model dir).
+    reader: str | None = None
+    # "module:function" (config.json dict) -> reason | None, no torch: a
+    # model this format's converter cannot take (its architecture), asked at
+    # plan time with the source's config (or its family's names).
+    model_probe: str | None = None
 
 
 QUANT_FORMATS: dict[str, QuantFormat] = {
-    "safetensors": QuantFormat("factory.quant_support:bnb_problem", "stations.quant:make_bnb4"),
-    "bnb-nf4": QuantFormat("factory.quant_support:bnb_problem", "stations.quant:make_bnb4"),
-    "bnb-4bit": QuantFormat("factory.quant_support:bnb_problem", "stations.quant:make_bnb4"),
-    "gguf": QuantFormat("factory.quant_support:gguf_problem", "stations.quant:make_gguf"),
-    "mlx": QuantFormat("factory.quant_support:mlx_problem", None),
+    "safetensors": QuantFormat("factory.quant_support:bnb_problem", "stations.quant_bnb:make_bnb4"),
+    "bnb-nf4": QuantFormat("factory.quant_support:bnb_problem", "stations.quant_bnb:make_bnb4"),
+    "bnb-4bit": QuantFormat("factory.quant_support:bnb_problem", "stations.quant_bnb:make_bnb4"),
+    "gguf": QuantFormat("factory.quant_support:gguf_problem", "stations.quant_gguf:make_gguf",
+                        "stations.llama_cpp_runtime:open_gguf", "factory.quant_support:gguf_model_problem"),
+    "mlx": QuantFormat("factory.quant_support:mlx_problem", "stations.quant_mlx:make_mlx",
+                       "stations.mlx_runtime:open_mlx", "factory.quant_support:mlx_model_problem"),
     "onnx": QuantFormat("factory.quant_support:onnx_problem", None),
 }
 
@@ -210,7 +221,20 @@ def quant_maker(fmt: str) -> Callable:
     if row is None or row.maker is None:
         raise StageFailed(f"quant format {fmt!r} cannot be made on this node: "
                           f"{format_problem(fmt) or 'no maker is registered'}")
-    return _resolve(row.maker)
+    return resolve(row.maker)
+
+
+def artifact_formats() -> tuple[str, ...]:
+    """Quant formats written as artifacts that a runtime of their own reads
+    (gguf, mlx): eval measures them, package ships them."""
+    return tuple(f for f, row in QUANT_FORMATS.items() if row.reader is not None)
+
+
+def model_problem(fmt: str, config: dict) -> str | None:
+    """Why quant format `fmt`'s converter cannot take a model with this
+    config.json (None when it can, or the format has no such limit)."""
+    row = QUANT_FORMATS.get(fmt)
+    return resolve(row.model_probe)(config) if row is not None and row.model_probe else None
 
 
 def format_problem(fmt: str) -> str | None:
@@ -218,7 +242,7 @@ def format_problem(fmt: str) -> str | None:
     row = QUANT_FORMATS.get(fmt)
     if row is None:
         return f"quant format {fmt!r} is unknown; known: {', '.join(sorted(QUANT_FORMATS))}"
-    reason = _resolve(row.probe)()
+    reason = resolve(row.probe)()
     if reason is None and row.maker is None:
         reason = f"this factory has no writer for quant format {fmt!r} yet, though this node has its tooling"
     return reason

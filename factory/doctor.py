@@ -109,7 +109,20 @@ def run_checks(root: Path) -> list[Check]:
         checks.append(Check("line", "ok", f"{line.layout.line}: stations on one filesystem"))
     except FactoryError as err:
         checks.append(Check("line", "fail", str(err)))
-    checks += [_inotify(), _systemd(), _sandbox()]
+    checks += [_inotify(), _systemd(), _sandbox(), *_formats()]
+    return checks
+
+
+def _formats() -> list[Check]:
+    """Each quant format: can this node write it, and if not, what provides
+    it (the same probes the plan asks; package metadata, no imports)."""
+    from factory.catalog import QUANT_FORMATS, format_problem
+
+    checks = []
+    for fmt in QUANT_FORMATS:
+        why = format_problem(fmt)
+        checks.append(Check(f"quant {fmt}", "ok" if why is None else "warn",
+                            "available" if why is None else f"refused at plan time: {why}"))
     return checks
 
 

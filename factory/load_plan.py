@@ -15,19 +15,41 @@ Strategies, tried in order (first that fits wins):
                          quantization error, fine for profiling/eval.
 ``gpu-4bit-cpu-offload`` NF4 on the GPU, the overflow kept on the CPU in fp32
                          (bitsandbytes' ``llm_int8_enable_fp32_cpu_offload``).
+``cpu``                  bf16 in RAM, no usable GPU. Slowest compute, exact.
+``cpu-4bit``             NF4 in RAM, no usable GPU: the model does not fit RAM
+                         in bf16 but does as NF4 (bitsandbytes >= 0.46
+                         quantizes and multiplies on the CPU). Quantization
+                         error, like ``gpu-4bit``; no disk traffic.
 ``streaming``            bf16 with accelerate ``device_map="auto"`` and
                          ``max_memory``; what fits nowhere goes to an
                          ``offload_folder`` on the cold tier. Slow, exact.
-``cpu``                  bf16 in RAM, no usable GPU. Slowest compute, exact.
 ``refuse``               nothing fits; ``reason`` says by how much.
 =======================  =====================================================
+
+There is no CPU "4-bit + disk offload": transformers leaves every module it
+dispatches to the CPU or disk unquantized in fp32 under bitsandbytes, so
+such a plan would hold more bytes than ``streaming`` in bf16, and be inexact.
+
+A stage that trains through a 4-bit base (QLoRA, ``quantizeBits: 4``) asks
+with ``require_4bit``: only the 4-bit strategies are tried, on the GPU or,
+without a usable one, the CPU.
+
+What NF4 leaves unquantized is sized from the checkpoint (``nf4_bytes``):
+bitsandbytes replaces only ``nn.Linear`` layers, and transformers >= 5 holds
+a MoE's routed experts as fused ``[E, ...]`` parameters, not Linear layers,
+so on a MoE most of the weights stay 16-bit under every 4-bit plan.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:  # both torch-free; imported for annotations only
+    from adapters.schema import Family
+    from factory.model_files import CheckpointInfo
 
 GIB = 1024**3
 
@@ -68,7 +90,8 @@ STREAMING_MIN_RESIDENT_FRACTION = 0.5
 VRAM + RAM. Below it every forward pass re-reads most of the model from
 disk: hours per calibration pass, so refusing is kinder."""
 
-Strategy = Literal["gpu-fp16", "gpu-4bit", "gpu-4bit-cpu-offload", "streaming", "cpu", "refuse"]
+Strategy = Literal["gpu-fp16", "gpu-4bit", "gpu-4bit-cpu-offload", "cpu", "cpu-4bit", "streaming", "refuse"]
+FOUR_BIT_STRATEGIES: frozenset[str] = frozenset({"gpu-4bit", "gpu-4bit-cpu-offload", "cpu-4bit"})
 
 
 @dataclass(frozen=True)
@@ -124,31 +147,56 @@ def decide_load_plan(
     has_cold_tier: bool,
     cuda_available: bool,
     bnb_available: bool,
+    nf4_bytes: int | None = None,
+    require_4bit: bool = False,
 ) -> LoadPlan:
     """Pick the fastest exact-enough way to load a model, or refuse.
 
     ``model_bytes`` is the weights' size at 16 bits per parameter
     (``CheckpointInfo.bytes_at_16bit``; equal to ``total_bytes`` for a
     bf16/fp16 checkpoint). ``free_vram_bytes`` is None when unknown.
+    ``bnb_available``: bitsandbytes can quantize on this node
+    (``factory.quant_support.bnb_problem() is None``). ``nf4_bytes``: the
+    weights once loaded as NF4 (``nf4_size``); without it, the whole model
+    at ``NF4_SIZE_RATIO``, right for dense models only. ``require_4bit``:
+    only a 4-bit strategy will do (QLoRA), whatever else would fit.
     """
     for name, value in (("model_bytes", model_bytes), ("free_ram_bytes", free_ram_bytes),
-                        ("free_vram_bytes", free_vram_bytes or 0)):
+                        ("free_vram_bytes", free_vram_bytes or 0), ("nf4_bytes", nf4_bytes or 0)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     has_gpu = cuda_available and free_vram_bytes is not None
     b = _Budget(
         model=model_bytes / GIB,
-        nf4=model_bytes / GIB * NF4_SIZE_RATIO,
+        nf4=(model_bytes * NF4_SIZE_RATIO if nf4_bytes is None else nf4_bytes) / GIB,
         vram=usable_vram_gib(free_vram_bytes) if has_gpu else 0.0,
         ram=usable_ram_gib(free_ram_bytes),
         free_vram=free_vram_bytes / GIB if free_vram_bytes is not None else None,
         free_ram=free_ram_bytes / GIB,
     )
+    if require_4bit:
+        return _four_bit_only(b, has_gpu, bnb_available)
     if has_gpu:
         plan = _gpu_fp16(b) or (_gpu_4bit(b) or _gpu_4bit_offload(b) if bnb_available else None)
         if plan:
             return plan
-    return _cpu(b, has_gpu) or _streaming(b, has_cold_tier) or _refuse(b, has_gpu, bnb_available, has_cold_tier)
+    return (_cpu(b, has_gpu) or (_cpu_4bit(b, has_gpu) if bnb_available else None)
+            or _streaming(b, has_cold_tier) or _refuse(b, has_gpu, bnb_available, has_cold_tier))
+
+
+def _four_bit_only(b: _Budget, has_gpu: bool, bnb_available: bool) -> LoadPlan:
+    """The first 4-bit strategy that fits; the CPU one even beside a usable
+    GPU, since nothing else is allowed."""
+    if not bnb_available:
+        return _plan(b, "refuse", f"a 4-bit load of the {b.model:.2f} GiB model was requested, but bitsandbytes "
+                                  "cannot quantize on this node")
+    plan = (_gpu_4bit(b) or _gpu_4bit_offload(b)) if has_gpu else None
+    plan = plan or _cpu_4bit(b, has_gpu=False)
+    if plan is not None:
+        return plan
+    gpu = f"{b.vram:.2f} GiB usable VRAM, " if has_gpu else ""
+    return _plan(b, "refuse", f"a 4-bit load of the {b.model:.2f} GiB model was requested, and its {b.nf4:.2f} GiB "
+                              f"as NF4 fit neither {gpu}{b.ram:.2f} GiB usable RAM; run it on a larger node")
 
 
 def _plan(b: _Budget, strategy: Strategy, reason: str, *, quantization: Literal["nf4"] | None = None,
@@ -203,6 +251,17 @@ def _cpu(b: _Budget, has_gpu: bool) -> LoadPlan | None:
                  max_memory={"cpu": _gib(b.ram)})
 
 
+def _cpu_4bit(b: _Budget, has_gpu: bool) -> LoadPlan | None:
+    """NF4 in RAM, for nodes whose GPU (if any) holds too little to help."""
+    if b.nf4 > b.ram or (has_gpu and b.vram >= MIN_GPU_WEIGHTS_GIB):
+        return None
+    gpu = "no usable GPU" if not has_gpu else f"only {b.vram:.2f} GiB usable VRAM"
+    fit = "exceeds" if b.model > b.ram else "fits"
+    return _plan(b, "cpu-4bit", f"{gpu}; model {b.model:.2f} GiB in bf16 {fit} the {b.ram:.2f} GiB of usable "
+                                f"RAM, and is {b.nf4:.2f} GiB as NF4",
+                 quantization="nf4", max_memory={"cpu": _gib(b.ram)})
+
+
 def _streaming(b: _Budget, has_cold_tier: bool) -> LoadPlan | None:
     """device_map over GPU + RAM, spilling the rest to disk on the cold tier."""
     gpu = b.vram if b.vram >= MIN_GPU_WEIGHTS_GIB else 0.0
@@ -220,12 +279,59 @@ def _streaming(b: _Budget, has_cold_tier: bool) -> LoadPlan | None:
 
 
 def _refuse(b: _Budget, has_gpu: bool, bnb_available: bool, has_cold_tier: bool) -> LoadPlan:
-    gpu = (f"{b.vram:.2f} GiB usable VRAM (NF4 would need {b.nf4:.2f} GiB"
-           f"{'' if bnb_available else ', and bitsandbytes is not installed'})") if has_gpu else "no usable GPU"
+    nf4 = (f"NF4 would need {b.nf4:.2f} GiB" if bnb_available
+           else "and bitsandbytes cannot quantize here")
+    gpu = f"{b.vram:.2f} GiB usable VRAM" if has_gpu else "no usable GPU"
     disk = ("disk offload would leave over half the model on disk" if has_cold_tier
             else "no cold tier for disk offload")
     return _plan(b, "refuse", f"model {b.model:.2f} GiB fits nowhere on this node: {gpu}, "
-                              f"{b.ram:.2f} GiB usable RAM, {disk}; run it on a larger node")
+                              f"{b.ram:.2f} GiB usable RAM ({nf4}), {disk}; run it on a larger node")
+
+
+def quant_exact_patterns(family: "Family") -> list[str]:
+    """What bitsandbytes must leave unquantized in a loaded model of
+    ``family``, as transformers' ``llm_int8_skip_modules`` patterns (each a
+    regex matched from the start of a module name up to a dot, or a name
+    suffix). Routers decide which experts run, so they stay exact: most are
+    not ``nn.Linear`` (never quantized), but PhiMoE's router subclasses it
+    and older or remote-code MoEs use a bare Linear. Every router tensor the
+    family names on disk and its documented place in memory give a pattern
+    ("(?:.+\\.)?layers\\.\\d+\\.mlp\\.gate": any prefix, so a VL model's
+    ``model.language_model.`` matches too). The output head stays exact as
+    transformers' default does (naming any pattern replaces that default),
+    and non-text towers too: no compression station changes a tower."""
+    from adapters.schema import render
+
+    patterns = {"lm_head"}
+    if family.moe is not None:
+        modules = [t.rsplit(".", 1)[0] for t in family.moe.router]  # drop ".weight" / ".e_score_correction_bias"
+        for module in (*modules, family.moe.router_module_in_memory):
+            _, sep, rest = module.partition("layers.${layer}.")
+            if sep:
+                patterns.add(r"(?:.+\.)?layers\.\d+\." + re.escape(render(rest)))
+    patterns.update(re.escape(p.rstrip(".")) for tower in family.towers for p in tower.prefixes)
+    return sorted(patterns)
+
+
+def nf4_size(info: "CheckpointInfo", family: "Family") -> int:
+    """Bytes of the checkpoint's weights once loaded as NF4: the 2-D
+    ``.weight`` tensors bitsandbytes quantizes at ``NF4_SIZE_RATIO`` of
+    their 16-bit size, everything it leaves alone at 16 bits: embeddings,
+    the output head, routers, routed experts (fused parameters in memory,
+    not Linear layers), non-text towers (see ``quant_exact_patterns``),
+    norms and biases."""
+    from adapters.schema import template_regex
+
+    exact = [template_regex(t) for t in (family.tensors.embed, family.tensors.lm_head)]
+    if family.moe is not None:
+        exact += [template_regex(t) for t in (*family.moe.router, *family.moe.experts.tensors)]
+    total = 0.0
+    for name, meta in info.tensors.items():
+        at_16bit = 2 * meta.numel
+        quantized = (len(meta.shape) == 2 and name.endswith(".weight") and family.tower_of(name) is None
+                     and not any(r.search(name) for r in exact))
+        total += at_16bit * NF4_SIZE_RATIO if quantized else at_16bit
+    return int(total)
 
 
 def measure_node_memory(*, query_gpu: bool = False) -> NodeMemory:

@@ -19,19 +19,19 @@ here imports torch or reads tensor data: the daemon and the CLI both plan.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapters import Family, UnknownArchitectureError, get_family
-from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, Stage
+from factory import catalog, quant_support
+from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, QuantStage, Stage
 from factory.datasets import DatasetProblem, stage_datasets
 from factory.declarations import declaration_problems
 from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
-from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
+from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory, nf4_size
 from factory.model_files import CONFIG_FILE, CheckpointInfo, check_model_dir
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.protocol import Layout
@@ -450,6 +450,44 @@ def check_stage_support(ctx: _Context) -> Iterator[Finding]:
             yield _finding(f"$.stages[{plan.index}]{u.key}", u.value, f"is unsupported here: {u.problem}", u.fix)
 
 
+def check_quant_formats(ctx: _Context) -> Iterator[Finding]:
+    """A gguf/mlx quant stage's converter takes this architecture; a
+    package of such a format has a quant stage to package. Notes say what
+    each later stage works on: an artifact is measured by eval and shipped
+    by package, while a stage that edits weights keeps the safetensors model."""
+    family = ctx.geometry_family
+    config = ctx.model_config or ({"architectures": list(family.architectures), "model_type": family.name}
+                                  if family else None)
+    artifact: tuple[int, str] | None = None
+    made: set[str] = set()
+    for i, stage in enumerate(ctx.alloy.stages):
+        if isinstance(stage, QuantStage) and stage.format in catalog.QUANT_FORMATS:
+            runs = stage.format in catalog.artifact_formats()
+            if runs and config is not None and catalog.format_problem(stage.format) is None:
+                problem = catalog.model_problem(stage.format, config)
+                if problem:
+                    yield _finding(f"$.stages[{i}].format", stage.format, f"cannot take {ctx.base_model}: {problem}",
+                                   "drop the stage or quantize to another format")
+            artifact = (i, stage.format) if runs else None
+            made.add(stage.format)
+            continue
+        if stage.type == "package" and getattr(stage, "format", None) in catalog.artifact_formats():
+            if stage.format not in made:
+                yield _finding(f"$.stages[{i}].format", stage.format, f"packages a {stage.format} artifact, and no "
+                               "earlier quant stage writes one", f"add a quant stage with format {stage.format!r} "
+                               "before it, or package safetensors")
+            continue
+        if artifact is None or kind_of(stage.type).role != FORGE:
+            continue
+        k, fmt = artifact
+        if stage.type == "eval":
+            ctx.notes.append(f"$.stages[{i}] (eval) measures the {fmt} artifact of $.stages[{k}] (its first "
+                             f"quant type) with its own runtime, against the source on the same tokens")
+        else:
+            ctx.notes.append(f"$.stages[{i}] ({stage.type}) works on the last safetensors model; the {fmt} "
+                             f"artifact of $.stages[{k}] is for eval and package only")
+
+
 def check_datasets(ctx: _Context) -> Iterator[Finding]:
     """Every dataset a stage trains on or names (the catalog's dataset keys,
     a `domain` through [domains]) is on this node: a [datasets] file inside
@@ -518,10 +556,12 @@ def check_load_plan(ctx: _Context) -> Iterator[Finding]:
         return
     memory = ctx.node_memory or measure_node_memory(query_gpu=False)
     cuda = memory.cuda_available
+    family = ctx.geometry_family
     ctx.load_plan = decide_load_plan(
         model_bytes=ctx.info.bytes_at_16bit, free_vram_bytes=memory.free_vram_bytes,
         free_ram_bytes=memory.free_ram_bytes, has_cold_tier=bool(ctx.config.storage.cold), cuda_available=cuda,
-        bnb_available=cuda and importlib.util.find_spec("bitsandbytes") is not None,
+        bnb_available=quant_support.bnb_problem() is None,
+        nf4_bytes=nf4_size(ctx.info, family) if family is not None else None,
     )
     if not ctx.load_plan.fits:
         fix = "run it on a node with more memory" + ("" if ctx.config.storage.cold else
@@ -577,6 +617,7 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     check_architecture_agrees,
     check_declared_geometry,
     check_declarations,
+    check_quant_formats,
     check_datasets,
     check_moe_stages,
     check_load_plan,
@@ -600,7 +641,8 @@ def check_source_location(ctx: _Context) -> Iterator[Finding]:
 # What the intake gate can afford on every drop: no model, no corpus read.
 # (The full plan's check_source resolves the same path and more.)
 QUICK_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
-    check_architecture, check_stations, check_stage_support, check_datasets, check_source_location)
+    check_architecture, check_stations, check_stage_support, check_quant_formats, check_datasets,
+    check_source_location)
 
 
 def quick_findings(alloy: Alloy, *, root: Path, config: NodeConfig) -> list[Finding]:

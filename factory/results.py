@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from factory import acceptance
+from factory.integrity import model_files
 
 # ── what stations record: the keys of a checkpoint entry's metrics that the
 # line reads (here, for result.json) and the package station reads (for the
 # executed alloy). One vocabulary, one reader.
 MODEL_DIR = "model_dir"  # the model dir a stage wrote, relative to the work dir
+# A quantized artifact a runtime other than transformers reads (gguf, mlx):
+# {"format", "stage", "dir" (relative to the work dir), "eval_file" (what eval
+# measures, the first quant type), "quant_type", "files": [{"quant_type",
+# "file", "bytes", "sha256"}], "tiers": {quant_type: size vs fitsVramGb}}.
+ARTIFACT = "artifact"
 RESOLVED = "resolved"  # {camelCaseField: value}: what a station ran with for fields the alloy left out
 TOWERS_PROVED = "towers_proved"  # stations.towers' proof that non-text towers are unchanged
 # Where stations record a corpus or dataset they read: (key path to its
@@ -57,6 +63,19 @@ def _newest(stages: list[dict], key: str):
     return None
 
 
+def _shipped(work_dir: Path, stages: list[dict]) -> Path | None:
+    """What the part produced last: a package stage's directory, a quant
+    stage's gguf/mlx artifact, or a stage's model dir, whichever is newest."""
+    for s in reversed(stages):
+        m = s.get("metrics") or {}
+        for key in ("forged_dir", MODEL_DIR):
+            if m.get(key):
+                return work_dir / m[key]
+        if m.get(ARTIFACT):
+            return work_dir / m[ARTIFACT]["dir"]
+    return None
+
+
 def measurements(stages: list[dict]) -> tuple[list[dict], dict]:
     """Every held-out perplexity measured, and the other benchmarks by name
     (a later eval stage wins for a benchmark measured twice)."""
@@ -72,17 +91,20 @@ def measurements(stages: list[dict]) -> tuple[list[dict], dict]:
 def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
     """The forged-model keys of result.json (docs/FACTORY-PROTOCOL.md §9)."""
     out: dict = {}
-    model_dir = _newest(stages, MODEL_DIR)
-    forged = work_dir / model_dir if model_dir else None
+    forged = _shipped(work_dir, stages)
     if forged is not None:
         out["forged_dir"] = str(forged)
+    artifacts = [{**s["metrics"][ARTIFACT], "dir": str(work_dir / s["metrics"][ARTIFACT]["dir"])}
+                 for s in stages if (s.get("metrics") or {}).get(ARTIFACT)]
+    if artifacts:
+        out["artifacts"] = artifacts
     for key in ("modelHash", "fileHashes", "params", "experts_per_layer", "load_plan"):
         value = _newest(stages, key)
         if value is not None:
             out[key] = value
     size = _newest(stages, "size_bytes")
     if size is None and forged is not None and forged.is_dir():
-        size = sum(f.stat().st_size for f in forged.glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in model_files(forged))
     out["size_bytes"] = size
     perplexities, benchmarks = measurements(stages)
     if perplexities:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 
 from factory.errors import StageFailed
-from factory.results import MODEL_DIR, TOWERS_PROVED
+from factory.results import ARTIFACT, MODEL_DIR, TOWERS_PROVED
 from factory.durable import write_json
 from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, CheckpointInfo
 from factory.stages import StageContext, StageResult
@@ -48,6 +48,19 @@ def input_model_dir(ctx: StageContext) -> Path:
     if found is not None:
         return ctx.work_dir / found[1]
     return source_model_dir(ctx)
+
+
+def latest_artifact(ctx: StageContext) -> dict | None:
+    """The quantized artifact (gguf, mlx) an earlier stage wrote after the
+    newest model dir, or None: what eval measures and package ships when the
+    alloy quantizes to a format transformers does not run."""
+    for entry in reversed(ctx.previous):
+        metrics = entry.get("metrics") or {}
+        if ARTIFACT in metrics:
+            return metrics[ARTIFACT]
+        if MODEL_DIR in metrics:
+            return None
+    return None
 
 
 def output_model_dir(ctx: StageContext) -> Path:

@@ -21,7 +21,10 @@ Stage fields (`factory.alloy.EvalStage`; camelCase as alloys write them):
 
 Perplexity always measures both models on the same token blocks; the forged
 model is this stage's input (the newest earlier model output), the source is
-the alloy's source. Models are loaded one at a time (source first), so eval
+the alloy's source. After a quant stage in gguf or mlx, the forged model is
+that quantized artifact itself, run by its own runtime (llama.cpp, mlx-lm:
+stations.runtime) on token ids from the source's tokenizer. Models are
+loaded one at a time (source first), so eval
 needs the memory of one model, not two.
 
 Metrics: {"perplexity": {"source", "forged", "ratio", "score", "tokens",
@@ -42,8 +45,8 @@ from factory.errors import StageFailed
 from factory.stages import StageContext, StageResult
 from factory.alloy import BenchmarkSpec
 from factory.benchmarks import benchmark_for, benchmark_problem, load_runner
-from stations import loader
-from stations.base import input_model_dir, source_model_dir
+from stations import loader, runtime
+from stations.base import input_model_dir, latest_artifact, source_model_dir
 from stations.benchmarks import BenchJob
 from stations.benchmarks.lm_eval import OVERRIDES_DIR
 from stations.benchmarks.perplexity import FILE_KEYS, ID_KEYS
@@ -85,21 +88,31 @@ def _free(loaded) -> None:
         pass
 
 
-def run_benchmarks(ctx: StageContext, specs: list[BenchmarkSpec], dirs: dict[str, Path], compare: bool) -> dict:
-    """{name: {role: result}}: each model loaded once, its benchmarks run, freed."""
+def _load(ctx: StageContext, role: str, path: Path, artifact: dict | None):
+    if role == "forged" and artifact is not None:
+        return runtime.open_artifact(ctx, artifact, purpose=f"eval {role}")
+    return loader.load(ctx, path, with_tokenizer=True, purpose=f"eval {role}")
+
+
+def run_benchmarks(ctx: StageContext, specs: list[BenchmarkSpec], dirs: dict[str, Path], compare: bool,
+                   artifact: dict | None = None) -> dict:
+    """{name: {role: result}}: each model loaded once, its benchmarks run,
+    freed. With `artifact`, the forged model is that quantized artifact."""
     results: dict[str, dict] = {s.name: {} for s in specs}
     shared: dict[str, dict] = {s.name: {} for s in specs}
-    same = dirs["source"].resolve() == dirs["forged"].resolve()
+    same = artifact is None and dirs["source"].resolve() == dirs["forged"].resolve()
     for role in ROLES:
         wanted = [s for s in specs if role in roles_for(s, compare)]
         if not wanted or (same and role == "source"):
             continue
-        loaded = loader.load(ctx, dirs[role], with_tokenizer=True, purpose=f"eval {role}")
+        loaded = _load(ctx, role, dirs[role], artifact)
         for spec in wanted:
             job = BenchJob(ctx=ctx, spec=spec, loaded=loaded, role=role, out_dir=ctx.stage_dir,
                            shared=shared[spec.name])
             results[spec.name][role] = load_runner(benchmark_for(spec.name))(job)
             ctx.stop_point()
+        if loaded.runtime is not None:
+            loaded.runtime.close()
         _free(loaded)
     if same:  # no earlier stage changed the model: the source IS the forged model
         for spec in specs:
@@ -122,11 +135,17 @@ def run_stage(ctx: StageContext) -> StageResult:
     # 1. What to run, refused before any model is touched.
     specs = benchmark_specs(ctx)
     compare = ctx.stage.compare_to_base
-    # 2. Which models: the alloy's source and this stage's input.
-    dirs = {"source": source_model_dir(ctx), "forged": input_model_dir(ctx)}
+    # 2. Which models: the alloy's source and this stage's input (a
+    #    quantized artifact when the newest output is one).
+    artifact = latest_artifact(ctx)
+    forged = ctx.work_dir / artifact["dir"] / artifact["eval_file"] if artifact else input_model_dir(ctx)
+    dirs = {"source": source_model_dir(ctx), "forged": forged}
     # 3. Measure, one model at a time.
-    results = run_benchmarks(ctx, specs, dirs, compare)
+    results = run_benchmarks(ctx, specs, dirs, compare, artifact)
     metrics: dict = {"benchmarks": results}
+    if artifact is not None:
+        metrics["measured"] = {"format": artifact["format"], "quant_type": artifact["quant_type"],
+                               "file": artifact["eval_file"], "stage": artifact["stage"]}
     if "perplexity" in results:
         metrics["perplexity"] = perplexity_summary(results["perplexity"])
         results["perplexity"]["forged"]["score"] = metrics["perplexity"]["score"]

@@ -15,7 +15,6 @@ there and has room. `decide` is that whole decision; the part's stations
 from __future__ import annotations
 
 import errno
-import importlib.util
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -24,19 +23,29 @@ from typing import Any
 
 from adapters.schema import Family
 from factory.errors import StageFailed
-from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory
+from factory.load_plan import (GIB, LoadPlan, NodeMemory, decide_load_plan,
+                               measure_node_memory, nf4_size, quant_exact_patterns)
 from factory.model_files import check_model_dir
 from factory.nodeconfig import ForgeSection, NodeConfig
+from factory.quant_support import bnb_problem
 from factory.stages import StageContext
 from factory.tiers import cold_tier, offload_dir
 
+# NF4 layers on the CPU dequantize to this dtype before multiplying: float32
+# is exact on every CPU, and the packed AVX512-BF16 kernel, where a CPU has
+# it, computes in bf16 whatever this says.
+CPU_COMPUTE_DTYPE = "float32"
 # On a CPU, float32 is exact and uses fast kernels on CPUs without bf16
 # support; it is chosen when twice the bf16 size still fits what the plan
 # allowed for weights.
 CPU_FP32_HEADROOM = 2.0
-# Module names bitsandbytes must leave unquantised under a 4-bit plan
-# (transformers matches them as name suffixes: "mlp.gate" is not "gate_proj").
-QUANT_SKIP_MODULES = ("lm_head", "router", "mlp.gate", "block_sparse_moe.gate")
+# bitsandbytes' fast CPU kernel (AVX512-BF16, inference only) first repacks
+# a Linear4bit's weight in blocks of this many output rows, each row whole
+# quantization blocks, and fails an assertion on a layer that does not split
+# so (bitsandbytes 0.50: functional._convert_weight_packed_for_cpu). Such
+# layers (tiny models; odd widths) take its generic dequantize-and-matmul
+# path instead, which is the same arithmetic.
+CPU_PACK_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -62,25 +71,32 @@ class LoadDecision:
 
 @dataclass
 class Loaded:
+    """A model ready to measure: a transformers model (`model`), or a
+    quantized artifact another runtime runs (`runtime`, a
+    stations.runtime.Runtime; then `model` is None and `plan` is None)."""
+
     model: Any
     tokenizer: Any | None
-    plan: LoadPlan
+    plan: LoadPlan | None
     device: str  # where inputs go: "cuda:0" or "cpu"
     dtype: str
     load_seconds: float
     peak_rss_mb: float
     peak_vram_mb: float | None
+    runtime: Any | None = None
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def decide(model_dir: Path, *, config: NodeConfig, memory: NodeMemory | None = None) -> LoadDecision:
+def decide(model_dir: Path, *, config: NodeConfig, memory: NodeMemory | None = None,
+           require_4bit: bool = False) -> LoadDecision:
     """The load decision for `model_dir` on this node, or StageFailed.
 
     `memory` defaults to what the node has free now (GPU included); callers
     that must not import torch, and tests of nodes we cannot build, pass it.
+    `require_4bit`: only an NF4 load will do (QLoRA trains through one).
     """
     check = check_model_dir(model_dir, allow_pickle=config.forge.allow_pickle_weights)
     if check.problems:
@@ -88,12 +104,13 @@ def decide(model_dir: Path, *, config: NodeConfig, memory: NodeMemory | None = N
         raise StageFailed(f"refusing to load {model_dir}: {check.problems[0]}{more}")
     info = check.info
     mem = memory if memory is not None else measure_node_memory(query_gpu=True)
-    bnb = mem.cuda_available and importlib.util.find_spec("bitsandbytes") is not None
     plan = decide_load_plan(model_bytes=info.bytes_at_16bit, free_vram_bytes=mem.free_vram_bytes,
                             free_ram_bytes=mem.free_ram_bytes, has_cold_tier=bool(config.storage.cold),
-                            cuda_available=mem.cuda_available, bnb_available=bnb)
+                            cuda_available=mem.cuda_available, bnb_available=bnb_problem() is None,
+                            nf4_bytes=nf4_size(info, check.family), require_4bit=require_4bit)
     if plan.strategy == "refuse":
-        raise StageFailed(f"cannot load {model_dir} on this node: {plan.reason}")
+        why = f"; {bnb_problem()}" if require_4bit and bnb_problem() else ""
+        raise StageFailed(f"cannot load {model_dir} on this node: {plan.reason}{why}")
     dtype = plan.dtype or "bfloat16"
     if plan.strategy == "cpu" and plan.model_gib * CPU_FP32_HEADROOM <= plan.free_ram_gib / 2:
         dtype = "float32"
@@ -144,19 +161,14 @@ def from_pretrained_kwargs(decision: LoadDecision, forge: ForgeSection, *,
     if plan.strategy == "gpu-fp16":
         kwargs["device_map"] = {"": 0}
     elif plan.strategy in ("gpu-4bit", "gpu-4bit-cpu-offload"):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-            # Routers decide which experts run: keep them exact. Most families'
-            # routers are not nn.Linear (never quantised), but PhiMoE's
-            # subclasses it; the output head stays exact as by default.
-            llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
-            llm_int8_enable_fp32_cpu_offload=plan.strategy == "gpu-4bit-cpu-offload")
+        kwargs["quantization_config"] = nf4_config(decision.family, compute_dtype="bfloat16",
+                                                   cpu_offload=plan.strategy == "gpu-4bit-cpu-offload")
         kwargs["device_map"] = "auto" if plan.max_memory else {"": 0}
         if plan.max_memory:
             kwargs["max_memory"] = plan.max_memory
+    elif plan.strategy == "cpu-4bit":
+        kwargs["quantization_config"] = nf4_config(decision.family, compute_dtype=CPU_COMPUTE_DTYPE)
+        kwargs["device_map"] = {"": "cpu"}
     elif plan.strategy == "streaming":
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = plan.max_memory
@@ -168,9 +180,100 @@ def from_pretrained_kwargs(decision: LoadDecision, forge: ForgeSection, *,
     return kwargs
 
 
-def load(ctx: StageContext, model_dir: Path, *, with_tokenizer: bool = True, purpose: str = "") -> Loaded:
-    """Load `model_dir` as the plan says, emitting a `model/load` event."""
-    decision = decide(model_dir, config=ctx.config)  # before torch: a refused model costs nothing
+def nf4_config(family: Family, *, compute_dtype: str, cpu_offload: bool = False):
+    """bitsandbytes NF4 with double quantization (the absmax of every
+    64-weight block quantized again: ~0.37 bit per weight saved), leaving
+    the family's routers, output head and towers exact
+    (factory.load_plan.quant_exact_patterns)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+                              llm_int8_skip_modules=quant_exact_patterns(family),
+                              llm_int8_enable_fp32_cpu_offload=cpu_offload)
+
+
+def fit_cpu_kernels(model, *, training: bool = False) -> int:
+    """Route each CPU Linear4bit whose shape bitsandbytes' packed CPU kernel
+    cannot take (see CPU_PACK_ROWS) to its generic path, or every one when
+    the model will be `training`: the packed kernel has no backward
+    (bitsandbytes 0.50 registers no autograd for it), and once an eval-mode
+    forward has repacked a weight, every later call goes through it, so
+    gradients would silently stop at that layer. Returns how many."""
+    import bitsandbytes as bnb
+
+    rerouted = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
+            continue
+        state = module.weight.quant_state
+        if training or module.out_features % CPU_PACK_ROWS or module.in_features % state.blocksize:
+            module.support_avx512bf16_for_cpu = False
+            rerouted += 1
+    return rerouted
+
+
+@dataclass(frozen=True)
+class FourBitLayout:
+    """Which layers of a loaded model bitsandbytes quantized, and which it
+    left exact: what a 4-bit load or an NF4 artifact must show."""
+
+    quantized: int  # Linear4bit modules
+    quantized_params: int  # weights they hold (numel before packing)
+    exact_linear: tuple[str, ...]  # nn.Linear (or subclass) modules left unquantized
+    routers: dict[str, str]  # router module name -> class name
+    total_params: int  # every weight, each Linear4bit counted unpacked
+
+    @property
+    def quantized_fraction(self) -> float:
+        return self.quantized_params / self.total_params if self.total_params else 0.0
+
+
+def four_bit_layout(model) -> FourBitLayout:
+    """The FourBitLayout of a loaded model, or StageFailed when a router or
+    the output head came out quantized (they must stay exact)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from adapters.registry import discover_routers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    exact = tuple(n for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit))
+    routers = {names[id(r)]: type(r).__name__ for r in discover_routers(model).values()}
+    quantized_params = sum(m.in_features * m.out_features for m in four_bit.values())
+    packed = sum(m.weight.numel() for m in four_bit.values())
+    bad = [n for n in routers if n in four_bit] + [n for n in four_bit if n.rsplit(".", 1)[-1] == "lm_head"]
+    if bad:
+        raise StageFailed(f"bitsandbytes quantized {bad[:3]}, which must stay exact (routers, the output head); "
+                          "add their names to the family's moe.router in adapters/families/")
+    total = sum(p.numel() for p in model.parameters()) - packed + quantized_params
+    return FourBitLayout(len(four_bit), quantized_params, exact, routers, total)
+
+
+def instantiate(decision: LoadDecision, forge: ForgeSection, *, offload: Path | None = None):
+    """`from_pretrained` as the decision says, in eval mode; a 4-bit model
+    (planned, or a saved NF4 checkpoint) is checked and fitted to the CPU
+    kernels. Every model this factory loads goes through here."""
+    import transformers
+
+    auto = getattr(transformers, decision.family.auto_class)
+    model = auto.from_pretrained(decision.model_dir, **from_pretrained_kwargs(decision, forge, offload=offload))
+    model.eval()
+    if getattr(model, "is_loaded_in_4bit", False):
+        four_bit_layout(model)
+        fit_cpu_kernels(model)
+    return model
+
+
+def load(ctx: StageContext, model_dir: Path, *, with_tokenizer: bool = True, purpose: str = "",
+         require_4bit: bool = False) -> Loaded:
+    """Load `model_dir` as the plan says, emitting a `model/load` event;
+    `require_4bit`: as NF4 whatever else would fit (QLoRA)."""
+    # Before torch: a refused model costs nothing.
+    decision = decide(model_dir, config=ctx.config, require_4bit=require_4bit)
     offload = (offload_folder(decision, ctx.config, ctx.work_dir.name)
                if decision.plan.offload_folder_needed else None)
     import torch
@@ -180,14 +283,12 @@ def load(ctx: StageContext, model_dir: Path, *, with_tokenizer: bool = True, pur
     t0 = time.monotonic()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    auto = getattr(transformers, decision.family.auto_class)
-    model = auto.from_pretrained(model_dir, **from_pretrained_kwargs(decision, ctx.config.forge, offload=offload))
-    model.eval()
+    model = instantiate(decision, ctx.config.forge, offload=offload)
     tokenizer = (transformers.AutoTokenizer.from_pretrained(
         model_dir, trust_remote_code=ctx.config.forge.trust_remote_code) if with_tokenizer else None)
     vram = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     loaded = Loaded(model, tokenizer, plan, decision.device, decision.dtype, round(time.monotonic() - t0, 3),
-                    round(_peak_rss_mb(), 1), None if vram is None else round(vram, 1))
+                    round(peak_rss_mb(), 1), None if vram is None else round(vram, 1))
     ctx.emit("model/load", model_dir=str(model_dir), purpose=purpose, plan=asdict(plan), dtype=decision.dtype,
              device=decision.device, load_s=loaded.load_seconds, peak_rss_mb=loaded.peak_rss_mb,
              peak_vram_mb=loaded.peak_vram_mb)

@@ -30,8 +30,12 @@ Phases, top to bottom in `run_training`:
    examples); batches are right-padded, pad labels are -100 and their
    attention mask 0, so pads never count in the loss (right padding + causal
    attention also leaves the real tokens' logits untouched).
-4. Load the student as the load plan says (4-bit QLoRA only when the plan
-   chose 4-bit on a GPU; on a CPU the weights are trained against in fp32),
+4. Load the student as the load plan says: NF4 (QLoRA) when the stage asks
+   (`quantizeBits: 4`, or `quantize: true`) or when the plan chose a 4-bit
+   strategy, on the GPU or the CPU alike (bitsandbytes quantizes on both);
+   otherwise full precision (fp32 on a CPU). `quantizeBits: 8` is refused
+   at run time: the load plans (factory.load_plan) size and load NF4 only,
+   and an 8-bit base would be loaded unsized.
    the teacher for distillation, attach LoRA to the target modules inside
    the text decoder's layers only (the family's layer prefix: a vision or
    audio tower never gets an adapter; matches elsewhere are dropped and
@@ -65,6 +69,7 @@ from factory.alloy import Stage, learning_rate_value
 from factory.datasets import DatasetProblem, ResolvedDataset, size_defaults, training_dataset
 from factory.durable import write_json
 from factory.errors import StageFailed
+from factory.load_plan import FOUR_BIT_STRATEGIES
 from factory.integrity import sha256_file
 from factory.model_files import inspect_checkpoint
 from factory.results import RESOLVED
@@ -127,6 +132,23 @@ class TrainParams:
 
 def _where(ctx: StageContext, key: str) -> str:
     return f"$.stages[{ctx.index}].{key}"
+
+
+def base_bits(ctx: StageContext) -> int | None:
+    """The bits the stage asks its frozen base in (4: QLoRA), or None for
+    the load plan's choice. `quantize: true` alone means 4 (QLoRA is NF4);
+    `train` stages carry these keys as extras."""
+    stage = ctx.stage
+    bits, quantize = stage.field_value("quantizeBits"), stage.field_value("quantize")
+    if quantize is False and bits is not None:
+        raise StageFailed(f"{_where(ctx, 'quantizeBits')} = {bits} but {_where(ctx, 'quantize')} is false; "
+                          "remove one of them")
+    bits = 4 if bits is None and quantize else bits
+    if bits not in (None, 4):
+        raise StageFailed(f"{_where(ctx, 'quantizeBits')} = {bits!r}: only a 4-bit (NF4, QLoRA) base is "
+                          "offered: this factory's load plans size and load NF4 only; set quantizeBits to 4, or "
+                          "remove it to train against the full-precision base")
+    return bits
 
 
 def _adapter(stage: Stage) -> tuple[int, float, float, tuple[str, ...] | None, bool | None]:
@@ -590,16 +612,20 @@ def run_training(ctx: StageContext, mode: str, *, model_dir: Path | None = None)
     this stage's input model; the merged model goes to the stage's output."""
     import torch
 
-    from stations.loader import load
+    from stations.loader import fit_cpu_kernels, four_bit_layout, load
 
     # 1. parameters
     model_dir = model_dir or input_model_dir(ctx)
     params = read_params(ctx, mode, model_dir)
     # 2-3. models and text, examples
     torch.manual_seed(params.seed)
-    student = load(ctx, model_dir, with_tokenizer=True, purpose=f"{ctx.stage.type} student")
-    quantized = student.plan.strategy.startswith("gpu-4bit")
+    student = load(ctx, model_dir, with_tokenizer=True, purpose=f"{ctx.stage.type} student",
+                   require_4bit=base_bits(ctx) == 4)
+    quantized = student.plan.strategy in FOUR_BIT_STRATEGIES
     model = student.model if student.device != "cpu" or quantized else student.model.float()
+    base_4bit = four_bit_layout(model).quantized if quantized else 0  # Linear4bit layers LoRA trains through
+    if quantized:
+        fit_cpu_kernels(model, training=True)  # before any forward: the probe's eval pass would repack weights
     family = family_for_config(json.loads((model_dir / "config.json").read_text()))
     targets = params.targets or family.lora_targets
     limit = params.examples_needed
@@ -627,6 +653,7 @@ def run_training(ctx: StageContext, mode: str, *, model_dir: Path | None = None)
     # 5. adapter, then the merged model (from the files, not from memory)
     adapter_dir = ctx.stage_dir / ADAPTER_DIR
     peft_model.save_pretrained(adapter_dir)
+    student_plan = student.plan.strategy
     del peft_model, model, student, teacher, objective
     _free_memory()
     out = output_model_dir(ctx)
@@ -639,6 +666,7 @@ def run_training(ctx: StageContext, mode: str, *, model_dir: Path | None = None)
                "loraModules": len(modules), DROPPED_KEY: dropped,
                "rank": params.rank, "alpha": params.alpha, "mergedWeights": merged, "merged": True,
                "mergeRequested": params.merge_requested, "quantized": quantized, "examples": len(examples),
+               "loadPlan": student_plan, "base4bitModules": base_4bit,
                "learningRate": params.learning_rate, "modelParamsB": round(params.params_b, 6),
                "modelSizeFrom": params.size_source, "dataset": data.provenance(),
                RESOLVED: resolved_fields(ctx, params, steps=steps, targets=tuple(targets), data=data)}

@@ -34,9 +34,10 @@ from adapters import family_for_config
 from factory.alloy import PackageStage
 from factory.durable import write_bytes, write_json
 from factory.errors import StageFailed
-from factory.integrity import HASH_PREFIX, hash_model_dir, model_hash
+from factory import catalog
+from factory.integrity import HASH_PREFIX, hash_model_dir, model_files, model_hash
 from factory.model_files import inspect_checkpoint
-from factory.results import RESOLVED, corpus_records, measurements
+from factory.results import ARTIFACT, RESOLVED, corpus_records, measurements
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
@@ -45,10 +46,11 @@ EXECUTED_ALLOY = "forge-alloy.json"
 EXTENSION_KEY = "forgeFactory"  # results.<this>: what only forge-factory records
 # Loading even a large model for one forward pass on CPU stays well inside this.
 SMOKE_TIMEOUT_SECONDS = 1800
-# Formats this station writes: a Hugging Face safetensors directory. Other
-# package formats (gguf, mlx) are produced by quant stages on nodes that have
-# the converters.
+# Formats this station writes from the newest safetensors model: a Hugging
+# Face safetensors directory. The catalog's quant formats with a runtime of
+# their own (gguf, mlx) are packaged from a quant stage's artifact.
 FORMATS = ("safetensors", "safetensors-defragged", "hf", "transformers")
+ARTIFACT_FORMATS = catalog.artifact_formats()
 GiB = 2**30
 def _place(src: Path, dst: Path) -> None:
     """Hard-link when possible (weights are never modified in place), else copy."""
@@ -98,17 +100,21 @@ def _prefixed(digest: str | None) -> str | None:
     return None if digest is None else HASH_PREFIX + digest
 
 
-def _collect_results(ctx: StageContext, info, family, plan) -> dict:
+def _collect_results(ctx: StageContext, info, family, plan, out: Path, artifact: dict | None) -> dict:
     """This run's `results`, from the checkpoint: forge-alloy's fields, and
-    ours under EXTENSION_KEY."""
-    size = sum(f.stat().st_size for f in info.model_dir.glob("*.safetensors"))
+    ours under EXTENSION_KEY. `info` is the safetensors model (for an
+    artifact, the one it was quantized from: its parameters)."""
+    size = sum(f.stat().st_size for f in model_files(out))
     ours: dict = {
         "forgedParams": info.param_count,
         "forgedSizeBytes": size,
         "stageDurations": [{"index": e["index"], "type": e["type"], "elapsedSeconds": e.get("elapsed_s")}
                            for e in ctx.previous],
-        "loadPlan": asdict(plan),
     }
+    if plan is not None:
+        ours["loadPlan"] = asdict(plan)
+    if artifact is not None:
+        ours["artifact"] = {k: artifact[k] for k in ("format", "stage", "quant_type", "files", "tiers")}
     if family.is_moe:
         ours["expertsPerLayer"] = family.expert_count(info.config)
         ours["topK"] = family.top_k(info.config)
@@ -134,8 +140,18 @@ def executed_stages(ctx: StageContext) -> list[dict]:
     return [{**stage, **resolved.get(i, {})} for i, stage in enumerate(ctx.alloy["stages"])]
 
 
-def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
+_USAGE = {
+    None: ("transformers", "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                           "model = AutoModelForCausalLM.from_pretrained(\".\")\n"
+                           "tokenizer = AutoTokenizer.from_pretrained(\".\")\n```\n"),
+    "gguf": ("llama.cpp", "```bash\nllama-cli -m {file} -p \"def fibonacci(n):\"\n```\n"),
+    "mlx": ("mlx", "```bash\nmlx_lm.generate --model . --prompt \"def fibonacci(n):\"\n```\n"),
+}
+
+
+def _model_card(alloy: dict, results: dict, integrity: dict, artifact: dict | None = None) -> str:
     ours = results[EXTENSION_KEY]
+    library, usage = _USAGE[artifact["format"] if artifact else None]
     src = alloy.get("source", {})
     tags = "".join(f"- {t}\n" for t in alloy.get("tags") or [])
     stages = "".join(f"| {i} | {s.get('type')} |\n" for i, s in enumerate(alloy.get("stages", [])))
@@ -146,7 +162,7 @@ def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
         "---\n"
         f"license: {alloy.get('license') or 'other'}\n"
         f"base_model: {src.get('baseModel')}\n"
-        "library_name: transformers\n"
+        f"library_name: {library}\n"
         f"tags:\n- forge-alloy\n{tags}"
         "---\n\n"
         f"# {alloy.get('name')}\n\n{alloy.get('description') or ''}\n\n"
@@ -156,16 +172,17 @@ def _model_card(alloy: dict, results: dict, integrity: dict) -> str:
         f"modelHash: `{integrity['modelHash']}`  \nalloy: `{integrity['alloyHash']}`\n\n"
         "The executed recipe, with results and file hashes, is `forge-alloy.json`; "
         "re-check it with `factory verify .`.\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(\".\")\ntokenizer = AutoTokenizer.from_pretrained(\".\")\n```\n"
+        + usage.format(file=artifact["eval_file"] if artifact else "")
     )
 
 
-def _smoke(ctx: StageContext, model_dir: Path) -> dict:
+def _smoke(ctx: StageContext, model_dir: Path, artifact: dict | None) -> dict:
     """Reload in a fresh process through this node's load plan (its config
-    and cold tier), never in fp32 regardless of size."""
+    and cold tier), never in fp32 regardless of size; an artifact through
+    its format's runtime."""
+    how = ["--format", artifact["format"]] if artifact else []
     proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(ctx.layout.root),
-                           "--base", ctx.work_dir.name], capture_output=True,
+                           "--base", ctx.work_dir.name, *how], capture_output=True,
                           text=True, timeout=SMOKE_TIMEOUT_SECONDS)
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,24 +191,43 @@ def _smoke(ctx: StageContext, model_dir: Path) -> dict:
     return result
 
 
+def newest_artifact(ctx: StageContext, fmt: str) -> dict:
+    """The newest artifact of quant format `fmt` an earlier stage wrote."""
+    for entry in reversed(ctx.previous):
+        artifact = (entry.get("metrics") or {}).get(ARTIFACT)
+        if artifact and artifact["format"] == fmt:
+            return artifact
+    raise StageFailed(f"$.stages[{ctx.index}].format {fmt!r}: no earlier quant stage wrote {fmt}; add a quant "
+                      f"stage with format {fmt!r} before this package stage, or package safetensors")
+
+
+def _ship_dir(ctx: StageContext, artifact: dict) -> Path:
+    """What an artifact ships as one directory: the artifact dir (GGUF files
+    beside config and tokenizer), or its first quant type's model dir (MLX)."""
+    where = ctx.work_dir / artifact["dir"]
+    return where / artifact["eval_file"] if (where / artifact["eval_file"]).is_dir() else where
+
+
 def run_stage(ctx: StageContext) -> StageResult:
     stage = ctx.stage
     assert isinstance(stage, PackageStage)
-    if stage.format not in FORMATS:
-        raise StageFailed(f"$.stages[{ctx.index}].format {stage.format!r}: this station writes "
-                          f"{', '.join(FORMATS)}; use a quant stage for gguf/mlx")
-    src = input_model_dir(ctx)
+    if stage.format not in FORMATS + ARTIFACT_FORMATS:
+        raise StageFailed(f"$.stages[{ctx.index}].format {stage.format!r}: this station packages "
+                          f"{', '.join(FORMATS + ARTIFACT_FORMATS)}")
+    artifact = newest_artifact(ctx, stage.format) if stage.format in ARTIFACT_FORMATS else None
+    src = input_model_dir(ctx)  # with an artifact: the safetensors model it was quantized from
     out = output_model_dir(ctx)
     # 1. weights, config, tokenizer, generation config
-    _copy_model(src, out)
+    _copy_model(_ship_dir(ctx, artifact) if artifact else src, out)
     if not any(out.glob("tokenizer*")) and stage.include_tokenizer:
         raise StageFailed(f"{src} has no tokenizer files; a packaged model must ship its tokenizer")
-    _ensure_generation_config(out)
+    if artifact is None:
+        _ensure_generation_config(out)
     ctx.progress(1, 4, "step")
     # 2. hashes and results
-    info = inspect_checkpoint(out)
+    info = inspect_checkpoint(src if artifact else out)
     family = family_for_config(info.config)
-    plan, _, _ = plan_for(ctx, out)
+    plan = None if artifact else plan_for(ctx, out)[0]
     hashes = hash_model_dir(out)
     integrity = {
         "trustLevel": "self-attested",
@@ -200,23 +236,26 @@ def run_stage(ctx: StageContext) -> StageResult:
         "alloyHash": ctx.alloy_hash,
         "calibrationCorpora": corpus_records(ctx.previous),
     }
-    results = _collect_results(ctx, info, family, plan)
+    results = _collect_results(ctx, info, family, plan, out, artifact)
     ctx.progress(2, 4, "step")
     # 3. card and executed alloy
     executed = {**ctx.alloy, "stages": executed_stages(ctx), "results": {**results, "integrity": integrity}}
     write_json(out / EXECUTED_ALLOY, executed)
-    write_bytes(out / "README.md", _model_card(ctx.alloy, results, integrity).encode())
+    write_bytes(out / "README.md", _model_card(ctx.alloy, results, integrity, artifact).encode())
     ctx.progress(3, 4, "step")
     # 4. the live-model check, in a fresh process
     ctx.stop_point()
-    smoke = _smoke(ctx, out)
+    smoke = _smoke(ctx, out, artifact)
     ctx.progress(4, 4, "step")
     if not smoke.get("ok"):
         raise StageFailed(f"saved model does not reload: {'; '.join(smoke.get('problems', []))} ({out})")
     ours = results[EXTENSION_KEY]
     metrics = {"forged_dir": str(out.relative_to(ctx.work_dir)), "modelHash": integrity["modelHash"],
                "fileHashes": integrity["fileHashes"], "size_bytes": ours["forgedSizeBytes"],
-               "params": ours["forgedParams"], "smoke": smoke, "load_plan": plan.strategy}
+               "params": ours["forgedParams"], "smoke": smoke,
+               "load_plan": plan.strategy if plan else f"{artifact['format']} runtime"}
     if family.is_moe:
         metrics["experts_per_layer"] = ours["expertsPerLayer"]
+    if artifact is not None:  # a GGUF/MLX package is shipped, not a model a later stage edits
+        return StageResult(outputs=[out], metrics=metrics)
     return model_result(ctx, out, metrics)

@@ -2,20 +2,24 @@
 
 Formats are catalog data (`factory.catalog.QUANT_FORMATS`): each names its
 support probe (in `factory.quant_support`: what the node needs, checked
-without torch, so the planner refuses an alloy before it is queued) and the
-function here that writes it.
+without torch, so the planner refuses an alloy before it is queued), the
+function that writes it, and, for a format transformers does not run, the
+runtime that reads it back (stations.runtime).
 
-  safetensors | bnb-nf4 | bnb-4bit
-      bitsandbytes 4-bit NF4 (double quant, bf16 compute), saved with its
-      quantization_config by save_pretrained and reloaded to check that it
-      loads and gives finite logits. bitsandbytes quantises on CUDA only:
-      a node without a CUDA GPU refuses it.
-  gguf
-      llama.cpp: `convert_hf_to_gguf.py` (on PATH) writes an f16 GGUF, then
-      `llama-quantize` (on PATH) makes each of `quantTypes` (Q4_K_M, Q8_0, ...).
-      Refused where either tool is missing.
-  mlx, onnx
-      Refused with what provides them (no writer here yet).
+  safetensors | bnb-nf4 | bnb-4bit   (stations.quant_bnb)
+      bitsandbytes NF4, saved with its quantization_config: a model
+      directory transformers loads, handed on as the next stage's model.
+  gguf   (stations.quant_gguf)
+      llama.cpp's converter and quantizer, one file per quant type.
+  mlx    (stations.quant_mlx)
+      mlx-lm's converter, one directory per quant type.
+  onnx
+      Refused with what provides it (no writer here yet).
+
+A gguf or mlx output is an ARTIFACT (factory.results), not a model
+directory: eval measures it through its own runtime, a later stage that
+edits weights keeps working on the last safetensors model, and its files are
+hashed here (fileHashes, modelHash) as the package stage hashes a model.
 
 `run_stage` asks the probe again in the part's child process before it
 touches the model.
@@ -24,15 +28,14 @@ touches the model.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from factory import catalog
 from factory.alloy import QuantStage
 from factory.durable import write_json
 from factory.errors import StageFailed
-from factory.quant_support import GGUF_CONVERTER, GGUF_QUANTIZE
+from factory.integrity import MODEL_FILE_GLOBS, model_hash, sha256_file
+from factory.results import ARTIFACT
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 
@@ -40,70 +43,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer and generation config, verbatim, beside a quantized copy."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _check_finite(model, device: str) -> float:
-    """Reload check: logits of a short sequence must be finite."""
-    import torch
-
-    ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    if not torch.isfinite(logits).all():
-        raise StageFailed("the reloaded 4-bit model gives non-finite logits; the quantization is broken")
-    return float(logits.float().abs().mean())
-
-
-def make_bnb4(ctx: StageContext, src: Path, out: Path) -> dict:
-    """NF4 with bitsandbytes on GPU 0, saved, then reloaded and checked."""
-    import torch
-    import transformers
-    from transformers import BitsAndBytesConfig
-
-    from stations.loader import plan_for
-
-    if not torch.cuda.is_available():
-        raise StageFailed("bitsandbytes 4-bit quantization needs a CUDA GPU and torch sees none on this node; "
-                          "run this part on a GPU node")
-    _plan, family, _config = plan_for(ctx, src)
-    auto = getattr(transformers, family.auto_class)
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-    model = auto.from_pretrained(src, quantization_config=qconfig, device_map={"": 0}, dtype=torch.bfloat16,
-                                 use_safetensors=True, trust_remote_code=ctx.config.forge.trust_remote_code)
-    ctx.stop_point()
-    model.save_pretrained(out)
-    _copy_tokenizer(src, out)
-    del model
-    torch.cuda.empty_cache()
-    reloaded = auto.from_pretrained(out, device_map={"": 0}, use_safetensors=True)
-    mean_abs = _check_finite(reloaded, "cuda:0")
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"format": "bnb-nf4", "bytes": size, "reload_logits_mean_abs": mean_abs,
-            "quantization_config": reloaded.config.quantization_config.to_dict()}
-
-
-def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
-    """f16 GGUF with llama.cpp's converter, then one file per quant type.
-    Not exercised by the test suite (llama.cpp is not on the test node)."""
-    stage = ctx.stage
-    assert isinstance(stage, QuantStage)
-    types = stage.quant_types
-    f16 = out / "model-f16.gguf"
-    subprocess.run([sys.executable, shutil.which(GGUF_CONVERTER), str(src), "--outfile", str(f16),
-                    "--outtype", "f16"], check=True)
-    files = {}
-    for i, qtype in enumerate(types):
-        ctx.stop_point()
-        target = out / f"model-{qtype}.gguf"
-        subprocess.run([shutil.which(GGUF_QUANTIZE), str(f16), str(target), qtype], check=True)
-        files[qtype] = {"file": target.name, "bytes": target.stat().st_size}
-        ctx.progress(i + 1, len(types), "quant types")
-    return {"format": "gguf", "files": files}
 
 
 def run_stage(ctx: StageContext) -> StageResult:
@@ -120,4 +64,32 @@ def run_stage(ctx: StageContext) -> StageResult:
     # 3. Record the resolved settings beside the output.
     report = ctx.stage_dir / "quant.json"
     write_json(report, {"format": stage.format, "quantTypes": stage.quant_types, "source": str(src), **metrics})
-    return model_result(ctx, out, {"quant": metrics}, report)
+    if stage.format not in catalog.artifact_formats():
+        return model_result(ctx, out, {"quant": metrics}, report)
+    return artifact_result(ctx, out, metrics, report)
+
+
+def _weight_files(out: Path, entry: dict) -> list[Path]:
+    """The files an artifact entry names: the file, or a directory's weights."""
+    path = out / entry["file"]
+    if path.is_dir():
+        return sorted(p for glob in MODEL_FILE_GLOBS for p in path.rglob(glob))
+    return [path]
+
+
+def artifact_result(ctx: StageContext, out: Path, metrics: dict, report: Path) -> StageResult:
+    """A gguf/mlx output: recorded as an ARTIFACT for eval and package, with
+    the hashes of its weight files (fileHashes, modelHash, as the package
+    stage records them); no model_dir, so the next stage's input model is
+    still the last safetensors one."""
+    files = metrics["files"]
+    hashed = [{"filename": str(p.relative_to(out)), "sha256": sha256_file(p), "size": p.stat().st_size}
+              for f in files for p in _weight_files(out, f)]
+    headline = next(f for f in files if f["file"] == metrics["eval_file"])
+    artifact = {"format": metrics["format"], "stage": ctx.index, "dir": str(out.relative_to(ctx.work_dir)),
+                "eval_file": metrics["eval_file"], "quant_type": headline["quant_type"],
+                "files": [{k: f[k] for k in ("quant_type", "file", "bytes")} for f in files],
+                "tiers": {f["quant_type"]: f["tier"] for f in files if f.get("tier")}}
+    return StageResult(outputs=[out, report], metrics={
+        ARTIFACT: artifact, "quant": metrics, "size_bytes": headline["bytes"], "fileHashes": hashed,
+        "modelHash": model_hash(hashed)})

@@ -46,7 +46,7 @@ def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str 
     """Reload `model_dir` as the load plan says and probe it. Raises
     StageFailed when the plan refuses the model (before loading anything).
     `memory` defaults to the node's free memory now."""
-    from stations.loader import decide, from_pretrained_kwargs, offload_folder
+    from stations.loader import decide, instantiate, offload_folder
 
     config = config or NodeConfig()
     decision = decide(Path(model_dir), config=config, memory=memory)
@@ -59,21 +59,50 @@ def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str 
     import torch
     import transformers
 
-    auto = getattr(transformers, decision.family.auto_class)
-    kwargs = {**from_pretrained_kwargs(decision, config.forge, offload=offload), "use_safetensors": True}
-    model = auto.from_pretrained(model_dir, **kwargs)
-    model.eval()
+    model = instantiate(decision, config.forge, offload=offload)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.forge.trust_remote_code)
     ids = {k: v.to(decision.device) for k, v in tok(PROBE, return_tensors="pt").items()}
     with torch.no_grad():
         logits = model(**ids).logits[0].float()  # (T, V)
-    result = _verdict(logits)
+    result = verdict(logits)
     result["load"] = {"strategy": decision.plan.strategy, "dtype": decision.dtype, "device": decision.device,
                       "reason": decision.plan.reason}
     return result
 
 
-def _verdict(logits) -> dict:
+def check_artifact(path: str | Path, fmt: str) -> dict:
+    """Load a packaged quantized artifact with its format's own runtime
+    (factory.catalog.QUANT_FORMATS reader) and probe it the same way: every
+    .gguf file of a gguf package, the directory of an mlx one. The HF
+    tokenizer packaged beside it tokenizes the probe."""
+    import torch
+    import transformers
+
+    from factory import catalog
+
+    path = Path(path)
+    reader = catalog.QUANT_FORMATS[fmt].reader
+    if reader is None:
+        raise StageFailed(f"quant format {fmt!r} has no runtime here; transformers loads it (drop --format)")
+    targets = sorted(path.glob("*.gguf")) if fmt == "gguf" else [path]
+    if not targets:
+        raise StageFailed(f"{path} holds no {fmt} model to load")
+    tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    ids = tok(PROBE)["input_ids"]
+    results = {}
+    for target in targets:
+        runtime = catalog.resolve(reader)(target)
+        try:
+            result = verdict(torch.from_numpy(runtime.logits(ids)).float())
+            result["runtime"] = runtime.name
+        finally:
+            runtime.close()
+        results[target.name] = result
+    problems = [f"{name}: {p}" for name, r in results.items() for p in r["problems"]]
+    return {"ok": not problems, "problems": problems, "files": results}
+
+
+def verdict(logits) -> dict:
     """The probe's numbers and problems from its (T, V) float logits."""
     import torch
 
@@ -105,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir")
     parser.add_argument("--root", help="factory root whose factory_node.toml applies")
     parser.add_argument("--base", help="the part's base name (its offload folder)")
+    parser.add_argument("--format", help="a quantized artifact's format (gguf, mlx): load it with its runtime")
     args = parser.parse_args(argv)
     try:
-        config = load_node_config(Layout(Path(args.root)).node_config) if args.root else NodeConfig()
-        result = check(args.model_dir, config=config, base=args.base)
+        if args.format:
+            result = check_artifact(args.model_dir, args.format)
+        else:
+            config = load_node_config(Layout(Path(args.root)).node_config) if args.root else NodeConfig()
+            result = check(args.model_dir, config=config, base=args.base)
     except Exception as err:  # noqa: BLE001 - any failure to load is the finding
         result = {"ok": False, "problems": [f"{type(err).__name__}: {printable(str(err), MAX_PROBLEM_CHARS)}"]}
     print(json.dumps(result))

@@ -263,7 +263,7 @@ def test_reload_check_refuses_before_loading_when_nothing_fits(model_19b: Path) 
     from stations.smoke import check
 
     with pytest.raises(StageFailed, match=r"cannot load .*llama-19b on this node: model 35\.\d\d GiB fits nowhere"):
-        check(model_19b, config=NodeConfig(), memory=_ram(30))
+        check(model_19b, config=NodeConfig(), memory=_ram(12))
 
 
 # ── a streaming load's offload folder needs the cold tier's room ───────────────

@@ -183,14 +183,14 @@ def test_plan_and_validate_exit_codes(root, tmp_path):
 def test_plan_refuses_unknown_benchmarks_and_quant_this_node_cannot_do(root, tmp_path):
     alloy = {**selftest_alloy(), "stages": [
         {"type": "eval", "benchmarks": [{"name": "perplexity"}, {"name": "no-such-bench"}]},
-        {"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M"]},
+        {"type": "quant", "format": "onnx", "quantTypes": ["int8"]},  # no ONNX writer on this node
     ]}
     r = factory("enqueue", str(write_alloy(tmp_path / "q.alloy.json", alloy)), root=root)
     assert r.returncode == 2
     problems = json.loads((root / "line/rework/q.error.json").read_text())["problems"]
     paths = {p["path"]: p["message"] for p in problems}
     assert "unknown benchmark 'no-such-bench'" in paths["$.stages[0].benchmarks[1].name"]
-    assert "convert_hf_to_gguf.py" in paths["$.stages[1].format"]
+    assert "optimum-onnx" in paths["$.stages[1].format"]
 
 
 def test_score_humaneval_reproduces_a_published_figure():

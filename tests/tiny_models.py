@@ -72,6 +72,9 @@ _FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "qwen3_5_text": _QWEN3_5_LINEAR,
     "qwen3_5_moe": _QWEN3_5_LINEAR,
     "qwen3_5_moe_text": _QWEN3_5_LINEAR,
+    # OLMoE is multi-head: its q/k norms span every head, and llama.cpp
+    # checks their width against the heads, so a GQA stand-in is not OLMoE.
+    "olmoe": {"num_key_value_heads": HEADS},
 }
 
 

@@ -46,7 +46,7 @@ def _blocks(job: BenchJob) -> dict:
     if tok is None:
         raise StageFailed(f"perplexity needs a tokenizer beside the {job.role} model; add the tokenizer files")
     corpus = resolve_corpus(job)
-    model_max = getattr(job.loaded.model.config, "max_position_embeddings", None) or DEFAULT_BLOCK
+    model_max = _context_length(job.loaded) or DEFAULT_BLOCK
     block = int(job.option("eval_block_size", min(DEFAULT_BLOCK, model_max)))
     budget = int(job.option("eval_tokens", DEFAULT_TOKEN_BUDGET))
     blocks = corpora.read_blocks(tok, corpus, block=block, budget=budget)
@@ -57,12 +57,33 @@ def _blocks(job: BenchJob) -> dict:
     return job.shared
 
 
+def _context_length(loaded) -> int | None:
+    if loaded.runtime is not None:
+        return loaded.runtime.context_length
+    return getattr(loaded.model.config, "max_position_embeddings", None)
+
+
 def _check_vocab(job: BenchJob, blocks: list[list[int]]) -> None:
-    vocab = job.loaded.model.get_input_embeddings().weight.shape[0]
+    runtime = job.loaded.runtime
+    vocab = runtime.vocab_size if runtime is not None else job.loaded.model.get_input_embeddings().weight.shape[0]
     top = max(max(b) for b in blocks if b)
     if top >= vocab:
         raise StageFailed(f"token id {top} from the source tokenizer is outside the {job.role} model's "
                           f"vocabulary ({vocab}); perplexity needs models that share a tokenizer")
+
+
+def runtime_nll_sum(job: BenchJob, blocks: list[list[int]]) -> tuple[float, int]:
+    """nll_sum for a quantized artifact, scored block by block by its own
+    runtime (llama.cpp, mlx-lm) on the same token ids."""
+    total, count = 0.0, 0
+    for i, block in enumerate(blocks):
+        if len(block) > 1:
+            scored = job.loaded.runtime.score(block)
+            total -= sum(lp for lp, _ in scored)
+            count += len(scored)
+        job.ctx.progress(i + 1, len(blocks), f"perplexity {job.role} blocks")
+        job.ctx.stop_point()
+    return total, count
 
 
 def nll_sum(job: BenchJob, blocks: list[list[int]], *, pad: int, batch: int) -> tuple[float, int]:
@@ -96,8 +117,11 @@ def nll_sum(job: BenchJob, blocks: list[list[int]], *, pad: int, batch: int) -> 
 def run(job: BenchJob) -> dict:
     shared = _blocks(job)
     _check_vocab(job, shared["blocks"])
-    total, count = nll_sum(job, shared["blocks"], pad=shared["pad"],
-                           batch=int(job.option("eval_batch_size", DEFAULT_BATCH)))
+    if job.loaded.runtime is not None:
+        total, count = runtime_nll_sum(job, shared["blocks"])
+    else:
+        total, count = nll_sum(job, shared["blocks"], pad=shared["pad"],
+                               batch=int(job.option("eval_batch_size", DEFAULT_BATCH)))
     corpus = shared["corpus"]
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
             "blocks": len(shared["blocks"]), "block_size": shared["block"], "corpus": corpus.ref,
