@@ -1,7 +1,11 @@
 """lm-evaluation-harness tasks on the model the eval station loaded.
 
 The loaded model and tokenizer are wrapped in lm-eval's HFLM as they are, so
-the load plan (GPU, 4-bit, offload) is the one the factory chose. Runs
+the load plan (GPU, 4-bit, offload) is the one the factory chose. A quantized
+artifact the eval station opened with its own runtime (a GGUF in llama.cpp,
+an MLX directory in mlx-lm: `loaded.runtime`) is wrapped in `RuntimeLM`
+instead, so the task measures that file, tokenized as HFLM tokenizes the
+source. Runs
 offline: datasets come from the Hugging Face cache, or from the node's
 `[benchmarks]` table (`factory.benchmarks.resolve_data`):
 
@@ -141,8 +145,14 @@ def run(job: BenchJob) -> dict:
     names, manager = _tasks(job, task)
     limit = job.option("limit")
     seed = int(job.option("seed", 0))
-    lm = HFLM(pretrained=job.loaded.model, tokenizer=job.loaded.tokenizer,
-              batch_size=int(job.option("batch_size", 1)))
+    runtime = job.loaded.runtime
+    if runtime is None:
+        lm = HFLM(pretrained=job.loaded.model, tokenizer=job.loaded.tokenizer,
+                  batch_size=int(job.option("batch_size", 1)))
+    else:
+        from stations.benchmarks.runtime_lm import RuntimeLM
+
+        lm = RuntimeLM(runtime, job.loaded.tokenizer, seed=seed)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=job.spec.n_shot,
                                   limit=None if limit is None else int(limit), task_manager=manager,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -152,6 +162,7 @@ def run(job: BenchJob) -> dict:
     score, key = _score(out, names, task, job.spec.metric)
     results = out["results"]
     return {"score": score, "metric": key, "task": task, "data": job.data().origin,
+            "runtime": "transformers" if runtime is None else runtime.name,
             "num_fewshot": job.spec.n_shot, "limit": limit,
             "docs": {n: out["n-samples"][n]["effective"] for n in names if n in out.get("n-samples", {})},
             "metrics": {n: {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
