@@ -458,10 +458,18 @@ def check_quant_formats(ctx: _Context) -> Iterator[Finding]:
     family = ctx.geometry_family
     config = ctx.model_config or ({"architectures": list(family.architectures), "model_type": family.name}
                                   if family else None)
-    artifact: tuple[int, str] | None = None
+    artifact: tuple[int, str] | None = None  # (stage index, format) of the newest artifact
     made: set[str] = set()
     for i, stage in enumerate(ctx.alloy.stages):
-        if isinstance(stage, QuantStage) and stage.format in catalog.QUANT_FORMATS:
+        is_quant = isinstance(stage, QuantStage) and stage.format in catalog.QUANT_FORMATS
+        if artifact is not None and kind_of(stage.type).role == FORGE and stage.type != "package":
+            k, fmt = artifact
+            ctx.notes.append(
+                f"$.stages[{i}] (eval) measures the {fmt} artifact of $.stages[{k}] (its first quant type) with "
+                "its own runtime, against the source on the same tokens" if stage.type == "eval" else
+                f"$.stages[{i}] ({stage.type}) works on the last safetensors model; the {fmt} artifact of "
+                f"$.stages[{k}] is for eval and package only")
+        if is_quant:
             runs = stage.format in catalog.artifact_formats()
             if runs and config is not None and catalog.format_problem(stage.format) is None:
                 problem = catalog.model_problem(stage.format, config)
@@ -470,22 +478,13 @@ def check_quant_formats(ctx: _Context) -> Iterator[Finding]:
                                    "drop the stage or quantize to another format")
             artifact = (i, stage.format) if runs else None
             made.add(stage.format)
-            continue
-        if stage.type == "package" and getattr(stage, "format", None) in catalog.artifact_formats():
+        elif stage.type == "package" and getattr(stage, "format", None) in catalog.artifact_formats():
             if stage.format not in made:
                 yield _finding(f"$.stages[{i}].format", stage.format, f"packages a {stage.format} artifact, and no "
                                "earlier quant stage writes one", f"add a quant stage with format {stage.format!r} "
                                "before it, or package safetensors")
-            continue
-        if artifact is None or kind_of(stage.type).role != FORGE:
-            continue
-        k, fmt = artifact
-        if stage.type == "eval":
-            ctx.notes.append(f"$.stages[{i}] (eval) measures the {fmt} artifact of $.stages[{k}] (its first "
-                             f"quant type) with its own runtime, against the source on the same tokens")
-        else:
-            ctx.notes.append(f"$.stages[{i}] ({stage.type}) works on the last safetensors model; the {fmt} "
-                             f"artifact of $.stages[{k}] is for eval and package only")
+        elif kind_of(stage.type).copies(stage) > 0:
+            artifact = None  # a new safetensors model: later stages work on it
 
 
 def check_datasets(ctx: _Context) -> Iterator[Finding]:

@@ -43,6 +43,7 @@ from factory.errors import FactoryError
 from factory.integrity import sha256_file
 from factory.line import Line, init_root
 from factory.protocol import CHECKPOINT, Layout
+from factory.results import ARTIFACT, MODEL_DIR, artifact_unit
 
 # Budget caps: stage type -> {camelCase key: the most a rehearsal runs}.
 CAPS: dict[str, dict[str, int]] = {
@@ -299,9 +300,11 @@ def _run_daemon(root: Path) -> None:
         raise FactoryError(f"the rehearsal daemon on {root} exited {proc.returncode}: {proc.stderr[-2000:]}")
 
 
-def _reload(root: Path, model_dir: Path) -> str | None:
-    """None when `model_dir` reloads and answers sanely in a fresh process, else why not."""
-    proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(root)],
+def _reload(root: Path, model_dir: Path, fmt: str | None = None) -> str | None:
+    """None when `model_dir` reloads and answers sanely in a fresh process
+    (a gguf/mlx artifact through its own runtime), else why not."""
+    how = ["--format", fmt] if fmt else []
+    proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(root), *how],
                           capture_output=True, text=True)
     try:
         verdict = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -328,9 +331,11 @@ def _collect(line: Line, base: str, stages: list, cut: dict[int, str]) -> Rehear
             rep = StageReport(i, stage.type, "ran", seconds=entry.get("elapsed_s"),
                               wrote=sorted({p.split("/")[2] if p.count("/") >= 2 else p
                                             for p in entry.get("outputs", {})}))
-            model = (entry.get("metrics") or {}).get("model_dir")
-            if model:
-                problem = _reload(line.root, line.layout.work_dir(base) / model)
+            metrics, work = entry.get("metrics") or {}, line.layout.work_dir(base)
+            artifact = metrics.get(ARTIFACT)
+            if metrics.get(MODEL_DIR) or artifact:
+                problem = (_reload(line.root, artifact_unit(work, artifact), artifact["format"]) if artifact
+                           else _reload(line.root, work / metrics[MODEL_DIR]))
                 rep.reloaded = problem is None
                 if problem:
                     rep.status, rep.reason = "failed", f"the model it wrote does not reload: {problem}"

@@ -22,11 +22,8 @@ that does not reload fails the stage.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,15 +34,13 @@ from factory.errors import StageFailed
 from factory import catalog
 from factory.integrity import HASH_PREFIX, hash_model_dir, model_files, model_hash
 from factory.model_files import inspect_checkpoint
-from factory.results import ARTIFACT, RESOLVED, corpus_records, measurements
+from factory.results import ARTIFACT, RESOLVED, artifact_unit, corpus_records, measurements
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
 
 EXECUTED_ALLOY = "forge-alloy.json"
 EXTENSION_KEY = "forgeFactory"  # results.<this>: what only forge-factory records
-# Loading even a large model for one forward pass on CPU stays well inside this.
-SMOKE_TIMEOUT_SECONDS = 1800
 # Formats this station writes from the newest safetensors model: a Hugging
 # Face safetensors directory. The catalog's quant formats with a runtime of
 # their own (gguf, mlx) are packaged from a quant stage's artifact.
@@ -180,15 +175,10 @@ def _smoke(ctx: StageContext, model_dir: Path, artifact: dict | None) -> dict:
     """Reload in a fresh process through this node's load plan (its config
     and cold tier), never in fp32 regardless of size; an artifact through
     its format's runtime."""
-    how = ["--format", artifact["format"]] if artifact else []
-    proc = subprocess.run([sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(ctx.layout.root),
-                           "--base", ctx.work_dir.name, *how], capture_output=True,
-                          text=True, timeout=SMOKE_TIMEOUT_SECONDS)
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {"ok": False, "problems": [f"probe process exited {proc.returncode}: {proc.stderr[-500:]}"]}
-    return result
+    from stations.smoke import run_fresh
+
+    return run_fresh(model_dir, root=ctx.layout.root, base=ctx.work_dir.name,
+                     fmt=artifact["format"] if artifact else None)
 
 
 def newest_artifact(ctx: StageContext, fmt: str) -> dict:
@@ -201,13 +191,6 @@ def newest_artifact(ctx: StageContext, fmt: str) -> dict:
                       f"stage with format {fmt!r} before this package stage, or package safetensors")
 
 
-def _ship_dir(ctx: StageContext, artifact: dict) -> Path:
-    """What an artifact ships as one directory: the artifact dir (GGUF files
-    beside config and tokenizer), or its first quant type's model dir (MLX)."""
-    where = ctx.work_dir / artifact["dir"]
-    return where / artifact["eval_file"] if (where / artifact["eval_file"]).is_dir() else where
-
-
 def run_stage(ctx: StageContext) -> StageResult:
     stage = ctx.stage
     assert isinstance(stage, PackageStage)
@@ -218,7 +201,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     src = input_model_dir(ctx)  # with an artifact: the safetensors model it was quantized from
     out = output_model_dir(ctx)
     # 1. weights, config, tokenizer, generation config
-    _copy_model(_ship_dir(ctx, artifact) if artifact else src, out)
+    _copy_model(artifact_unit(ctx.work_dir, artifact) if artifact else src, out)
     if not any(out.glob("tokenizer*")) and stage.include_tokenizer:
         raise StageFailed(f"{src} has no tokenizer files; a packaged model must ship its tokenizer")
     if artifact is None:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from factory.errors import StageFailed, printable
@@ -37,6 +39,8 @@ MAX_PROBLEM_CHARS = 1000
 
 PROBE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
 MIN_MAX_LOGPROB = -20.0
+# Loading even a large model for one forward pass on CPU stays well inside this.
+FRESH_TIMEOUT_SECONDS = 1800
 # Entropy below log(V) minus this margin (nats) counts as "not uniform".
 UNIFORM_MARGIN_NATS = 1e-3
 
@@ -46,7 +50,7 @@ def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str 
     """Reload `model_dir` as the load plan says and probe it. Raises
     StageFailed when the plan refuses the model (before loading anything).
     `memory` defaults to the node's free memory now."""
-    from stations.loader import decide, instantiate, offload_folder
+    from stations.loader import decide, four_bit_layout, instantiate, offload_folder
 
     config = config or NodeConfig()
     decision = decide(Path(model_dir), config=config, memory=memory)
@@ -60,6 +64,7 @@ def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str 
     import transformers
 
     model = instantiate(decision, config.forge, offload=offload)
+    layout = four_bit_layout(model) if getattr(model, "is_loaded_in_4bit", False) else None
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.forge.trust_remote_code)
     ids = {k: v.to(decision.device) for k, v in tok(PROBE, return_tensors="pt").items()}
     with torch.no_grad():
@@ -67,7 +72,25 @@ def check(model_dir: str | Path, *, config: NodeConfig | None = None, base: str 
     result = verdict(logits)
     result["load"] = {"strategy": decision.plan.strategy, "dtype": decision.dtype, "device": decision.device,
                       "reason": decision.plan.reason}
+    if layout is not None:  # a saved NF4 model: what is quantized and what stayed exact
+        result["layout"] = asdict(layout)
     return result
+
+
+def run_fresh(model_dir: Path, *, root: Path, base: str | None = None, fmt: str | None = None,
+              timeout: float = FRESH_TIMEOUT_SECONDS) -> dict:
+    """`check` (or `check_artifact` for a gguf/mlx `fmt`) in a fresh
+    process: a model must stand on its files alone, not on state left in
+    the process that wrote it. Returns the verdict; a crash is one too."""
+    argv = [sys.executable, "-m", "stations.smoke", str(model_dir), "--root", str(root)]
+    argv += ["--base", base] if base else []
+    argv += ["--format", fmt] if fmt else []
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "problems": [f"the reload process exited {proc.returncode}: "
+                                          f"{printable(proc.stderr[-MAX_PROBLEM_CHARS:], MAX_PROBLEM_CHARS)}"]}
 
 
 def check_artifact(path: str | Path, fmt: str) -> dict:

@@ -112,6 +112,12 @@ def test_doctor_reports_checks(root):
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     assert checks["line"]["verdict"] == "ok" and checks["node config"]["verdict"] == "ok"
     assert "inotify" in checks and "max_user_watches" in checks["inotify"]["detail"]
+    from factory.catalog import QUANT_FORMATS, format_problem
+
+    for fmt in QUANT_FORMATS:  # every format, with the plan's own reason when it is refused
+        why = format_problem(fmt)
+        assert checks[f"quant {fmt}"]["verdict"] == ("ok" if why is None else "warn")
+        assert why is None or why in checks[f"quant {fmt}"]["detail"]
     assert r.returncode == 0
     (root / "factory_node.toml").write_text("[forge]\nmax_retries = -1\n")
     r = factory("doctor", "--json", root=root)

@@ -533,3 +533,39 @@ def test_gate_location_check_reads_no_model_file(line_root: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(line_root)], capture_output=True, text=True,
                          timeout=30, check=True, cwd=Path(__file__).parent.parent).stdout
     assert out.split() == ["True"]
+
+
+# ── quantized formats ───────────────────────────────────────────────────────
+
+
+needs_gguf = pytest.mark.skipif(__import__("factory.quant_support", fromlist=["x"]).gguf_problem() is not None,
+                                reason="llama.cpp's converter is not installed")
+
+
+@needs_gguf
+def test_gguf_of_an_architecture_llama_cpp_lacks_is_refused_with_its_spelling(setup: Setup) -> None:
+    setup.model("phimoe")
+    plan = setup.plan(alloy("models/phimoe", "phimoe", [{"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M"]}]))
+    [finding] = [f for f in plan.findings if f.path == "$.stages[0].format"]
+    assert "'PhimoeForCausalLM'" in finding.message and "'PhiMoEForCausalLM', spelled differently" in finding.message
+
+
+@needs_gguf
+def test_stages_after_a_gguf_say_what_they_work_on(setup: Setup) -> None:
+    setup.model("llama")
+    stages = [{"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M"]},
+              {"type": "eval", "benchmarks": [{"name": "perplexity", "subset": "calibration/code.jsonl"}]},
+              {"type": "quant", "format": "gguf", "quantTypes": ["Q8_0"]},
+              {"type": "package", "format": "gguf"}]
+    setup.corpus()
+    plan = setup.plan(alloy(stages=stages))
+    assert plan.ok, plan.render_text()
+    assert any(n.startswith("$.stages[1] (eval) measures the gguf artifact of $.stages[0]") for n in plan.notes)
+    assert any(n.startswith("$.stages[2] (quant) works on the last safetensors model") for n in plan.notes)
+
+
+def test_a_gguf_package_with_no_gguf_quant_is_refused(setup: Setup) -> None:
+    setup.model("llama")
+    plan = setup.plan(alloy(stages=[{"type": "package", "format": "gguf"}]))
+    [finding] = [f for f in plan.findings if f.path == "$.stages[0].format"]
+    assert "no earlier quant stage writes one" in finding.message

@@ -24,7 +24,8 @@ from factory.load_plan import GIB, NodeMemory
 from factory.model_files import check_model_dir
 from factory.nodeconfig import NodeConfig
 from stations import loader
-from stations.quant_bnb import quant_decision, quantize_nf4, reload_check
+from stations.quant_bnb import quant_decision, quantize_nf4
+from stations.smoke import check as reload_check
 from tests.stationkit import Reports, make_ctx, run_stages
 from tests.test_profile import alloy, make_station_root, moe_model, profile_stage
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
