@@ -26,10 +26,13 @@ What it measures (not a test: figures for docs/PERFORMANCE.md):
      check OUT --vocab 32000`` (load in llama.cpp, one 16-token forward).
    * ``mlx 4bit``: stations.quant_mlx's path (mlx_config, stage_source,
      convert: mlx_lm.convert at 4 bits, group 64, plus the fsyncs), then
-     ``mlx check``: ``python -m stations.mlx_runtime --check DIR``.
+     ``mlx check``: ``python -m stations.mlx_runtime --check DIR`` (score
+     a 30-token prompt, generate 8 tokens); by default on the first repeat
+     only (--mlx-check), since it takes minutes here.
    * ``nf4``: stations.quant_bnb's quant_decision + quantize_nf4
      (bitsandbytes NF4 load on the CPU, save_pretrained, tokenizer), then
-     ``nf4 reload``: ``python -m stations.quant_bnb DIR``.
+     ``nf4 reload``: ``python -m stations.smoke DIR`` (the fresh-process
+     reload the station runs: load plan, module types, one forward).
 
    Each job runs --repeat times; the order repeats (read, copy, gguf, mlx,
    nf4), so the page cache is warm for every job after the first read.
@@ -47,18 +50,22 @@ What it measures (not a test: figures for docs/PERFORMANCE.md):
    * ``peak_rss_gib``: ru_maxrss of the job's process from ``os.wait4``
      (its own high-water mark, and any child it waited for), GiB.
    * ``rss_over_checkpoint``: that peak / the checkpoint's safetensors bytes.
-   * ``rss_before_work_gib`` (in-process jobs): the same process's VmHWM
-     after imports, before the work starts.
+   * ``rss_before_work_gib`` (mlx, nf4): the job process's VmHWM before
+     the station's imports (torch, mlx) and its work: the bare interpreter.
 
    The table shows the median over repeats and the spread (min-max).
    The load average is sampled before every job.
+
+4. ``--job mlx-matmul`` (run by hand, not by the bench): ms per call of one
+   of the model's MLP matmuls in mlx, 4-bit vs bf16, at 1 and 30 rows, the
+   reason the mlx check takes minutes on a CPU.
 
 Disk: the model (~1.3 GB at 12 layers), its copy, the f16 GGUF and the
 quantized outputs exist at once (~5 GB), all under --work (default a temp
 dir), deleted after each repeat; the --model-dir model is kept.
 
     . .venv/bin/activate
-    python bench/quant_formats.py --model-dir /tmp/qf-model --repeat 2 --markdown > quant.json
+    python bench/quant_formats.py --model-dir /tmp/qf/model --work /tmp/qf --repeat 2 --mlx-check first --markdown > quant.json
 """
 
 from __future__ import annotations
@@ -169,26 +176,65 @@ def job_nf4(model: Path, out: Path) -> dict:
             "device": decision.device, "quantized_modules": layout.quantized}
 
 
-JOBS = {"read": job_read, "copy": job_copy, "mlx": job_mlx, "nf4": job_nf4}
+def job_mlx_matmul() -> dict:
+    """Why the mlx check is slow here: one of the model's MLP matmuls
+    (M rows of 2048 against 5632 x 2048), mlx 4-bit group 64 vs dense bf16,
+    ms per call on the CPU backend (median of 3 after a warm-up)."""
+    import mlx.core as mx
+
+    w = mx.random.normal((CONFIG["intermediate_size"], CONFIG["hidden_size"])).astype(mx.bfloat16)
+    wq = mx.quantize(w, bits=MLX_BITS, group_size=64)
+    mx.eval(w, *wq)
+    out = {}
+    for m in (1, 30):  # a decode step; the check's 30-token prompt
+        x = mx.random.normal((m, CONFIG["hidden_size"])).astype(mx.bfloat16)
+        calls = {"bf16": lambda: x @ w.T,
+                 "q4": lambda: mx.quantized_matmul(x, *wq, transpose=True, group_size=64, bits=MLX_BITS)}
+        for name, call in calls.items():
+            mx.eval(call())
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                mx.eval(call())
+                times.append(time.perf_counter() - t0)
+            out[f"m{m}_{name}_ms"] = round(statistics.median(times) * 1000, 1)
+    return out
+
+
+JOBS = {"read": job_read, "copy": job_copy, "mlx": job_mlx, "nf4": job_nf4, "mlx-matmul": job_mlx_matmul}
 
 
 # ── running and measuring ───────────────────────────────────────────────────
 
 
-def run_measured(argv: list[str], log: Path) -> dict:
+def run_measured(argv: list[str], log: Path, *, timeout: float | None = None) -> dict:
     """Run `argv` as its own process; wall seconds, its peak RSS (wait4's
-    ru_maxrss) and its last stdout line as JSON when it prints one."""
+    ru_maxrss) and its last stdout line as JSON when it prints one. Past
+    `timeout` seconds it is killed and reported as timed out."""
     env = {**os.environ, "GGML_NO_BACKTRACE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     load = os.getloadavg()[0]
     with log.open("w") as err, tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                proc.kill()
+                timed_out = True
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         lines = out.read().strip().splitlines()
+    if timed_out:
+        return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss * 1024 / GiB, "load1": round(load, 2),
+                "said": {}, "timed_out": True}
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {log.read_text()[-2000:]}")
     try:
@@ -196,11 +242,12 @@ def run_measured(argv: list[str], log: Path) -> dict:
     except ValueError:
         said = {}
     return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss * 1024 / GiB, "load1": round(load, 2),
-            "said": said}
+            "said": said, "timed_out": False}
 
 
-def one_repeat(model: Path, work: Path) -> dict[str, dict]:
-    """Every job once, in order; outputs removed afterwards."""
+def one_repeat(model: Path, work: Path, *, mlx_check: bool, mlx_timeout: float) -> dict[str, dict]:
+    """Every job once, in order (the mlx check only when `mlx_check`);
+    outputs removed afterwards."""
     py, me = sys.executable, str(Path(__file__).resolve())
     f16 = work / "model-f16.gguf"
     steps: list[tuple[str, list[str]]] = [
@@ -213,19 +260,21 @@ def one_repeat(model: Path, work: Path) -> dict[str, dict]:
     for qt in QUANT_TYPES:
         steps.append((f"check {qt}", [py, "-m", "stations.llama_cpp_runtime", "check", str(work / f"model-{qt}.gguf"),
                                       "--vocab", str(CONFIG["vocab_size"])]))
-    steps += [("mlx 4bit", [py, me, "--job", "mlx", str(model), str(work / "mlx-4bit")]),
-              ("mlx check", [py, "-m", "stations.mlx_runtime", "--check", str(work / "mlx-4bit")]),
-              ("nf4", [py, me, "--job", "nf4", str(model), str(work / "nf4")]),
-              ("nf4 reload", [py, "-m", "stations.quant_bnb", str(work / "nf4")])]
+    steps.append(("mlx 4bit", [py, me, "--job", "mlx", str(model), str(work / "mlx-4bit")]))
+    if mlx_check:
+        steps.append(("mlx check", [py, "-m", "stations.mlx_runtime", "--check", str(work / "mlx-4bit")]))
+    steps += [("nf4", [py, me, "--job", "nf4", str(model), str(work / "nf4")]),
+              ("nf4 reload", [py, "-m", "stations.smoke", str(work / "nf4")])]
     results = {}
     for name, argv in steps:
-        r = run_measured(argv, work / f"{name.replace(' ', '-')}.log")
+        r = run_measured(argv, work / f"{name.replace(' ', '-')}.log",
+                         timeout=mlx_timeout if name == "mlx check" else None)
         if name == "gguf f16":
             r["said"] = {"bytes": f16.stat().st_size}
         elif name.startswith("gguf "):
             r["said"].setdefault("bytes", (work / f"model-{name.split()[1]}.gguf").stat().st_size)
         results[name] = r
-        print(f"  {name}: {r['seconds']:.1f} s, {r['peak_rss_gib']:.2f} GiB (load {r['load1']})", file=sys.stderr)
+        print(f"  {name}: {r['seconds']:.1f} s{' (timed out)' if r['timed_out'] else ''}, {r['peak_rss_gib']:.2f} GiB (load {r['load1']})", file=sys.stderr)
     for p in work.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return results
@@ -235,18 +284,20 @@ def summarise(runs: list[dict[str, dict]], *, ckpt: int, f16_bytes: int) -> list
     """Per job: median and spread of seconds, GB/s, x copy and peak RSS."""
     rows = []
     for name in runs[0]:
+        ran = [r for r in runs if name in r]
         input_bytes = f16_bytes if name in (f"gguf {qt}" for qt in QUANT_TYPES) else ckpt
         rated = not name.startswith("check") and not name.endswith(("check", "reload"))
-        secs = [r[name]["seconds"] for r in runs]
-        rss = [r[name]["peak_rss_gib"] for r in runs]
+        secs = [r[name]["seconds"] for r in ran]
+        rss = [r[name]["peak_rss_gib"] for r in ran]
         row = {"job": name, "input_bytes": input_bytes if rated else None,
                "seconds": [round(s, 2) for s in secs], "seconds_median": round(statistics.median(secs), 2),
                "peak_rss_gib": [round(x, 3) for x in rss], "peak_rss_gib_max": round(max(rss), 3),
                "rss_over_checkpoint": round(max(rss) * GiB / ckpt, 3),
-               "load1": [r[name]["load1"] for r in runs], "said": runs[-1][name]["said"]}
+               "load1": [r[name]["load1"] for r in ran], "timed_out": any(r[name]["timed_out"] for r in ran),
+               "said": ran[-1][name]["said"]}
         if rated:
             rates = [input_bytes / GB / s for s in secs]
-            x_copy = [rate / (ckpt / GB / r["copy"]["seconds"]) for rate, r in zip(rates, runs)]
+            x_copy = [rate / (ckpt / GB / r["copy"]["seconds"]) for rate, r in zip(rates, ran)]
             row.update(gb_per_s=[round(x, 3) for x in rates], gb_per_s_median=round(statistics.median(rates), 3),
                        x_copy=[round(x, 3) for x in x_copy], x_copy_median=round(statistics.median(x_copy), 3))
         rows.append(row)
@@ -254,7 +305,8 @@ def summarise(runs: list[dict[str, dict]], *, ckpt: int, f16_bytes: int) -> list
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    return format(values[0], fmt) if len(values) == 1 else f"{format(min(values), fmt)}-{format(max(values), fmt)}"
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -262,7 +314,9 @@ def markdown(rows: list[dict]) -> str:
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         inp = f"{r['input_bytes'] / GB:.2f} GB" if r["input_bytes"] else "-"
+        inp += " f16 GGUF" if r["job"] in (f"gguf {qt}" for qt in QUANT_TYPES) else ""
         secs = f"{r['seconds_median']:.1f} ({', '.join(f'{s:.1f}' for s in r['seconds'])})"
+        secs = f"> {secs} (killed)" if r["timed_out"] else secs
         rate = f"{r['gb_per_s_median']:.3f} ({_spread(r['gb_per_s'], '.3f')})" if "gb_per_s" in r else "-"
         x = f"{r['x_copy_median']:.3f} ({_spread(r['x_copy'], '.3f')})" if "x_copy" in r else "-"
         out.append(f"| {r['job']} | {inp} | {secs} | {rate} | {x} | {_spread(r['peak_rss_gib'], '.2f')} | "
@@ -283,8 +337,13 @@ def main() -> None:
                     help="where the checkpoint is built once and reused (default: inside --work, deleted)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="scratch dir parent (default: the temp dir)")
+    ap.add_argument("--mlx-check", choices=("first", "every", "never"), default="first",
+                    help="which repeats run the mlx-lm load-and-generate check (minutes on this CPU: mlx's CPU "
+                         "backend runs it on one thread)")
+    ap.add_argument("--mlx-check-timeout", type=float, default=600.0, help="seconds before the mlx check is killed")
     ap.add_argument("--markdown", action="store_true", help="also print a table on stderr")
-    ap.add_argument("--job", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--job", nargs="+", help="run one job in this process and print its JSON "
+                    "(mlx-matmul: the mlx CPU matmul timing; the others are what the bench spawns)")
     args = ap.parse_args()
     if args.job:
         kind, *paths = args.job
@@ -293,6 +352,8 @@ def main() -> None:
     from machine import machine
 
     info = {**machine(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1)}
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="quant-bench-", dir=args.work))
     try:
         t0 = time.perf_counter()
@@ -303,7 +364,8 @@ def main() -> None:
         runs = []
         for i in range(args.repeat):
             print(f"repeat {i + 1}/{args.repeat}", file=sys.stderr)
-            runs.append(one_repeat(model, jobs))
+            check = args.mlx_check == "every" or (args.mlx_check == "first" and i == 0)
+            runs.append(one_repeat(model, jobs, mlx_check=check, mlx_timeout=args.mlx_check_timeout))
         ckpt = weight_bytes(model)
         rows = summarise(runs, ckpt=ckpt, f16_bytes=runs[-1]["gguf f16"]["said"]["bytes"])
     finally:
