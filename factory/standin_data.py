@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 STANDIN_PROBLEMS = 4  # HumanEval+ problems in a stand-in file
-STANDIN_DOCS = 12  # lm-eval documents in a stand-in split
+STANDIN_DOCS = 32  # lm-eval documents in a stand-in split: few-shot examples come from it too (published nShot: up to 25)
 _LETTERS = "ABCDEFGHIJ"
 
 
@@ -82,6 +82,9 @@ def arc_challenge_rows() -> list[dict]:
 
 
 def mmlu_pro_rows() -> list[dict]:
+    """Math questions: the stand-in is a directory holding the math task's
+    file alone, and lm-eval's mmlu_pro group runs the tasks that have one
+    (each of its 14 subject tasks filters the test split by `category`)."""
     rows = []
     for i, (a, b) in enumerate(_sums()):
         options, right = _options(a + b, 10)
@@ -100,18 +103,19 @@ STANDINS: dict[str, tuple[str, Callable[[], list[dict]]]] = {
     "humaneval_plus": ("HumanEvalPlus-standin.jsonl.gz", humaneval_plus_rows),
     "gsm8k": ("gsm8k-standin.jsonl", gsm8k_rows),
     "arc_challenge": ("arc_challenge-standin.jsonl", arc_challenge_rows),
-    "mmlu_pro": ("mmlu_pro-standin.jsonl", mmlu_pro_rows),
+    "mmlu_pro": ("mmlu_pro-standin/mmlu_pro_math.jsonl", mmlu_pro_rows),  # a group: a directory, one task
 }
 
 
 def write_standin(key: str, directory: Path) -> Path | None:
-    """Write the stand-in for [benchmarks] `key` under `directory`; None when
-    there is no stand-in for it."""
+    """Write the stand-in for [benchmarks] `key` under `directory` and
+    return what [benchmarks] maps: the file, or for a group the directory
+    holding its task's file; None when there is no stand-in for it."""
     if key not in STANDINS:
         return None
     name, rows = STANDINS[key]
     path = directory / name
-    directory.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r) + "\n" for r in rows()).encode()
     path.write_bytes(gzip.compress(data, mtime=0) if name.endswith(".gz") else data)
-    return path
+    return path.parent if "/" in name else path

@@ -10,7 +10,7 @@ offline: datasets come from the Hugging Face cache, or from the node's
 `[benchmarks]` table (`factory.benchmarks.resolve_data`):
 
   * a file (JSONL, JSON or parquet, in the task's own columns) is the test
-    split of the task the entry names;
+    split of the task the entry names (of each task of a group);
   * a directory holds `<task>.jsonl|.json|.parquet` per task of a group; the
     tasks with a file run, the others do not.
 
@@ -50,10 +50,21 @@ def _offline() -> None:
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
-def _data_files(path: Path, task: str) -> dict[str, Path]:
-    """task -> its local test-split file."""
+def _leaf_tasks(manager: Any, name: str) -> list[str]:
+    """The tasks an lm-eval group runs, groups inside it expanded; a task is its own leaf."""
+    entry = manager.task_index.get(name)
+    if entry is None or entry.kind.name != "GROUP":
+        return [name]
+    members = (entry.cfg or {}).get("task") or []
+    return [leaf for m in members for leaf in _leaf_tasks(manager, m if isinstance(m, str) else m.get("task"))]
+
+
+def _data_files(path: Path, task: str, manager: Any) -> dict[str, Path]:
+    """task -> its local test-split file. One file for a group is the test
+    split of each of its tasks (each keeps its own document filter, e.g.
+    mmlu_pro's per-subject `process_docs`)."""
     if path.is_file():
-        return {task: path}
+        return {leaf: path for leaf in _leaf_tasks(manager, task)}
     found = {}
     for f in sorted(path.iterdir()):
         suffix = next((s for s in DATA_SUFFIXES if f.name.endswith(s)), None)
@@ -93,7 +104,7 @@ def _tasks(job: BenchJob, task: str) -> tuple[list[str], Any]:
         if data.path is None:
             job.shared.update(tasks=[task], manager=builtin)
         else:  # the overrides include the built-in YAML by path: nothing else needs indexing
-            files = _data_files(data.path, task)
+            files = _data_files(data.path, task, builtin)
             for name, path in files.items():
                 _override(builtin, name, path, job.out_dir)
             job.shared.update(tasks=list(files), manager=TaskManager(
@@ -153,7 +164,11 @@ def run(job: BenchJob) -> dict:
         from stations.benchmarks.runtime_lm import RuntimeLM
 
         lm = RuntimeLM(runtime, job.loaded.tokenizer, seed=seed)
+    # The stage's maxNewTokens caps generation tasks too (gsm8k, mmlu_pro
+    # ask for up to 2048 tokens of their own).
+    cap = job.option("max_new_tokens")
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=job.spec.n_shot,
+                                  gen_kwargs=None if cap is None else {"max_gen_toks": int(cap)},
                                   limit=None if limit is None else int(limit), task_manager=manager,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed)
