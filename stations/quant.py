@@ -69,6 +69,23 @@ def run_stage(ctx: StageContext) -> StageResult:
     return artifact_result(ctx, out, metrics, report)
 
 
+GiB = 2**30
+
+
+def tier(stage: QuantStage, quant_type: str, size: int) -> dict:
+    """One quant type's file size against what the alloy says its tier fits
+    (`tiers.<type>.fitsVramGb`, and the `sizeGb` it expected)."""
+    declared = (stage.tiers or {}).get(quant_type)
+    declared = declared if isinstance(declared, dict) else {}
+    row: dict = {"bytes": size, "size_gb": round(size / GiB, 3)}
+    fits, claimed = declared.get("fitsVramGb"), declared.get("sizeGb")
+    if isinstance(fits, (int, float)):
+        row.update(fits_vram_gb=fits, fits=size / GiB <= fits)
+    if isinstance(claimed, (int, float)):
+        row["declared_size_gb"] = claimed
+    return row
+
+
 def _weight_files(out: Path, entry: dict) -> list[Path]:
     """The files an artifact entry names: the file, or a directory's weights."""
     path = out / entry["file"]
@@ -89,7 +106,7 @@ def artifact_result(ctx: StageContext, out: Path, metrics: dict, report: Path) -
     artifact = {"format": metrics["format"], "stage": ctx.index, "dir": str(out.relative_to(ctx.work_dir)),
                 "eval_file": metrics["eval_file"], "quant_type": headline["quant_type"],
                 "files": [{k: f[k] for k in ("quant_type", "file", "bytes")} for f in files],
-                "tiers": {f["quant_type"]: f["tier"] for f in files if f.get("tier")}}
+                "tiers": {f["quant_type"]: tier(ctx.stage, f["quant_type"], f["bytes"]) for f in files}}
     return StageResult(outputs=[out, report], metrics={
         ARTIFACT: artifact, "quant": metrics, "size_bytes": headline["bytes"], "fileHashes": hashed,
         "modelHash": model_hash(hashed)})

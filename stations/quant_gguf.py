@@ -14,7 +14,7 @@ The artifact directory holds the GGUF files, and the HF config and
 tokenizer files of the model they came from: the GGUF embeds its own
 tokenizer, and eval tokenizes with the HF one so the source and the GGUF are
 scored on the same ids. Tier sizes are reported against the alloy's
-`tiers.<type>.fitsVramGb`.
+`tiers.<type>.fitsVramGb` (stations.quant).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from factory.model_files import CONFIG_FILE
 from factory.stages import StageContext
 from stations.quant import copy_tokenizer
 
-GiB = 2**30
 SIXTEEN_BIT = {"F16": "f16", "BF16": "bf16"}  # quant types that are the conversion itself
 # Converting a large checkpoint or quantizing 30B parameters on a few cores
 # takes a while; a hung tool is still caught.
@@ -66,19 +65,6 @@ def _run(ctx: StageContext, what: str, argv: list[str]) -> dict:
                 "with bootstrap/format-tools.sh)" if proc.returncode == -4 else "")
         raise StageFailed(f"{what} failed ({died}){hint}: {detail}")
     return result
-
-
-def _tier(stage: QuantStage, qtype: str, size: int) -> dict:
-    """One quant type's size against what the alloy says its tier fits."""
-    declared = (stage.tiers or {}).get(qtype) or {}
-    row: dict = {"bytes": size, "size_gb": round(size / GiB, 3)}
-    fits = declared.get("fitsVramGb") if isinstance(declared, dict) else None
-    if isinstance(fits, (int, float)):
-        row.update(fits_vram_gb=fits, fits=size / GiB <= fits)
-    claimed = declared.get("sizeGb") if isinstance(declared, dict) else None
-    if isinstance(claimed, (int, float)):
-        row["declared_size_gb"] = claimed
-    return row
 
 
 def _sixteen_bit(types: list[str]) -> str:
@@ -125,8 +111,7 @@ def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
             argv += ["--vocab", str(vocab)]
         checked = _run(ctx, f"llama.cpp loading {target.name}", argv)
         size = target.stat().st_size
-        files.append({"quant_type": qtype, "file": target.name, "bytes": size, "check": checked,
-                      "tier": _tier(stage, qtype, size)})
+        files.append({"quant_type": qtype, "file": target.name, "bytes": size, "check": checked})
         ctx.progress(3 + 2 * i, steps, "steps")
     # 4. what a reader needs beside the files; the intermediate goes
     copy_tokenizer(src, out)

@@ -222,3 +222,32 @@ def test_the_probes_import_neither_mlx_nor_torch():
             "print([m for m in ('mlx', 'mlx_lm', 'torch', 'stations') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_eval_measures_the_mlx_artifact_and_package_ships_it(tmp_path):
+    """quant mlx -> eval (perplexity) -> package mlx, station by station: eval
+    scores the 4-bit MLX directory through mlx-lm on the source's tokens,
+    package ships that directory with its hashes and reloads it with mlx-lm."""
+    from factory.integrity import model_hash, sha256_file
+    from factory.results import ARTIFACT
+
+    root = _root_with(tmp_path, "llama")
+    (root / "calibration").mkdir(exist_ok=True)
+    (root / "calibration/held.jsonl").write_text("".join(json.dumps({"text": TEXT * (i + 1)}) + "\n"
+                                                         for i in range(6)))
+    alloy = _alloy("llama", ["4bit"])
+    alloy["stages"] += [{"type": "eval", "benchmarks": [{"name": "perplexity"}],
+                         "evalCorpusFile": "calibration/held.jsonl"},
+                        {"type": "package", "format": "mlx"}]
+    entries, _ = run_stages(root, alloy)
+    quant, evald, package = (e["metrics"] for e in entries)
+    assert quant[ARTIFACT]["tiers"]["4bit"]["bytes"] == quant[ARTIFACT]["files"][0]["bytes"]
+    assert evald["measured"] == {"format": "mlx", "quant_type": "4bit", "file": "mlx-4bit", "stage": 0}
+    ppl = evald["perplexity"]
+    assert math.isfinite(ppl["forged"]) and ppl["forged"] != ppl["source"] and ppl["tokens"] > 0
+    assert 0.5 < ppl["ratio"] < 2.0  # 4-bit of the same random weights: close to the source, not equal
+    shipped = root / "work/part" / package["forged_dir"]
+    weights = sorted(p.name for p in shipped.glob("*.safetensors"))
+    assert weights and package["modelHash"] == model_hash({n: sha256_file(shipped / n) for n in weights})
+    assert package["smoke"]["ok"] and package["smoke"]["files"][shipped.name]["runtime"] == "mlx-lm"
+    assert json.loads((shipped / "config.json").read_text())["quantization"]["bits"] == 4
