@@ -1,8 +1,8 @@
 """GGUF through llama.cpp's own tools, checked by llama.cpp itself.
 
 Every family llama.cpp's converter registers is forged into Q4_K_M and Q8_0
-files by the quant station, each loaded by llama.cpp in a fresh process; a
-whole part runs profile -> prune -> quant gguf -> eval -> package in the
+files by the quant station, each loaded by llama.cpp in a fresh process,
+evaluated (perplexity by llama.cpp) and packaged; a whole part runs profile -> prune -> quant gguf -> eval -> package in the
 daemon, with perplexity measured on the GGUF itself and the package's
 hashes re-checked by `factory verify`. Needs bootstrap/format-tools.sh's
 install (the README's test command runs it); nothing here is mocked.
@@ -23,7 +23,7 @@ from factory.integrity import model_hash, sha256_file
 from factory.results import ARTIFACT, MODEL_DIR
 from stations.llama_cpp_runtime import open_gguf
 from tests.linekit import factory, make_root, write_alloy
-from tests.stationkit import make_ctx
+from tests.stationkit import make_ctx, run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
 
 pytestmark = pytest.mark.skipif(quant_support.gguf_problem() is not None,
@@ -39,6 +39,10 @@ NOT_CONVERTED = {
 # experts in the in-memory orientation ([E, 2I, H]); llama.cpp's converter
 # reads the Hub's transposed one, and llama.cpp refuses the shapes it wrote.
 WRONG_ORIENTATION = {"qwen3_vl_moe"}
+# llama.cpp's qwen2vl graph turns a whole batch NaN when it holds a token
+# whose embedding row is all zeros: the tiny model's pad token (transformers
+# zero-initialises padding_idx). Eval must say so, not report NaN.
+NAN_ON_A_ZERO_EMBEDDING = {"qwen2_5_vl"}
 CODE = "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i * 2))\n"
 
 
@@ -47,10 +51,15 @@ def _alloy(model: str, family: str, stages: list[dict]) -> dict:
             "stages": stages}
 
 
-def _quant(root, family: str, types=("Q4_K_M", "Q8_0"), tiers=None):
+def _model(root, family: str):
     model = root / "models" / family
     if not (model / "config.json").exists():
         add_tokenizer(build_tiny_model(family, model, vocab_size=TOKENIZER_VOCAB))
+    return model
+
+
+def _quant(root, family: str, types=("Q4_K_M", "Q8_0"), tiers=None):
+    model = _model(root, family)
     stage = {"type": "quant", "format": "gguf", "quantTypes": list(types)}
     if tiers:
         stage["tiers"] = tiers
@@ -59,7 +68,9 @@ def _quant(root, family: str, types=("Q4_K_M", "Q8_0"), tiers=None):
 
 
 @pytest.mark.parametrize("family", sorted(f.name for f in families()))
-def test_every_family_llama_cpp_converts_is_quantized_and_runs(tmp_path, family):
+def test_every_family_llama_cpp_converts_is_quantized_evaluated_and_packaged(tmp_path, family):
+    """quant gguf (Q4_K_M, Q8_0) -> eval (perplexity on the Q4_K_M file, by
+    llama.cpp) -> package gguf, station by station, for every family."""
     spec = get_family(family)
     problem = quant_support.gguf_architecture_problem(list(spec.architectures))
     if family in NOT_CONVERTED:
@@ -71,21 +82,43 @@ def test_every_family_llama_cpp_converts_is_quantized_and_runs(tmp_path, family)
         with pytest.raises(Exception, match="wrong shape"):
             _quant(root, family)
         return
-    ctx, result = _quant(root, family)
-    artifact = result.metrics[ARTIFACT]
-    assert MODEL_DIR not in result.metrics  # the next stage's model is still the safetensors one
+    _model(root, family)
+    (root / "calibration/held.jsonl").write_text("".join(json.dumps({"text": CODE * (i + 1)}) + "\n"
+                                                         for i in range(4)))
+    stages = [{"type": "quant", "format": "gguf", "quantTypes": ["Q4_K_M", "Q8_0"]},
+              {"type": "eval", "benchmarks": [{"name": "perplexity"}], "evalCorpusFile": "calibration/held.jsonl"},
+              {"type": "package", "format": "gguf"}]
+    alloy = _alloy(str(root / "models" / family), family, stages)
+    if family in NAN_ON_A_ZERO_EMBEDDING:
+        with pytest.raises(Exception, match="non-finite log-probabilities"):
+            run_stages(root, alloy, base=f"f-{family}")
+        return
+    entries, _ = run_stages(root, alloy, base=f"f-{family}")
+    quant, evald, package = (e["metrics"] for e in entries)
+    artifact = quant[ARTIFACT]
+    assert MODEL_DIR not in quant  # the next stage's model is still the safetensors one
     assert [f["quant_type"] for f in artifact["files"]] == ["Q4_K_M", "Q8_0"]
-    out = ctx.work_dir / artifact["dir"]
-    for entry, recorded in zip(result.metrics["quant"]["files"], result.metrics["fileHashes"]):
+    work = root / "work" / f"f-{family}"
+    out = work / artifact["dir"]
+    for entry, recorded in zip(quant["quant"]["files"], quant["fileHashes"]):
         path = out / entry["file"]
         assert path.read_bytes()[:4] == b"GGUF"
         assert recorded == {"filename": entry["file"], "sha256": sha256_file(path), "size": path.stat().st_size}
         check = entry["check"]  # llama.cpp's forward pass in a fresh process
         assert check["ok"] and check["logits_finite"] and check["logits_std"] > 0
         assert check["vocab"] == TOKENIZER_VOCAB
-    assert result.metrics["modelHash"] == model_hash(result.metrics["fileHashes"])
-    assert not list(ctx.stage_dir.glob("*.gguf"))  # the f16 intermediate is gone
-    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert quant["modelHash"] == model_hash(quant["fileHashes"])
+    assert not list((work / "stages/0-quant").glob("*.gguf"))  # the f16 intermediate is gone
+    # eval measured the Q4_K_M file through llama.cpp on the source's tokens
+    assert evald["measured"]["file"] == "model-Q4_K_M.gguf"
+    ppl = evald["perplexity"]
+    assert math.isfinite(ppl["forged"]) and ppl["tokens"] > 0 and ppl["forged"] != ppl["source"]
+    # package shipped both files, hashed, each reloaded by a fresh llama.cpp
+    shipped = work / package["forged_dir"]
+    assert sorted(h["filename"] for h in package["fileHashes"]) == ["model-Q4_K_M.gguf", "model-Q8_0.gguf"]
+    assert package["modelHash"] == quant["modelHash"]  # the same bytes, hard-linked
+    assert package["smoke"]["ok"] and len(package["smoke"]["files"]) == 2
+    assert (shipped / "forge-alloy.json").is_file() and (shipped / "tokenizer.json").is_file()
 
 
 def test_q8_is_closer_to_the_source_than_q4_on_the_same_tokens(tmp_path):

@@ -60,7 +60,7 @@ def _blocks(job: BenchJob) -> dict:
 def _context_length(loaded) -> int | None:
     if loaded.runtime is not None:
         return loaded.runtime.context_length
-    return getattr(loaded.model.config, "max_position_embeddings", None)
+    return getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
 
 
 def _check_vocab(job: BenchJob, blocks: list[list[int]]) -> None:
@@ -75,11 +75,20 @@ def _check_vocab(job: BenchJob, blocks: list[list[int]]) -> None:
 def runtime_nll_sum(job: BenchJob, blocks: list[list[int]]) -> tuple[float, int]:
     """nll_sum for a quantized artifact, scored block by block by its own
     runtime (llama.cpp, mlx-lm) on the same token ids."""
+    longest, context = max(len(b) for b in blocks), job.loaded.runtime.context_length
+    if longest > context:
+        raise StageFailed(f"perplexity blocks of {longest} tokens exceed the {context}-token context of the "
+                          f"{job.loaded.runtime.name} model; set the eval stage's evalBlockSize to {context} or less")
     total, count = 0.0, 0
     for i, block in enumerate(blocks):
         if len(block) > 1:
             scored = job.loaded.runtime.score(block)
-            total -= sum(lp for lp, _ in scored)
+            nll = -sum(lp for lp, _ in scored)
+            if not math.isfinite(nll):
+                raise StageFailed(f"the {job.loaded.runtime.name} model gives non-finite log-probabilities on "
+                                  f"perplexity block {i} ({len(block)} tokens): the quantized file does not run "
+                                  "correctly in its runtime")
+            total += nll
             count += len(scored)
         job.ctx.progress(i + 1, len(blocks), f"perplexity {job.role} blocks")
         job.ctx.stop_point()
