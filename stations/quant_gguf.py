@@ -112,6 +112,7 @@ def make_gguf(ctx: StageContext, src: Path, out: Path) -> dict:
         checked = _run(ctx, f"llama.cpp loading {target.name}", argv)
         size = target.stat().st_size
         files.append({"quant_type": qtype, "file": target.name, "bytes": size, "check": checked})
+        ctx.emit("quant/file", format="gguf", quant_type=qtype, file=target.name, bytes=size)
         ctx.progress(3 + 2 * i, steps, "steps")
     # 4. what a reader needs beside the files; the intermediate goes
     copy_tokenizer(src, out)

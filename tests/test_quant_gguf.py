@@ -22,7 +22,7 @@ from factory import catalog, quant_support
 from factory.integrity import model_hash, sha256_file
 from factory.results import ARTIFACT, MODEL_DIR
 from stations.llama_cpp_runtime import open_gguf
-from tests.linekit import factory, make_root, write_alloy
+from tests.linekit import events, factory, make_root, write_alloy
 from tests.stationkit import make_ctx, run_stages
 from tests.tiny_models import TOKENIZER_VOCAB, add_tokenizer, build_tiny_model
 
@@ -223,6 +223,8 @@ def test_profile_prune_quant_eval_package_in_the_daemon(tmp_path):
     assert ggufs == ["model-Q4_K_M.gguf", "model-Q8_0.gguf"]
     assert sorted(h["filename"] for h in result["fileHashes"]) == ggufs
     assert result["modelHash"] == model_hash({n: sha256_file(forged / n) for n in ggufs})
+    files = [(e["quant_type"], e["bytes"]) for e in events(root, "quant/file", "g")]
+    assert files == [(f["quant_type"], f["bytes"]) for f in artifact["files"]]
     pkg = next(s for s in ckpt["stages"] if s["type"] == "package")["metrics"]
     assert pkg["smoke"]["ok"] and set(pkg["smoke"]["files"]) == set(ggufs)
     assert all(f["runtime"] == "llama.cpp" for f in pkg["smoke"]["files"].values())
