@@ -138,7 +138,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     # 2. Which models: the alloy's source and this stage's input (a
     #    quantized artifact when the newest output is one).
     artifact = latest_artifact(ctx)
-    forged = ctx.work_dir / artifact["dir"] / artifact["eval_file"] if artifact else input_model_dir(ctx)
+    forged = runtime.artifact_target(ctx, artifact) if artifact else input_model_dir(ctx)
     dirs = {"source": source_model_dir(ctx), "forged": forged}
     # 3. Measure, one model at a time.
     results = run_benchmarks(ctx, specs, dirs, compare, artifact)

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from stations.runtime import sample_token
+from stations.runtime import sample_token, score_logits
 
 # llama.cpp keeps logits for every position it evaluates (scoring needs
 # them), n_ctx x vocab floats: 4096 positions keep that under 2.5 GB for a
@@ -97,14 +97,7 @@ class LlamaCppRuntime:
         return np.asarray(self._llm.scores[:len(ids)], dtype=np.float64)
 
     def score(self, ids: Sequence[int]) -> list[tuple[float, bool]]:
-        import numpy as np
-
-        logits = self.logits(ids)[:-1]
-        top = logits.max(axis=1, keepdims=True)
-        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        targets = np.asarray(ids[1:])
-        chosen = logits[np.arange(len(targets)), targets]
-        return [(float(c - z), bool(t == a)) for c, z, t, a in zip(chosen, logz, targets, logits.argmax(axis=1))]
+        return score_logits(self.logits(ids), ids)
 
     def generate(self, ids: Sequence[int], *, max_new_tokens: int, temperature: float, seed: int,
                  stop: Callable[[list[int]], bool]) -> list[int]:

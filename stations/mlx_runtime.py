@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from factory.errors import StageFailed
-from stations.runtime import sample_token
+from stations.runtime import sample_token, score_logits
 
 # Where config.json keeps the longest sequence; families disagree on the
 # spelling, so the first present one wins (top level, then text_config).
@@ -75,15 +75,8 @@ class MlxRuntime:
         return np.array(self._mx_logits(ids))
 
     def score(self, ids: Sequence[int]) -> list[tuple[float, bool]]:
-        import mlx.core as mx
-
         self._check_ids(ids, minimum=2)
-        logits = self._mx_logits(ids)[:-1]  # (T-1, V): the prediction of ids[1:]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        targets = mx.array(list(ids[1:]))
-        picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-        best = mx.argmax(logits, axis=-1) == targets
-        return list(zip(picked.tolist(), best.tolist()))
+        return score_logits(self.logits(ids), ids)
 
     def generate(self, ids: Sequence[int], *, max_new_tokens: int, temperature: float, seed: int,
                  stop: Callable[[list[int]], bool]) -> list[int]:

@@ -42,6 +42,26 @@ def sample_token(logits, temperature: float, rng) -> int:
     return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
+def score_logits(logits, ids: Sequence[int]) -> list[tuple[float, bool]]:
+    """`Runtime.score` from a runtime's (len(ids), V) logits, in float64:
+    every runtime scores the same way, so their numbers differ only by the
+    logits they compute."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)[:-1]  # row t predicts ids[t + 1]
+    top = logits.max(axis=1, keepdims=True)
+    logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    targets = np.asarray(ids[1:])
+    chosen = logits[np.arange(len(targets)), targets]
+    best = logits.argmax(axis=1)
+    return [(float(c - z), bool(t == b)) for c, z, t, b in zip(chosen, logz, targets, best)]
+
+
+def artifact_target(ctx: StageContext, artifact: dict):
+    """The file (gguf) or directory (mlx) of `artifact` that eval measures."""
+    return ctx.work_dir / artifact["dir"] / artifact["eval_file"]
+
+
 class Runtime(Protocol):
     """A loaded quantized model, driven by token ids."""
 
@@ -55,7 +75,7 @@ class Runtime(Protocol):
 
     def score(self, ids: Sequence[int]) -> list[tuple[float, bool]]:
         """For each position t >= 1: (log p(ids[t] | ids[:t]) in nats, whether
-        ids[t] is the most likely next token)."""
+        ids[t] is the most likely next token): `score_logits(self.logits(ids), ids)`."""
         ...
 
     def generate(self, ids: Sequence[int], *, max_new_tokens: int, temperature: float, seed: int,
@@ -83,7 +103,7 @@ def open_artifact(ctx: StageContext, artifact: dict, *, purpose: str = ""):
     if row is None or row.reader is None:
         raise StageFailed(f"no runtime here reads quant format {fmt!r}; evaluate before that quant stage")
     directory = ctx.work_dir / artifact["dir"]
-    target = directory / artifact["eval_file"]
+    target = artifact_target(ctx, artifact)
     if not target.exists():
         raise StageFailed(f"the {fmt} artifact {target} that stage {artifact.get('stage')} recorded is gone; "
                           "retry the part from that stage")
