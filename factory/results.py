@@ -20,17 +20,9 @@ MODEL_DIR = "model_dir"  # the model dir a stage wrote, relative to the work dir
 # A quantized artifact a runtime other than transformers reads (gguf, mlx):
 # {"format", "stage", "dir" (relative to the work dir), "eval_file" (what eval
 # measures, the first quant type), "quant_type", "files": [{"quant_type",
-# "file", "bytes", "sha256"}], "tiers": {quant_type: size vs fitsVramGb}}.
+# "file", "bytes"}], "tiers": {quant_type: size vs fitsVramGb}}.
 ARTIFACT = "artifact"
-RESOLVED = "resolved"
-
-
-def artifact_unit(work_dir: Path, artifact: dict) -> Path:
-    """The directory an artifact ships and reloads as one model: the
-    artifact dir (GGUF files beside config and tokenizer), or its first
-    quant type's model dir (MLX: one directory per quant type)."""
-    where = work_dir / artifact["dir"]
-    return where / artifact["eval_file"] if (where / artifact["eval_file"]).is_dir() else where  # {camelCaseField: value}: what a station ran with for fields the alloy left out
+RESOLVED = "resolved"  # {camelCaseField: value}: what a station ran with for fields the alloy left out
 TOWERS_PROVED = "towers_proved"  # stations.towers' proof that non-text towers are unchanged
 # Where stations record a corpus or dataset they read: (key path to its
 # name, key path to its bare sha256 hex).
@@ -40,6 +32,14 @@ CORPUS_RECORDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("perplexity", "corpus"), ("perplexity", "corpus_sha256")),  # eval's perplexity benchmark
     (("dataset", "ref"), ("dataset", "sha256")),  # train, lora, compensation-lora
 )
+
+
+def artifact_unit(work_dir: Path, artifact: dict) -> Path:
+    """The directory an artifact ships and reloads as one model: the
+    artifact dir (GGUF files beside config and tokenizer), or its first
+    quant type's model dir (MLX: one directory per quant type)."""
+    where = work_dir / artifact["dir"]
+    return where / artifact["eval_file"] if (where / artifact["eval_file"]).is_dir() else where
 
 
 def _at(metrics: dict, path: tuple[str, ...]) -> Any:
