@@ -639,6 +639,9 @@ class Source(AlloyModel):
     num_experts_per_tok: PositiveInt | None = None
     top_k: PositiveInt | None = None
     context_length: PositiveInt | None = None
+    # sha256 of a GGUF source's file (factory.gguf_source): the executed
+    # alloy records it; an alloy that carries it runs only on those bytes.
+    source_hash: Sha256Ref | None = None
 
     @property
     def router_top_k(self) -> int | None:

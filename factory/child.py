@@ -176,7 +176,7 @@ def _run_stage(layout: Layout, config, alloy: dict, recipe: Alloy, i: int, work_
     finally:
         _drop_offload(config, work_dir.name)
     entry = {"index": i, "type": stage.type, "elapsed_s": round(time.monotonic() - t0, 3),
-             "outputs": hash_outputs(work_dir, result.outputs), "metrics": result.metrics}
+             "outputs": hash_outputs(work_dir, result.outputs), "metrics": {**ctx.recorded, **result.metrics}}
     vram = _peak_vram_mb()
     if vram is not None:
         entry["peak_vram_mb"] = vram

@@ -78,7 +78,7 @@ ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
 # in a row goes to rework with the reason; a full disk only waits.
 ROUTE_ATTEMPTS = 5
 # Event kinds a part's process may ask the daemon to write (docs §7).
-STATION_EVENT_KINDS = frozenset({"model/load", "quant/file"})
+STATION_EVENT_KINDS = frozenset({"model/load", "quant/file", "source/gguf"})
 
 
 @dataclass

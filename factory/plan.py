@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import Family, UnknownArchitectureError, get_family
-from factory import catalog, quant_support
+from factory import catalog, gguf_source, quant_support
 from factory.alloy import Alloy, CalibrationCorpus, ExpertPruneStage, QuantStage, Stage
 from factory.datasets import DatasetProblem, stage_datasets
 from factory.declarations import declaration_problems
@@ -167,7 +167,8 @@ def _source_text(s: ResolvedSource) -> str:
     where = str(s.path) if s.path else "not on disk"
     repo = f" {s.repo_id}@{s.revision}" if s.repo_id else ""
     cached = " (cached)" if s.cached and s.kind == "hub" else ""
-    return f"{s.kind}{repo} {where}{cached}" + (f"; {s.note}" if s.note else "")
+    gguf = f" from {s.gguf.path} sha256:{s.gguf.sha256}" if s.gguf else ""
+    return f"{s.kind}{repo}{gguf} {where}{cached}" + (f"; {s.note}" if s.note else "")
 
 
 def _family_text(f: FamilyPlan) -> str:
@@ -304,8 +305,22 @@ def check_source(ctx: _Context) -> Iterator[Finding]:
     except SourceError as err:
         yield _finding(err.json_path, err.value, err.problem, err.fix)
         return
-    if ctx.source.kind == "hub" and ctx.source.path is None:
+    if ctx.source.kind in ("hub", "gguf") and ctx.source.path is None:
         ctx.notes.append(f"{ctx.base_model}: {ctx.source.note}; model checks and sizes wait until then")
+    pinned = ctx.alloy.source.source_hash
+    if pinned is not None:
+        yield from _check_source_hash(ctx, pinned.removeprefix("sha256:").lower())
+
+
+def _check_source_hash(ctx: _Context, pinned: str) -> Iterator[Finding]:
+    where = "$.source.sourceHash"
+    if ctx.source.gguf is None:
+        yield _finding(where, pinned, "pins the bytes of a GGUF source, but this source is a "
+                       f"{ctx.source.kind} model", "remove source.sourceHash, or name the GGUF it was written for")
+    elif ctx.source.gguf.sha256 != pinned:
+        yield _finding(where, f"sha256:{pinned}", f"does not match {str(ctx.source.gguf.path)!r} "
+                       f"(sha256:{ctx.source.gguf.sha256})", "put back the GGUF the alloy was forged from, or "
+                       "remove source.sourceHash to start from this file")
 
 
 def check_calibration_corpora(ctx: _Context) -> Iterator[Finding]:
@@ -627,12 +642,22 @@ CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
 def check_source_location(ctx: _Context) -> Iterator[Finding]:
     """A local baseModel resolves inside the root or a cold tier, symlinks
     followed; decided from the path alone (the rules of factory.sources),
-    so the gate refuses `../../etc` without opening a model file. A Hub id
-    is not a path and waits for the full plan."""
-    if ctx.is_selftest or not looks_local(ctx.base_model, root=ctx.root):
+    so the gate refuses `../../etc` without opening a model file. A GGUF
+    source's header is read (a few bytes) and a [models] package must be
+    installed. A Hub id is not a path and waits for the full plan."""
+    if ctx.is_selftest:
+        return
+    gguf = gguf_source.mapped(ctx.base_model, ctx.config)
+    if gguf is None and not looks_local(ctx.base_model, root=ctx.root):
         return
     try:
-        inside_root_or_cold(ctx.base_model, root=ctx.root, config=ctx.config)
+        if gguf is not None and gguf_source.package_module(gguf):
+            gguf_source.check_package(gguf_source.package_module(gguf), value=ctx.base_model)
+        elif gguf is not None:  # a GGUF's header is read too: its architecture decides
+            path = inside_root_or_cold(gguf, root=ctx.root, config=ctx.config)
+            gguf_source.checked_architecture(path, value=ctx.base_model)
+        else:
+            inside_root_or_cold(ctx.base_model, root=ctx.root, config=ctx.config)
     except SourceError as err:
         yield _finding(err.json_path, err.value, err.problem, err.fix)
 

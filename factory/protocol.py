@@ -110,6 +110,9 @@ def base_from_filename(filename: str) -> str:
 
 
 CORPUS_SUFFIX = ".jsonl"
+GGUF_SUFFIX = ".gguf"
+# What sources/gguf-<sha256>/ records about the GGUF it was dequantized from.
+GGUF_SOURCE_RECORD = "gguf_source.json"
 _CORPUS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -201,6 +204,25 @@ class Layout:
         if not _CORPUS_ID.fullmatch(corpus_id):
             return None
         return self.calibration / f"{corpus_id}{CORPUS_SUFFIX}"
+
+    @property
+    def sources(self) -> Path:
+        """Source models the node made from other formats, by content hash:
+        shared by every part that names the same file, never a part's own,
+        and made on first use (roots older than it lack it)."""
+        return self.root / "sources"
+
+    def source_gguf(self, sha256: str) -> Path:
+        """Where a GGUF a package provides is assembled (sources/<sha256>.gguf)."""
+        return self.sources / f"{sha256}{GGUF_SUFFIX}"
+
+    def gguf_checkpoint(self, sha256: str) -> Path:
+        """The safetensors checkpoint dequantized from the GGUF with this sha256."""
+        return self.sources / f"gguf-{sha256}"
+
+    def source_lock(self, sha256: str) -> Path:
+        """Held while one process assembles or dequantizes that GGUF."""
+        return self.sources / f".{sha256}.lock"
 
     @property
     def node_config(self) -> Path:

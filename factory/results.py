@@ -22,6 +22,9 @@ MODEL_DIR = "model_dir"  # the model dir a stage wrote, relative to the work dir
 # measures, the first quant type), "quant_type", "files": [{"quant_type",
 # "file", "bytes"}], "tiers": {quant_type: size vs fitsVramGb}}.
 ARTIFACT = "artifact"
+# The GGUF a stage's source was dequantized from (stations.base):
+# {"kind": "gguf", "file", "sha256", "architecture", "origin", "checkpoint"}.
+SOURCE = "source"
 RESOLVED = "resolved"  # {camelCaseField: value}: what a station ran with for fields the alloy left out
 TOWERS_PROVED = "towers_proved"  # stations.towers' proof that non-text towers are unchanged
 # Where stations record a corpus or dataset they read: (key path to its
@@ -106,6 +109,9 @@ def summarize(work_dir: Path, stages: list[dict], alloy: dict) -> dict:
                  for s in stages if (s.get("metrics") or {}).get(ARTIFACT)]
     if artifacts:
         out["artifacts"] = artifacts
+    source = next((s["metrics"][SOURCE] for s in stages if (s.get("metrics") or {}).get(SOURCE)), None)
+    if source is not None:
+        out["source"] = source
     for key in ("modelHash", "fileHashes", "params", "experts_per_layer", "load_plan"):
         value = _newest(stages, key)
         if value is not None:

@@ -1,5 +1,6 @@
 """Where an alloy's source model lives on this node: a local directory, the
-Hugging Face cache, or nowhere (the selftest pair).
+Hugging Face cache, a GGUF file (factory.gguf_source), or nowhere (the
+selftest pair).
 
 `source.baseModel` is either a path or a Hub repo id, and alloys do not say
 which. The rule: a string that looks like a path (absolute, `./`, `../`, a
@@ -9,6 +10,9 @@ local directory; anything else is a repo id ("Qwen/Qwen3.5-4B").
 * A local directory must resolve inside the root or inside one of the node's
   cold tiers, symlinks followed (an alloy is other people's input and must
   not point the stations at arbitrary directories), and hold a config.json.
+* A `.gguf` path, or a `[models]` key of the node config, is a GGUF source:
+  the file is checked and hashed here, and `path` is its dequantized
+  checkpoint once a station has made it (None before).
 * A repo id is looked up in the local HF cache only, through huggingface_hub's
   documented offline APIs (`snapshot_download(local_files_only=True)`,
   `try_to_load_from_cache`). Nothing here touches the network unless the
@@ -26,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from factory import gguf_source
 from factory.alloy import Source
 from factory.errors import (  # noqa: F401 - re-exported
     SourceError, SourceNotAModel, SourceNotCached, SourceNotFound, SourceOutsideRoot,
 )
+from factory.gguf_source import GgufFile
 from factory.nodeconfig import NodeConfig
+from factory.protocol import GGUF_SOURCE_RECORD, Layout
 from factory.validation import PathEscapeError, is_local_path_like, resolve_inside
 
 SELFTEST = "selftest"  # baseModel and architecture of the diagnostic alloy
@@ -45,7 +52,7 @@ DOWNLOAD_PATTERNS = (*WEIGHT_PATTERNS, "*.json", "tokenizer.model", "*.tiktoken"
 # Pickled weights: fetched only when the caller opts in (torch.load runs code).
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
-Kind = Literal["local", "hub", "selftest"]
+Kind = Literal["local", "hub", "gguf", "selftest"]
 
 
 # ── result ──────────────────────────────────────────────────────────────────
@@ -63,10 +70,15 @@ class ResolvedSource:
     commit: str | None = None  # the cache snapshot's commit hash
     cached: bool = False  # on disk before this call (always true for local dirs)
     note: str = ""
+    gguf: GgufFile | None = None  # kind "gguf": the file, its hash and architecture
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path) if self.path else None, "repo_id": self.repo_id,
-                "revision": self.revision, "commit": self.commit, "cached": self.cached, "note": self.note}
+        out = {"kind": self.kind, "path": str(self.path) if self.path else None, "repo_id": self.repo_id,
+               "revision": self.revision, "commit": self.commit, "cached": self.cached, "note": self.note}
+        if self.gguf is not None:
+            out["gguf"] = {"file": str(self.gguf.path), "sha256": self.gguf.sha256,
+                           "architecture": self.gguf.architecture, "origin": self.gguf.origin}
+        return out
 
 
 # ── entry point ─────────────────────────────────────────────────────────────
@@ -92,6 +104,9 @@ def resolve_source(
         source = Source.model_validate(source)
     if source.base_model == SELFTEST and source.architecture == SELFTEST:
         return ResolvedSource(kind="selftest", path=None, note="the selftest pair needs no model")
+    gguf = gguf_source.mapped(source.base_model, config)
+    if gguf is not None:
+        return _resolve_gguf(source.base_model, gguf, root=Path(root), config=config)
     if looks_local(source.base_model, root=Path(root)):
         return _resolve_local(source.base_model, root=Path(root), config=config)
     return _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
@@ -130,6 +145,23 @@ def _resolve_local(value: str, *, root: Path, config: NodeConfig) -> ResolvedSou
         raise SourceNotAModel(value=value, problem=f"{str(path)!r} has no {CONFIG_FILE}",
                               fix="name a Hugging Face checkpoint directory (config.json + *.safetensors)")
     return ResolvedSource(kind="local", path=path, cached=True)
+
+
+def _resolve_gguf(value: str, target: str, *, root: Path, config: NodeConfig) -> ResolvedSource:
+    layout = Layout(root)
+    module = gguf_source.package_module(target)
+    if module is not None:
+        found = gguf_source.from_package(module, layout, value=value)
+    else:
+        found = gguf_source.describe(inside_root_or_cold(target, root=root, config=config), value=value,
+                                     origin=target)
+    checkpoint = found.checkpoint(layout)
+    if (checkpoint / GGUF_SOURCE_RECORD).is_file():
+        return ResolvedSource(kind="gguf", path=checkpoint, cached=True, gguf=found,
+                              note=f"dequantized from {found.path.name} (sha256 {found.sha256[:12]})")
+    return ResolvedSource(kind="gguf", path=None, cached=False, gguf=found,
+                          note=f"{found.path.name} ({found.architecture}) is dequantized into "
+                               f"{checkpoint} when the part runs")
 
 
 def inside_root_or_cold(value: str, *, root: Path, config: NodeConfig) -> Path:

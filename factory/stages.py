@@ -43,6 +43,10 @@ class StageContext:
     report: Callable[[dict], None]
     stop_requested: Callable[[], bool]
     alloy_hash: str = ""  # "sha256:<hex>" of the alloy file's raw bytes
+    # Metrics the shared helpers record for this stage beside the station's
+    # own (stations.base records the GGUF source a stage read): the child
+    # merges them into the checkpoint entry under the station's metrics.
+    recorded: dict[str, Any] = field(default_factory=dict)
 
     def progress(self, done: float, total: float | None, unit: str) -> None:
         """Report progress as done/total in `unit`; the daemon rate-limits events."""

@@ -9,12 +9,13 @@ Relative paths keep a work dir valid after `factory cleanup` moves it.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 
 from factory.errors import StageFailed
-from factory.results import ARTIFACT, MODEL_DIR, TOWERS_PROVED
+from factory.results import ARTIFACT, MODEL_DIR, SOURCE, TOWERS_PROVED
 from factory.durable import write_json
 from factory.model_files import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, CheckpointInfo
 from factory.stages import StageContext, StageResult
@@ -36,10 +37,28 @@ def source_model_dir(ctx: StageContext) -> Path:
 
     resolved = resolve_source(ctx.recipe.source, root=ctx.layout.root, config=ctx.config,
                               allow_download=True)
+    if resolved.gguf is not None:
+        return _gguf_checkpoint(ctx, resolved)
     if resolved.path is None:
         raise StageFailed(f"source {ctx.recipe.source.base_model!r} names no model; "
                           "this stage needs real weights")
     return resolved.path
+
+
+def _gguf_checkpoint(ctx: StageContext, resolved) -> Path:
+    """The dequantized checkpoint of a GGUF source (made now if no part
+    made it yet), recorded in this stage's metrics as the part's source."""
+    gguf, path = resolved.gguf, resolved.path
+    if path is None:
+        from stations.gguf_source import materialize
+
+        started = time.monotonic()
+        path, made = materialize(gguf, ctx.layout)
+        ctx.emit("source/gguf", file=str(gguf.path), sha256=gguf.sha256, checkpoint=str(path), made=made,
+                 seconds=round(time.monotonic() - started, 1))
+    ctx.recorded[SOURCE] = {"kind": "gguf", "file": str(gguf.path), "sha256": gguf.sha256,
+                            "architecture": gguf.architecture, "origin": gguf.origin, "checkpoint": str(path)}
+    return path
 
 
 def input_model_dir(ctx: StageContext) -> Path:

@@ -540,8 +540,13 @@ def run_stage(ctx: StageContext) -> StageResult:
     model_dir = input_model_dir(ctx)
     info, family, geo = read_checkpoint(model_dir, "head pruning")
     pad = params.pad or family.attention.fixed_head_count  # fewer heads would not load: zero them
-    # 2. counts
-    plan = plan_counts(geo, level=params.level, min_heads=params.min_heads, min_kv_heads=params.min_kv_heads)
+    # 2. counts. The schema's default KV floor (2) is more KV heads than a
+    # multi-query model has (Gemma-3-270M: 1); left unset it means "keep
+    # them all", and only an alloy that sets it above the count is refused.
+    min_kv = params.min_kv_heads
+    if "min_kv_heads_per_layer" not in ctx.stage.model_fields_set:
+        min_kv = min(min_kv, geo.kv_heads)
+    plan = plan_counts(geo, level=params.level, min_heads=params.min_heads, min_kv_heads=min_kv)
     # 3. scores
     scores, tokens = head_scores(ctx, params, info, family, geo)
     # 4. selection

@@ -265,14 +265,19 @@ class Batch:
 
 def make_examples(tokenizer, texts: Iterable[str], *, sequence_length: int,
                   limit: int | None = None) -> list[list[int]]:
-    """Each text + EOS, cut into chunks of at most `sequence_length` tokens
-    (chunks under 2 tokens have nothing to predict and are dropped); no text
-    is pulled from `texts` once `limit` examples are made."""
+    """Each text + EOS, cut into chunks of at most `sequence_length` tokens,
+    each chunk after the tokenizer's BOS where it uses one
+    (`corpus.bos_prefix`: what the model saw in pretraining; chunks with
+    nothing to predict are dropped); no text is pulled from `texts` once
+    `limit` examples are made."""
     eos = tokenizer.eos_token_id
+    prefix = corpus_mod.bos_prefix(tokenizer)
+    width = sequence_length - len(prefix)
     out: list[list[int]] = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        out += [c for c in (ids[i:i + sequence_length] for i in range(0, len(ids), sequence_length)) if len(c) >= 2]
+        chunks = (prefix + ids[i:i + width] for i in range(0, len(ids), width))
+        out += [c for c in chunks if len(c) >= 2]
         if limit is not None and len(out) >= limit:
             return out[:limit]
     return out

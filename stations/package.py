@@ -34,7 +34,7 @@ from factory.errors import StageFailed
 from factory import catalog
 from factory.integrity import HASH_PREFIX, hash_model_dir, model_files, model_hash
 from factory.model_files import inspect_checkpoint
-from factory.results import ARTIFACT, RESOLVED, artifact_unit, corpus_records, measurements
+from factory.results import ARTIFACT, RESOLVED, SOURCE, artifact_unit, corpus_records, measurements
 from factory.stages import StageContext, StageResult
 from stations.base import input_model_dir, model_result, output_model_dir
 from stations.loader import plan_for
@@ -124,6 +124,17 @@ def _collect_results(ctx: StageContext, info, family, plan, out: Path, artifact:
         ours["benchmarks"] = benchmarks
         results["benchmarks"] = reference_benchmarks(benchmarks)
     return {**results, EXTENSION_KEY: ours}
+
+
+def executed_source(ctx: StageContext) -> dict:
+    """The alloy's source, with `sourceHash` when it was a GGUF: the bytes
+    the part started from, which a rerun of the executed alloy must match."""
+    source = dict(ctx.alloy["source"])
+    gguf = next(((e.get("metrics") or {})[SOURCE] for e in ctx.previous if (e.get("metrics") or {}).get(SOURCE)),
+                ctx.recorded.get(SOURCE))
+    if gguf is not None:
+        source["sourceHash"] = f"sha256:{gguf['sha256']}"
+    return source
 
 
 def executed_stages(ctx: StageContext) -> list[dict]:
@@ -222,7 +233,8 @@ def run_stage(ctx: StageContext) -> StageResult:
     results = _collect_results(ctx, info, family, plan, out, artifact)
     ctx.progress(2, 4, "step")
     # 3. card and executed alloy
-    executed = {**ctx.alloy, "stages": executed_stages(ctx), "results": {**results, "integrity": integrity}}
+    executed = {**ctx.alloy, "source": executed_source(ctx), "stages": executed_stages(ctx),
+                "results": {**results, "integrity": integrity}}
     write_json(out / EXECUTED_ALLOY, executed)
     write_bytes(out / "README.md", _model_card(ctx.alloy, results, integrity, artifact).encode())
     ctx.progress(3, 4, "step")

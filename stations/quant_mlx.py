@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.alloy import QuantStage
-from factory.durable import fsync_dir, move, tmp_path_for, write_json
+from factory.durable import fsync_tree, move, tmp_path_for, write_json
 from factory.errors import StageFailed
 from factory.model_files import CONFIG_FILE
 from factory.quant_support import mlx_architecture, mlx_family_problem
@@ -193,13 +193,7 @@ def convert(staged: Path, target: Path, *, bits: int) -> None:
                           f"{str(err)[:1500]}; a missing config key can be added under another spelling in the "
                           "family's adapters/families/<model_type>.json, a weight layout mlx-lm does not "
                           "expect cannot: convert this model to gguf") from err
-    for f in partial.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fsync_dir(partial)
+    fsync_tree(partial)
     move(partial, target)
 
 

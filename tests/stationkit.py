@@ -58,6 +58,6 @@ def run_stages(root: Path, alloy: dict, *, base: str = "part", upto: int | None 
     for i, stage in enumerate(alloy["stages"][:upto]):
         ctx = make_ctx(root, alloy, i, base=base, previous=list(entries), reports=reports)
         result: StageResult = load_station(stage["type"])(ctx)
-        entries.append({"index": i, "type": stage["type"], "metrics": result.metrics,
+        entries.append({"index": i, "type": stage["type"], "metrics": {**ctx.recorded, **result.metrics},
                         "outputs": hash_outputs(ctx.work_dir, result.outputs)})
     return entries, reports

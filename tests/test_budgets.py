@@ -334,3 +334,28 @@ def test_full_cold_tier_is_an_out_of_room_condition(tiny_dir: Path, tmp_path: Pa
     verdict = classify(err.value)
     assert (verdict.cls, verdict.no_room_path) == ("infrastructure", str(tmp_path))
     assert not (tmp_path / "factory-offload").exists()
+
+
+# ── BOS: blocks start where the model's pretraining text did ───────────────────
+
+
+def test_blocks_start_with_bos_when_the_tokenizer_adds_one(tokenizer, tmp_path):
+    """A tokenizer that prepends BOS (Gemma, Llama) gets BOS at the head of
+    every block, inside the block and budget sizes; the corpus tokens
+    between are the same stream as without it. The tiny BPE adds none."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    assert corpora.bos_prefix(tokenizer) == []
+    with_bos = AutoTokenizer.from_pretrained(TINY_MOE)
+    bos = with_bos.bos_token_id
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, bos)])
+    assert with_bos("def f(): pass")["input_ids"][0] == bos and corpora.bos_prefix(with_bos) == [bos]
+    texts = _read_whole(EXAMPLE_CORPORA[0])[:20]
+    plain = [t for b in token_blocks(tokenizer, texts, block=64) for t in b]
+    blocks = list(token_blocks(with_bos, texts, block=64, budget=1000))
+    assert all(b[0] == bos and len(b) <= 64 for b in blocks)
+    assert sum(map(len, blocks)) == 1000
+    body = [t for b in blocks for t in b[1:]]
+    assert body == plain[:len(body)]

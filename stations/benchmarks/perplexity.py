@@ -24,6 +24,10 @@ ID_KEYS = ("evalCorpus", "heldOutCorpus")
 DEFAULT_BLOCK = 512
 DEFAULT_TOKEN_BUDGET = 65536
 DEFAULT_BATCH = 4
+# What the default batch's float32 logits may take: a batch holds them
+# (B x T x vocab) and cross_entropy's log-softmax beside them. Four 512-token
+# blocks of a 262k vocabulary (Gemma 3) would be 4 GiB of logits, one 0.5.
+LOGITS_BUDGET_BYTES = 1 << 30
 IGNORE = -100  # transformers' ignore_index for labels
 
 
@@ -70,6 +74,17 @@ def _check_vocab(job: BenchJob, blocks: list[list[int]]) -> None:
     if top >= vocab:
         raise StageFailed(f"token id {top} from the source tokenizer is outside the {job.role} model's "
                           f"vocabulary ({vocab}); perplexity needs models that share a tokenizer")
+
+
+def batch_size(job: BenchJob, block: int) -> int:
+    """The alloy's evalBatchSize, else DEFAULT_BATCH blocks, fewer where
+    their logits would pass LOGITS_BUDGET_BYTES (large vocabularies)."""
+    asked = job.option("eval_batch_size")
+    if asked is not None:
+        return int(asked)
+    head = job.loaded.model.get_output_embeddings() or job.loaded.model.get_input_embeddings()
+    vocab = head.weight.shape[0]
+    return max(1, min(DEFAULT_BATCH, LOGITS_BUDGET_BYTES // (2 * 4 * block * vocab)))
 
 
 def runtime_nll_sum(job: BenchJob, blocks: list[list[int]]) -> tuple[float, int]:
@@ -129,8 +144,7 @@ def run(job: BenchJob) -> dict:
     if job.loaded.runtime is not None:
         total, count = runtime_nll_sum(job, shared["blocks"])
     else:
-        total, count = nll_sum(job, shared["blocks"], pad=shared["pad"],
-                               batch=int(job.option("eval_batch_size", DEFAULT_BATCH)))
+        total, count = nll_sum(job, shared["blocks"], pad=shared["pad"], batch=batch_size(job, shared["block"]))
     corpus = shared["corpus"]
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
             "blocks": len(shared["blocks"]), "block_size": shared["block"], "corpus": corpus.ref,
