@@ -19,11 +19,15 @@ GGUF loader does not read, a node without the `gguf` package it needs.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -157,17 +161,32 @@ def _skip(f: BinaryIO, kind: int) -> None:
 
 def transformers_problem(architecture: str) -> str | None:
     """Why transformers' GGUF loader cannot dequantize this architecture on
-    this node, or None. Reads transformers' own table (no torch import)."""
+    this node, or None."""
     if importlib.util.find_spec("gguf") is None:
         return f"transformers needs the gguf package to read GGUF files ({GGUF_INSTALL})"
-    import transformers
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    known = set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+    try:
+        version, known = transformers_gguf_architectures()
+    except RuntimeError as err:
+        return f"{err}; check the transformers install (python -c 'import transformers')"
     if architecture in known or TRANSFORMERS_SPELLING.get(architecture) in known:
         return None
-    return (f"transformers {transformers.__version__} cannot read that architecture from GGUF "
-            f"(it reads {', '.join(sorted(known))})")
+    return f"transformers {version} cannot read that architecture from GGUF (it reads {', '.join(known)})"
+
+
+@functools.cache
+def transformers_gguf_architectures() -> tuple[str, tuple[str, ...]]:
+    """(transformers' version, the GGUF architectures its loader maps), read
+    from its own table in a child interpreter once per process: the daemon's
+    intake gate asks, and the daemon never imports transformers."""
+    code = ("import json, transformers\n"
+            "from transformers.integrations.ggml import GGUF_CONFIG_MAPPING as m\n"
+            "print(json.dumps([transformers.__version__, sorted(set(m) - {'general', 'tokenizer'})]))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        version, known = json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as err:
+        raise RuntimeError(f"could not read transformers' GGUF architectures: {err}") from err
+    return version, tuple(known)
 
 
 # ── hashes and packages ─────────────────────────────────────────────────────

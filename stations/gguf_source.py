@@ -66,7 +66,8 @@ def _dequantize(gguf: GgufFile, out: Path) -> None:
         name = gguf.path.name
         os.symlink(gguf.path, Path(staging) / name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=name, dtype=getattr(torch, CHECKPOINT_DTYPE))
+            model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=name,
+                                                         dtype=getattr(torch, CHECKPOINT_DTYPE))
             tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=name)
         except Exception as err:  # transformers raises anything on a file it cannot map
             raise StageFailed(f"transformers could not dequantize {gguf.path} ({gguf.architecture}): "

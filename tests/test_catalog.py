@@ -110,3 +110,32 @@ def test_gate_refuses_a_benchmark_without_data(tmp_path: Path, monkeypatch) -> N
     found = _gate(tmp_path, {"type": "eval", "benchmarks": [{"name": "humaneval+"}]})
     assert [f.path for f in found] == ["$.stages[0].benchmarks[0].name"]
     assert "humaneval_plus" in found[0].message
+
+
+def test_the_gate_reads_a_gguf_source_without_importing_transformers(tmp_path: Path) -> None:
+    """A [models] GGUF source is checked at the gate (its header, and which
+    architectures transformers reads, asked of a child interpreter) with
+    nothing of transformers, torch or the stations in the daemon."""
+    gguf = pytest.importorskip("gguf")
+    models = tmp_path / "models"
+    models.mkdir()
+    writer = gguf.GGUFWriter(str(models / "m.gguf"), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code = f"""
+import json, sys
+from pathlib import Path
+from factory.alloy import Alloy
+from factory.nodeconfig import NodeConfig
+from factory.plan import quick_findings
+root = Path({str(tmp_path)!r})
+config = NodeConfig.model_validate({{"models": {{"acme/m": "models/m.gguf"}}}})
+alloy = Alloy.model_validate({{"name": "g", "version": "1", "source": {{"baseModel": "acme/m", "architecture": "llama"}},
+                               "stages": [{{"type": "eval", "benchmarks": [{{"name": "perplexity"}}]}}]}})
+findings = quick_findings(alloy, root=root, config=config)
+print(json.dumps([len(findings), sorted(m for m in sys.modules if m.split('.')[0] in ('stations', 'torch', 'transformers'))]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout) == [0, []]

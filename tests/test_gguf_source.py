@@ -160,8 +160,9 @@ def _chunk_package(where: Path, gguf_file: Path, name: str = "tiny_gguf_pkg") ->
 def test_a_models_entry_maps_a_name_to_a_package_gguf(tmp_path, tiny_gguf):
     root = make_root(tmp_path / "root")
     _chunk_package(tmp_path / "site", tiny_gguf)
-    (root / "factory_node.toml").write_text('[models]\n"acme/tiny-q8" = "package:tiny_gguf_pkg"\n'
-                                            '"acme/missing" = "package:no_such_gguf_pkg"\n')
+    with open(root / "factory_node.toml", "a") as config:
+        config.write('\n[models]\n"acme/tiny-q8" = "package:tiny_gguf_pkg"\n'
+                     '"acme/missing" = "package:no_such_gguf_pkg"\n')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).parents[1])])}
     plan = subprocess.run([sys.executable, "-m", "factory.cli", "plan", "--root", str(root),
                            str(write_alloy(tmp_path / "p.alloy.json", _source_alloy("p", "acme/tiny-q8")))],
