@@ -543,18 +543,20 @@ def adapter_deltas(adapter_dir: Path) -> dict[str, Any]:
     return deltas
 
 
-def on_disk_names(deltas: dict[str, Any], names: set[str], model_dir: Path) -> dict[str, Any]:
+def on_disk_names(deltas: dict[str, Any], names: set[str], model_dir: Path, *, family: Family) -> dict[str, Any]:
     """The adapter's weights under the checkpoint's own tensor names.
 
     transformers may load a checkpoint under other module names than it
     saves (Qwen2.5-VL: `model.layers.*` on disk is
     `model.language_model.layers.*` in memory). A name not on disk maps to
     the one disk tensor that ends with its decoder-layer suffix
-    ("layers.<i>.<rest>"); no such tensor, or several, is an error."""
+    ("layers.<i>.<rest>"); no such tensor, or several, is an error. Tower
+    tensors are never candidates: LoRA never targets a tower, and a vision
+    encoder has `layers.<i>.self_attn.q_proj` of its own (Gemma-3's SigLIP)."""
     by_suffix: dict[str, list[str]] = {}
     for name in names:
         m = _DECODER_LAYER.search(name)
-        if m:
+        if m and family.tower_of(name) is None:
             by_suffix.setdefault(name[m.start():].lstrip("."), []).append(name)
     out, unmatched = {}, []
     for name, delta in deltas.items():
@@ -581,7 +583,8 @@ def write_merged(ctx: StageContext, model_dir: Path, adapter_dir: Path, out: Pat
 
 
     info = inspect_checkpoint(model_dir)
-    deltas = on_disk_names(adapter_deltas(adapter_dir), set(info.tensors), model_dir)
+    deltas = on_disk_names(adapter_deltas(adapter_dir), set(info.tensors), model_dir,
+                           family=family_for_config(info.config))
     for i, file in enumerate(info.files):
         ctx.stop_point()
         with safe_open(model_dir / file, "pt") as f:
