@@ -298,12 +298,15 @@ def _shape_fits(dead: list[bool], geo: Geometry, kv_keep: int, q_keep: int) -> b
 def head_shape(geo: Geometry, dead: dict[int, list[bool]]) -> HeadPlan:
     """The fewest heads per layer (kv_keep x q_keep, at least 1 x 1) that
     removes only dead heads in every attention layer; among equal counts the
-    one keeping more KV heads (the KV cache layout changes least)."""
+    one keeping more KV heads (the KV cache layout changes least). Where the
+    family's config needs heads dividing hidden_size (`geo.hidden`), only
+    such counts are candidates, or the compacted model would not load."""
     best = HeadPlan(geo.kv_heads, geo.group, None)
     for kv_keep in range(geo.kv_heads, 0, -1):
         for q_keep in range(geo.group, 0, -1):
-            if kv_keep * q_keep < best.heads_keep and all(_shape_fits(d, geo, kv_keep, q_keep)
-                                                          for d in dead.values()):
+            loads = not (geo.hidden and geo.hidden % (kv_keep * q_keep))
+            if loads and kv_keep * q_keep < best.heads_keep and all(_shape_fits(d, geo, kv_keep, q_keep)
+                                                                    for d in dead.values()):
                 best = HeadPlan(kv_keep, q_keep, None)
     return best
 

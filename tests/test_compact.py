@@ -355,3 +355,18 @@ def test_moe_experts_are_left_to_expert_prune(root):
     experts = [n for n in before if ".mlp." in n]
     assert experts and all(torch.equal(before[n], after[n]) for n in experts)
     assert torch.isfinite(_logits(out)).all()
+
+
+def test_head_shape_keeps_only_counts_the_config_can_load():
+    """Gemma-3-270M's geometry (4 query heads on 1 KV head, hidden 640): one
+    dead head a layer would leave 3, which Gemma3TextConfig refuses (640 %
+    3); the shape keeps 4. Two dead heads a layer leave 2, which loads."""
+    from stations.head_prune import Geometry
+
+    geo = Geometry(heads=4, kv_heads=1, head_dim=256, q_rows_per_head=256, layers=(0, 1), kv_rows_per_head=256,
+                   hidden=640)
+    one_dead = {0: [False, True, False, False], 1: [False, False, False, True]}
+    assert compact.head_shape(geo, one_dead).heads_keep == 4
+    two_dead = {0: [True, True, False, False], 1: [False, True, False, True]}
+    assert compact.head_shape(geo, two_dead).heads_keep == 2
+    assert compact.head_shape(Geometry(**{**geo.__dict__, "hidden": None}), one_dead).heads_keep == 3
