@@ -52,8 +52,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from factory.integrity import hash_model_dir, model_hash, sha256_file
+from results_doc import splice  # bench/results_doc.py
 
 EXAMPLES = REPO / "examples"
 MODEL = "tiny-moe"
@@ -414,18 +416,6 @@ What the means say:
 {END}"""
 
 
-def splice(out: Path, text: str) -> None:
-    """Replace the marked section of `out` (or append it), keeping the rest."""
-    old = out.read_text(encoding="utf-8") if out.exists() else "# Results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(new, encoding="utf-8")
-
-
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
@@ -480,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     json_out = args.json or args.out.parent / "results" / "calibration_table.json"
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(data, indent=2) + "\n")
-    splice(args.out, section(data))
+    splice(args.out, section(data), begin=BEGIN, end=END)
     if args.root is None:
         shutil.rmtree(root)
     print(f"wrote {args.out} and {json_out} in {data['wall_s'] / 60:.1f} min")

@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from machine import machine  # bench/machine.py
+from results_doc import splice  # bench/results_doc.py
 
 FORMAT = "forge-factory/real-model"
 BEGIN, END = "<!-- real-model:begin -->", "<!-- real-model:end -->"
@@ -641,17 +642,6 @@ Read these numbers with their limits:
 {END}"""
 
 
-def splice(out: Path, text: str) -> None:
-    """Replace the marked section of `out` (or append it), keeping the rest."""
-    old = out.read_text(encoding="utf-8") if out.exists() else "# Results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new, encoding="utf-8")
-
-
 def render(args) -> int:
     data = json.loads(args.json.read_text())
     if data.get("format") != FORMAT:
@@ -660,7 +650,7 @@ def render(args) -> int:
         print(f"{args.json} is a --quick smoke run; render a full run, or pass --allow-quick to render it "
               "marked as a smoke run", file=sys.stderr)
         return 2
-    splice(args.results, section(data))
+    splice(args.results, section(data), begin=BEGIN, end=END)
     print(f"wrote the real-model section of {args.results} from {args.json}")
     return 0
 
