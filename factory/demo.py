@@ -231,9 +231,9 @@ def _tiny(line: Line, result: dict) -> tuple[list[Row], list[Model]]:
                 result.get("experts_per_layer"), digits=0),
             Row("weights on disk (MB)", _bytes(source) / 1e6, (result.get("size_bytes") or 0) / 1e6 or None)]
     forged = Path(result["forged_dir"]) if result.get("forged_dir") else None
-    models = [Model("source (examples/tiny-moe)", source, source)]
+    models = [Model("source, examples/tiny-moe", source, source)]
     if forged is not None:
-        models.append(Model("forged (packaged safetensors)", forged, forged))
+        models.append(Model("forged, packaged safetensors", forged, forged))
     return rows, models
 
 
@@ -269,11 +269,11 @@ def _real(line: Line, result: dict) -> tuple[list[Row], list[Model]]:
                         f["quant_type"] == "Q4_K_M" else None, f["bytes"] / 1e6))
     models = []
     if src.get("file"):
-        models.append(Model("source (its Q4_K_M GGUF)", Path(src["file"]), Path(src["checkpoint"])))
-    if result.get("forged_dir") and artifact.get("eval_file"):
+        models.append(Model("source, its Q4_K_M GGUF", Path(src["file"]), Path(src["checkpoint"])))
+    if result.get("forged_dir"):  # every quant type the package ships
         forged = Path(result["forged_dir"])
-        models.append(Model(f"forged (packaged {artifact.get('quant_type')} GGUF)",
-                            forged / artifact["eval_file"], forged))
+        models += [Model(f"forged, packaged {f['quant_type']} GGUF", forged / f["file"], forged)
+                   for f in artifact.get("files", [])]
     return rows, models
 
 

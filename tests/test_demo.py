@@ -74,8 +74,8 @@ def test_demo_prints_source_and_forged_greedy_generations(demo_run):
     # each model's block: its label and runtime, then the prompt and exactly
     # what stock transformers generates greedily from that model
     after = out.split("greedy generation", 1)[1]
-    source_at, forged_at = after.index("source (examples/tiny-moe) (transformers"), after.index(
-        "forged (packaged safetensors) (transformers")
+    source_at, forged_at = after.index("source, examples/tiny-moe (transformers"), after.index(
+        "forged, packaged safetensors (transformers")
     assert source_at < forged_at
     for model, block in ((root / "models" / "tiny-moe", after[source_at:forged_at]), (forged, after[forged_at:])):
         text = PROMPT + _greedy(model, PROMPT, NEW_TOKENS)
