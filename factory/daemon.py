@@ -1,12 +1,14 @@
 """The worker: `factory run`. One per root, small, and never the one to crash.
 
-It claims the oldest waiting part, runs it in a child process
-(factory/child.py), turns the child's reports into events and heartbeats,
-and moves the part to its next station when the child ends. Everything it
-knows is on disk, so killing it at any moment loses nothing: the next start
-runs the recovery sweep and carries on.
+It claims waiting parts in the protocol's order, as many at once as their
+needs fit this node's resources (factory.placement; `[daemon]
+max_parallel_parts`, 1 by default), runs each in its own child process
+(factory/child.py), turns the children's reports into events and
+heartbeats, and moves each part to its next station when its child ends.
+Everything it knows is on disk, so killing it at any moment loses nothing:
+the next start runs the recovery sweep and carries on.
 
-Wake-ups come from one selector: the child's report pipe, and a wake pipe
+Wake-ups come from one selector: the children's report pipes, and a wake pipe
 written by signal handlers (signal.set_wakeup_fd) and by the inotify
 observer thread. A periodic full rescan is the safety net under inotify.
 """
@@ -33,13 +35,14 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from factory import heartbeat as hb
-from factory import acceptance, durable, recovery, results, transitions
+from factory import acceptance, durable, recovery, resources, results, transitions
 from factory.durable import NotARegularFile
 from factory.errors import FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.integrity import sha256_hex
 from factory.line import Line, Part, Waiting
+from factory.placement import HeadReservation, Held, fit
 from factory.locks import WorkerLock
 from factory.outcomes import (
     EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
@@ -77,13 +80,15 @@ ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
 # A part whose outcome cannot be recorded (moved, written) this many times
 # in a row goes to rework with the reason; a full disk only waits.
 ROUTE_ATTEMPTS = 5
+# _consider's answer when nothing more may start ahead of the queue's head.
+_STOP_SCAN = object()
 # Event kinds a part's process may ask the daemon to write (docs §7).
 STATION_EVENT_KINDS = frozenset({"model/load", "quant/file", "source/gguf"})
 
 
 @dataclass
 class Running:
-    """The part being built and what the daemon has heard about it."""
+    """A part being built and what the daemon has heard about it."""
 
     part: Part
     proc: subprocess.Popen
@@ -91,10 +96,15 @@ class Running:
     started: float
     alloy: dict  # parsed once at start (it passed the gate: stages is a list of objects)
     alloy_sha256: str  # bare hex, of the bytes gated at claim: what the part runs and its result names
+    need: resources.Need
+    gpus: tuple[int, ...]  # the CUDA indices its child sees
+    started_at: str = ""
     buf: bytes = b""
     stage: dict | None = None
     stage_started: float = 0.0
     peak_rss: int = 0
+    rss: int = 0  # at the last sample
+    stage_started_at: str | None = None
     last_progress_event: float = 0.0
     progress: hb.Progress | None = None
     failure: dict | None = None
@@ -105,8 +115,27 @@ class Running:
     completed: list[dict] = field(default_factory=list)
     stalled: bool = False  # the child is stopped (SIGSTOP): not making progress
     budget_rss: int = 0  # the RSS that broke the memory budget, when killed for it
+    budget_others: int = 0  # what the other running parts held then
+    eof: bool = False  # its report pipe is closed (no longer selected)
     failure_reported: bool = False  # stage/failed emitted (routing may be retried)
     route_failures: int = 0  # failed attempts to move the part after its child ended
+
+    @property
+    def held(self) -> Held:
+        return Held(self.part.base, self.need, self.gpus)
+
+    def view(self) -> dict:
+        """Its entry in the heartbeat's `parts`."""
+        stage = {**self.stage, "started_at": self.stage_started_at} if self.stage else None
+        return {"part": self.part.base, "pid": self.proc.pid, "gpus": list(self.gpus), "started_at": self.started_at,
+                "stage": stage, "progress": self.progress, "stalled": self.stalled_why}
+
+    @property
+    def stalled_why(self) -> str | None:
+        if not self.stalled:
+            return None
+        return (f"the part's process (pid {self.proc.pid}) is stopped (SIGSTOP or a debugger) and makes no "
+                f"progress; `kill -CONT` it or `factory cancel {self.part.base}`")
 
 
 class _Wake(FileSystemEventHandler):
@@ -140,14 +169,19 @@ class Daemon:
         self.notifier = Notifier()
         self.adopter = Adopter(self.line, self.cfg.daemon.settle_seconds)
         self.sel = selectors.DefaultSelector()
-        self.child: Running | None = None
+        self.running: dict[str, Running] = {}  # by base, in start order
+        self.node = resources.node_resources(self.cfg)
+        # The RAM all parts' process trees may hold together: placement
+        # counts needs against it, and a part over it is stopped.
+        self.memory_budget = self.node.ram_bytes
+        self.reservation = HeadReservation(self.cfg.daemon.max_overtakes)
+        self.started_parts = 0
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
         self.stopping_announced = False
         self.handled = 0
         # Parts whose child ended but whose move failed (e.g. a full disk
         # under error.json): routed again before anything new is claimed.
         self.unrouted: list[tuple[Running, int]] = []
-        self.memory_budget = _memory_budget(self.cfg)
         self.beat = hb.new_heartbeat(self.cfg.daemon.heartbeat_interval_seconds)
         self.next_beat = 0.0
         self.next_watchdog = 0.0
@@ -244,7 +278,7 @@ class Daemon:
                 pause = ERROR_PAUSE_SECONDS[0]
             except Exception as err:  # noqa: BLE001 - one bad file or a full disk must not stop the line
                 self._survive(err, where="main loop")
-                if self.stop_requested and self.child is None:
+                if self.stop_requested and not self.running:
                     return  # stopping anyway: a part left unrouted in assembly/ is the next sweep's
                 self._pause(pause)
                 pause = min(2 * pause, ERROR_PAUSE_SECONDS[1])
@@ -256,24 +290,19 @@ class Daemon:
             self.stopping_announced = True
             self.notifier.stopping()
             self.set_state("stopping")
-        if self.child is not None:
-            self._tend(now)
-        elif self.unrouted:
-            self._route_pending()
-        elif self.stop_requested or (self.mode == "once" and self.handled >= 1):
-            return True
-        else:
-            claimed = self._next_part(now)
-            if claimed is not None:
-                try:
-                    self._start(*claimed)
-                except Exception:
-                    self._unclaim(claimed[0])
-                    raise  # reported by the loop, which pauses before the next try
-                return False
-            if self.mode == "until-empty" and not self.line.parts("intake"):
+        if self.running:
+            self._tend()
+        if self.unrouted:
+            self._route_pending()  # before anything new is claimed
+        elif self.stop_requested or (self.mode == "once" and self.started_parts >= 1):
+            if not self.running:
                 return True
-            self._wait(self._idle_timeout(now))
+        elif len(self.running) < self.node.max_parallel_parts:
+            started = self._claim_more(time.monotonic())
+            if not started and not self.running:
+                if self.mode == "until-empty" and not self.line.parts("intake"):
+                    return True
+                self._wait(self._idle_timeout(now))
         self._periodic(time.monotonic())
         return False
 
@@ -305,7 +334,9 @@ class Daemon:
 
     def _wait(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
-            if key.data == "wake":
+            if isinstance(key.data, Running):  # a child's reports, during a pause: read, or select spins
+                self._read_reports(key.data)
+            elif key.data == "wake":
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
@@ -315,10 +346,10 @@ class Daemon:
 
     # -- claiming ---------------------------------------------------------------
 
-    def _next_part(self, now: float) -> tuple[Part, bytes] | None:
-        """The next part to build, claimed, with the bytes gated at claim."""
+    def _claim_more(self, now: float) -> int:
+        """Claim and start every waiting part that may run now; how many."""
         if now < self.next_scan:
-            return None
+            return 0
         self.next_scan = now + self.cfg.daemon.rescan_seconds
         for odd in self.line.irregular("intake"):
             self._set_aside(odd, f"{odd.path.name} in intake/ is not a regular file (a symlink, FIFO or "
@@ -336,21 +367,40 @@ class Daemon:
         settle = self.adopter.next_check_in(now)
         if settle is not None:  # an unsettled hand drop: look again when it may have settled
             self.next_scan = min(self.next_scan, now + settle)
-        for waiting in self.line.queue():
-            try:
-                claimed = self._consider(waiting, now)
-            except FileNotFoundError:
-                continue  # RACE: cancelled or deferred since the scan
-            except Exception:  # noqa: BLE001 - one odd part must not keep the ones behind it waiting
-                self._set_aside(waiting.part)
-                continue
-            if claimed is not None:
-                return claimed
-        return None
+        started = 0
+        self.reservation.begin_scan()
+        try:
+            for waiting in self.line.queue():
+                if len(self.running) >= self.node.max_parallel_parts:
+                    break
+                try:
+                    claimed = self._consider(waiting, now)
+                except FileNotFoundError:
+                    continue  # RACE: cancelled or deferred since the scan
+                except Exception:  # noqa: BLE001 - one odd part must not keep the ones behind it waiting
+                    self._set_aside(waiting.part)
+                    continue
+                if claimed is _STOP_SCAN:
+                    break
+                if claimed is not None:
+                    try:
+                        self._start(*claimed)
+                    except Exception:
+                        self._unclaim(claimed[0])
+                        raise  # reported by the loop, which pauses before the next try
+                    started += 1
+                    if self.mode == "once":
+                        break
+        finally:
+            self.reservation.end_scan()
+        return started
 
-    def _consider(self, waiting: Waiting, now: float) -> tuple[Part, bytes] | None:
+    def _consider(self, waiting: Waiting, now: float):
         """Claim `waiting` if it may run now: its ticket is sound, its backoff
-        over, its disk has room and its bytes pass the gate."""
+        over, its disk has room, its need fits beside the running parts and
+        its bytes pass the gate. Returns (part, bytes, need, gpus), None to
+        go on to the next part, or _STOP_SCAN when nothing more may start
+        ahead of the head of the queue (factory.placement)."""
         part = waiting.part
         if waiting.problem:
             self._set_aside(part, f"{part.sidecar_path(TICKET).name} {waiting.problem}; the part was set "
@@ -365,6 +415,13 @@ class Daemon:
             if not _has_room(waiting.wait_for_room):
                 return None  # looked at again every rescan
             transitions.room_returned(self.line, part)
+        # Placement reads the need the gate wrote into the ticket: no model
+        # is opened to decide. A ticket without one (written by an older
+        # factory, or malformed) is gated now for it.
+        need = resources.Need.from_json(waiting.ticket.get("need"))
+        if need is not None and self._placed(part, need) is None:
+            self.reservation.blocked(part.base)
+            return None
         # Gated again at claim, not only at enqueue: the plan checks depend
         # on this node (stations installed, roles), which may have changed
         # while the part waited. The gated bytes are the ones the part runs
@@ -374,12 +431,26 @@ class Daemon:
         except NotARegularFile as err:
             self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}")
             return None
-        result = gate(raw, file_name=part.path.name, line=self.line)
+        result = gate(raw, file_name=part.path.name, line=self.line, node=self.node)
         if not result.ok:  # e.g. queued by an older factory: reject, never run
             reject(self.line, part, result)
             return None
-        claimed = transitions.claim(self.line, part)
-        return None if claimed is None else (claimed, raw)
+        need = result.need
+        if need.to_json() != waiting.ticket.get("need"):  # the source changed, or the node did
+            transitions.update_ticket(self.line, part, need=need.to_json())
+        gpus = self._placed(part, need)
+        if gpus is None:
+            self.reservation.blocked(part.base)
+            return None
+        if not self.reservation.may_start(part.base):
+            return _STOP_SCAN
+        claimed = transitions.claim(self.line, part, gpus=list(gpus), need=need.to_json())
+        return None if claimed is None else (claimed, raw, need, gpus)
+
+    def _placed(self, part: Part, need: resources.Need) -> tuple[int, ...] | None:
+        """The GPUs `need` would get now beside the running parts, or None."""
+        disk = free_bytes_at(self.cfg.hot_dir(self.line.root)) if self.running else None
+        return fit(need, self.node, [ch.held for ch in self.running.values()], disk_free=disk)
 
     def _set_aside(self, part: Part, message: str | None = None) -> None:
         """Move a part the line cannot use to rework with `message`, and keep
@@ -401,7 +472,7 @@ class Daemon:
 
     # -- running a part -----------------------------------------------------------
 
-    def _start(self, part: Part, raw: bytes) -> None:
+    def _start(self, part: Part, raw: bytes, need: resources.Need, gpus: tuple[int, ...]) -> None:
         work = self.line.layout.work_dir(part.base)
         try:
             logf = self._prepare_work_dir(work, raw)
@@ -412,7 +483,8 @@ class Daemon:
         os.set_blocking(r, False)
         try:
             with logf:
-                logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()})\n".encode())
+                logf.write(f"--- {utc_now()} {part.path.name} (daemon pid {os.getpid()}, "
+                           f"gpus {list(gpus)})\n".encode())
                 logf.flush()
                 # The child inherits the worker lock's fd: while any child of
                 # ours lives, no second daemon can take this root (belt to the
@@ -421,18 +493,27 @@ class Daemon:
                     [sys.executable, "-m", "factory.child", "--root", str(self.line.root),
                      "--part", part.path.name, "--report-fd", str(w), "--parent-pid", str(os.getpid())],
                     pass_fds=(w, self.lock.fd), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True,
+                    start_new_session=True, env=self._child_env(need, gpus),
                 )
         except BaseException:
             os.close(r)
             raise
         finally:
             os.close(w)
-        self.child = Running(part=part, proc=proc, fd=r, started=time.monotonic(),
-                             alloy=json.loads(raw), alloy_sha256=sha256_hex(raw))
-        self.sel.register(r, selectors.EVENT_READ, "child")
-        self.beat.part = part.base
+        ch = Running(part=part, proc=proc, fd=r, started=time.monotonic(), alloy=json.loads(raw),
+                     alloy_sha256=sha256_hex(raw), need=need, gpus=gpus, started_at=utc_now())
+        self.running[part.base] = ch
+        self.started_parts += 1
+        self.sel.register(r, selectors.EVENT_READ, ch)
         self.set_state("building")
+
+    def _child_env(self, need: resources.Need, gpus: tuple[int, ...]) -> dict[str, str]:
+        """The worker's environment, the part's GPUs (on a node with any: a
+        part that needs none sees none) and its share of the cores."""
+        env = {**os.environ, **resources.thread_env(need, self.node)}
+        if self.node.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
+        return env
 
     @staticmethod
     def _prepare_work_dir(work: Path, raw: bytes):
@@ -449,7 +530,7 @@ class Daemon:
         """A claimed part that could not start (even its record could not be
         written: a full disk) goes back to intake by renames alone, so it is
         never stranded in assembly/; the next scan tries it again."""
-        if self.child is not None or not os.path.lexists(part.path):
+        if part.base in self.running or not os.path.lexists(part.path):
             return
         try:
             transitions.release(self.line, part, reason="could not start it (see the daemon/error event)")
@@ -473,25 +554,25 @@ class Daemon:
         """The stage's own timeoutSeconds, else the node's stage_timeout_seconds."""
         return float(ch.alloy["stages"][index].get("timeoutSeconds") or self.cfg.forge.stage_timeout_seconds)
 
-    def _tend(self, now: float) -> None:
-        ch = self.child
-        for key, _ in self.sel.select(SAMPLE_SECONDS):
-            if key.data == "wake":
-                self._wait(0)
-            elif key.data == "child":
-                self._read_reports(ch)
-        self._sample(ch)
+    def _tend(self) -> None:
+        """Read every child's reports, sample them, honour stops, cancels
+        and deadlines, and route each part whose child has ended."""
+        self._wait(SAMPLE_SECONDS)
+        for ch in list(self.running.values()):
+            self._sample(ch)
+        self._enforce_memory_budget()
         now = time.monotonic()
-        if ch.stop_sent_at is None:
-            if self.stop_requested:
-                self._ask_child_to_stop(ch, now)
-            elif ch.part.sidecar_path(CANCEL).exists():
-                ch.cancelling = True
-                self._ask_child_to_stop(ch, now)
-        self._enforce_deadlines(ch, now)
-        if ch.proc.poll() is not None:
-            self._read_reports(ch)
-            self._finish_child(ch)
+        for ch in list(self.running.values()):
+            if ch.stop_sent_at is None:
+                if self.stop_requested:
+                    self._ask_child_to_stop(ch, now)
+                elif ch.part.sidecar_path(CANCEL).exists():
+                    ch.cancelling = True
+                    self._ask_child_to_stop(ch, now)
+            self._enforce_deadlines(ch, now)
+            if ch.proc.poll() is not None:
+                self._read_reports(ch)
+                self._finish_child(ch)
 
     def _ask_child_to_stop(self, ch: Running, now: float) -> None:
         ch.stop_sent_at = now
@@ -516,7 +597,7 @@ class Daemon:
             ch.proc.wait(timeout=KILL_WAIT_SECONDS)
 
     def _sample(self, ch: Running) -> None:
-        """Peak RSS of the part's process tree; the memory budget; SIGSTOP."""
+        """RSS (and its peak) of the part's process tree; SIGSTOP."""
         try:
             proc = psutil.Process(ch.proc.pid)
             rss = proc.memory_info().rss
@@ -528,23 +609,31 @@ class Daemon:
                     pass
         except psutil.Error:
             return
+        ch.rss = rss
         ch.peak_rss = max(ch.peak_rss, rss)
-        if rss > self.memory_budget and not ch.killed_for and ch.proc.poll() is None:
-            ch.killed_for = "memory"
-            ch.budget_rss = rss
-            _kill_tree(ch.proc)
         self._note_stall(ch, state)
+
+    def _enforce_memory_budget(self) -> None:
+        """Over the node's part memory budget, all parts together, the part
+        furthest over its own declared need is stopped before the kernel's
+        OOM killer picks a process (alone, that is the only part)."""
+        live = [ch for ch in self.running.values() if not ch.killed_for and ch.proc.poll() is None]
+        if sum(ch.rss for ch in live) <= self.memory_budget or not live:
+            return
+        ch = max(live, key=lambda c: c.rss - c.need.ram_bytes)
+        ch.killed_for = "memory"
+        ch.budget_rss = ch.rss
+        ch.budget_others = sum(c.rss for c in live if c is not ch)
+        _kill_tree(ch.proc)
 
     def _note_stall(self, ch: Running, state: str) -> None:
         stopped = state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
         if stopped == ch.stalled:
             return
         ch.stalled = stopped
-        why = (f"the part's process (pid {ch.proc.pid}) is stopped (state {state}: SIGSTOP or a debugger) "
-               "and makes no progress; `kill -CONT` it or `factory cancel` the part") if stopped else None
-        self.beat.stalled = why
         if stopped:
-            self.line.events.emit("part/stalled", ch.part.base, pid=ch.proc.pid, state=state, message=why)
+            self.line.events.emit("part/stalled", ch.part.base, pid=ch.proc.pid, state=state,
+                                  message=ch.stalled_why)
         self.beat_now()
 
     def _read_reports(self, ch: Running) -> None:
@@ -553,7 +642,10 @@ class Daemon:
                 chunk = os.read(ch.fd, 65536)
             except BlockingIOError:
                 return
-            if not chunk:
+            if not chunk:  # the child closed its end: stop selecting on it (EOF is always readable)
+                if not ch.eof:
+                    ch.eof = True
+                    self.sel.unregister(ch.fd)
                 return
             ch.buf += chunk
             *lines, ch.buf = ch.buf.split(b"\n")
@@ -570,15 +662,13 @@ class Daemon:
         stage = {"index": msg.get("index"), "type": msg.get("type")}
         if t == "stage_started":
             ch.stage, ch.stage_started, ch.progress = stage, time.monotonic(), None
+            ch.stage_started_at = utc_now()
             ch.peak_rss = 0
             self._sample(ch)
-            self.beat.stage = {**stage, "started_at": utc_now()}
-            self.beat.progress = None
             ev.emit("stage/started", base, stage=stage, retry=ch.part.name.retry)
             self.beat_now()
         elif t == "progress":
             ch.progress = hb.Progress(msg["done"], msg.get("total"), msg.get("unit", ""))
-            self.beat.progress = ch.progress
             now = time.monotonic()
             final = msg.get("total") is not None and msg["done"] >= msg["total"]
             if final or now - ch.last_progress_event >= PROGRESS_EVENT_MIN_SECONDS:
@@ -608,12 +698,12 @@ class Daemon:
     # -- outcomes ---------------------------------------------------------------
 
     def _finish_child(self, ch: Running) -> None:
-        self.sel.unregister(ch.fd)
+        if not ch.eof:
+            self.sel.unregister(ch.fd)
         os.close(ch.fd)
-        self.child = None
+        del self.running[ch.part.base]
         self.handled += 1
         self.next_scan = 0.0  # claim the next part now, not at the next rescan
-        self.beat.part = self.beat.stage = self.beat.progress = self.beat.stalled = None
         self.unrouted.append((ch, ch.proc.returncode))
         self._route_pending()
 
@@ -630,7 +720,7 @@ class Daemon:
                     raise  # the loop reports it and pauses; routed again after
                 self._vanished(ch, err)  # RACE: someone removed the bundle while we moved it
             self.unrouted.pop(0)
-        self.set_state("stopping" if self.stop_requested else "idle")
+        self.set_state("stopping" if self.stop_requested else "building" if self.running else "idle")
 
     def _unroutable(self, ch: Running, err: Exception) -> None:
         """After ROUTE_ATTEMPTS failed moves (not for want of disk: that
@@ -677,11 +767,20 @@ class Daemon:
         elif ch.killed_for == "timeout":
             limit = self._timeout(ch, stage["index"])
             self._infra(ch, f"stage {stage['index']} ({stage['type']}) ran past its timeout of {limit:g}s")
+        elif ch.killed_for == "memory" and ch.budget_others and ch.budget_rss <= self.memory_budget:
+            # It fits the budget alone: contention, not the recipe. Retried
+            # with its need raised to what it used, so placement makes room.
+            need = {**ch.need.to_json(), "ram_bytes": max(ch.need.ram_bytes, ch.budget_rss)}
+            self._infra(ch, f"the part's processes used {ch.budget_rss / GiB:.1f} GiB of RAM, the other running "
+                            f"parts {ch.budget_others / GiB:.1f} GiB, together over this node's part memory budget "
+                            f"of {self.memory_budget / GiB:.1f} GiB; it was stopped (the part furthest over its "
+                            "need) and is retried with its need raised to what it used", ticket={"need": need})
         elif ch.killed_for == "memory":
             self._deterministic(ch, rc, {"message": (
                 f"the part's processes used {ch.budget_rss / GiB:.1f} GiB of RAM, over this node's part memory "
                 f"budget of {self.memory_budget / GiB:.1f} GiB; the part was stopped before the node ran out. "
-                "Lower the stage's calibrationTokens / batch size, or raise [forge] part_memory_gb")})
+                "Lower the stage's calibrationTokens / batch size, or raise [resources] ram_gb (the budget "
+                f"now: {self.node.basis['ram']})")})
         elif rc < 0:
             name = signal_name(-rc)
             hint = " (usually the kernel's OOM killer: see `journalctl -k | grep -i oom`)" if name == "SIGKILL" else ""
@@ -741,10 +840,10 @@ class Daemon:
         child wrote the whole text to work/<base>/failure.txt."""
         return cap_message(str(message), full_text_at=str(self.line.layout.work_dir(ch.part.base) / FAILURE_TEXT))
 
-    def _infra(self, ch: Running, message: str, tb: str | None = None) -> None:
-        self._stage_failed(ch, stage=ch.stage,
-                              failure_class="infrastructure", message=message)
-        transitions.infrastructure_failure(self.line, ch.part, stage=ch.stage, message=message, tb=tb)
+    def _infra(self, ch: Running, message: str, tb: str | None = None, ticket: dict | None = None) -> None:
+        self._stage_failed(ch, stage=ch.stage, failure_class="infrastructure", message=message)
+        transitions.infrastructure_failure(self.line, ch.part, stage=ch.stage, message=message, tb=tb,
+                                           ticket=ticket)
 
     def _result(self, ch: Running) -> dict:
         ckpt = durable.read_json(self.line.layout.work_dir(ch.part.base) / CHECKPOINT)
@@ -773,8 +872,16 @@ class Daemon:
 
     def beat_now(self) -> None:
         """Write the heartbeat; a failed write (a full disk) is logged and
-        tried again at the next beat: it never stops the worker."""
+        tried again at the next beat: it never stops the worker. `parts`
+        lists every running part; `part`, `stage`, `progress` and `stalled`
+        repeat the first-started one's (protocol section 6)."""
         self.next_beat = time.monotonic() + self.cfg.daemon.heartbeat_interval_seconds
+        views = [ch.view() for ch in self.running.values()]
+        first = views[0] if views else {}
+        b = self.beat
+        b.parts = views
+        b.part, b.stage, b.progress = first.get("part"), first.get("stage"), first.get("progress")
+        b.stalled = next((v["stalled"] for v in views if v["stalled"]), None)
         try:
             hb.write(self.line.layout.heartbeat, self.beat)
         except OSError as err:
@@ -784,7 +891,8 @@ class Daemon:
         b = self.beat
         if b.state == "building" and b.part:
             st = f" stage {b.stage['index']} {b.stage['type']}" if b.stage else ""
-            return f"building {b.part}{st}"
+            more = f" (+{len(self.running) - 1} more)" if len(self.running) > 1 else ""
+            return f"building {b.part}{st}{more}"
         return b.state
 
 
@@ -799,13 +907,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         proc.kill()
     except ProcessLookupError:
         pass
-
-
-def _memory_budget(cfg) -> int:
-    """Bytes the part's process tree may hold: [forge] part_memory_gb, else
-    90% of the node's RAM (the daemon, the OS and the page cache keep the rest)."""
-    gb = getattr(cfg.forge, "part_memory_gb", None)
-    return int(gb * GiB) if gb else int(0.9 * psutil.virtual_memory().total)
 
 
 def _has_room(room: dict) -> bool:

@@ -47,6 +47,9 @@ class Heartbeat:
     # Why the running part is not making progress (e.g. its process was
     # SIGSTOPped), or None: a fresh beat while "building" is not health.
     stalled: str | None = None
+    # Every running part: {"part", "pid", "gpus", "started_at", "stage",
+    # "progress", "stalled"}; part/stage/progress above repeat the first's.
+    parts: list = field(default_factory=list)
 
 
 def versions() -> dict:

@@ -21,6 +21,7 @@ from factory.errors import BadInput, Conflict
 from factory.events import utc_now
 from factory.line import Line, Part
 from factory.outcomes import error_record
+from factory.resources import Need, NodeResources, capacity_problem, node_resources, part_need
 from factory.protocol import ERROR, MAX_ALLOY_BYTES, TICKET, PartName, base_from_filename, check_base
 
 
@@ -29,6 +30,7 @@ class GateResult:
     ok: bool
     priority: int
     problems: list[dict]  # [{"level", "path", "value", "message", "fix"}]
+    need: Need | None = None  # what it will hold on this node (factory.resources), when ok
 
     def summary(self) -> str:
         if self.ok:
@@ -38,16 +40,27 @@ class GateResult:
         return f"{first['path']}: {first['message']}; fix: {first['fix']}{more}"
 
 
-def gate(raw: bytes, *, file_name: str, line: Line) -> GateResult:
-    """Parse + schema check of an alloy's bytes, plus the plan checks that
-    need no model (known architecture, a station or role for every stage)."""
+def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None = None) -> GateResult:
+    """Parse + schema check of an alloy's bytes, the plan checks that need
+    no model (known architecture, a station or role for every stage), and
+    its need on this node (`node`: measured now when not given), refused
+    when it exceeds what the node has."""
     from factory.plan import quick_findings  # pydantic models: loaded on first use
-    from factory.validation import check_bytes
+    from factory.validation import Finding, check_bytes
 
     report = check_bytes(raw, file_name=file_name, root=line.root)
     findings = list(report.findings)
+    need = None
     if report.alloy is not None and not findings:
         findings = quick_findings(report.alloy, root=line.root, config=line.config)
+    if report.alloy is not None and not findings:
+        node = node or node_resources(line.config)
+        need = part_need(report.alloy, root=line.root, config=line.config, node=node)
+        too_big = capacity_problem(need, node)
+        if too_big:
+            findings = [Finding("plan", "$.source.baseModel", report.alloy.source.base_model,
+                                f"this part can never run on this node: {too_big}",
+                                "run it on a larger node, or raise the limit in factory_node.toml")]
     problems = [
         {"level": f.level, "path": f.path, "value": f.value, "message": f.message, "fix": f.fix}
         for f in findings
@@ -55,7 +68,7 @@ def gate(raw: bytes, *, file_name: str, line: Line) -> GateResult:
     priority = 0
     if report.alloy is not None:
         priority = int(getattr(report.alloy, "priority", None) or 0)
-    return GateResult(ok=not findings, priority=priority, problems=problems)
+    return GateResult(ok=not findings, priority=priority, problems=problems, need=need if not findings else None)
 
 
 def _rejection(part: Part, result: GateResult) -> dict:
@@ -82,8 +95,9 @@ def _rejected(line: Line, moved: Part, rec: dict, result: GateResult) -> None:
     line.record_outcome(moved, "rejected")
 
 
-def _ticket(priority: int, origin: str) -> dict:
-    return {"enqueued_at": utc_now(), "priority": priority, "origin": origin, "not_before": None}
+def _ticket(result: GateResult, origin: str) -> dict:
+    return {"enqueued_at": utc_now(), "priority": result.priority, "origin": origin, "not_before": None,
+            "need": result.need.to_json() if result.need else None}
 
 
 def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
@@ -109,7 +123,7 @@ def enqueue(line: Line, src: Path, *, name: str | None = None) -> Part:
     staged_alloy = durable.tmp_path_for(Path(pn.filename), directory=line.layout.incoming)
     staged_ticket = durable.tmp_path_for(Path(pn.sidecar(TICKET)), directory=line.layout.incoming)
     durable.write_bytes(staged_alloy, raw)
-    durable.write_json(staged_ticket, _ticket(result.priority, "enqueue"))
+    durable.write_json(staged_ticket, _ticket(result, "enqueue"))
     try:
         with line.locked():
             # RACE: the name check and both renames happen under the line
@@ -232,7 +246,7 @@ class Adopter:
                 return part
             others = [p for p in self.line.alloy_copies(part.base) if p.path != part.path]
             if not others:
-                durable.write_json(part.sidecar_path(TICKET), _ticket(result.priority, "dropped"))
+                durable.write_json(part.sidecar_path(TICKET), _ticket(result, "dropped"))
         self.seen.pop(part.path.name, None)
         if others:
             return self._set_aside_duplicate(part, others[0].station)

@@ -137,6 +137,26 @@ class DaemonSection(_Section):
     settle_seconds: float = Field(default=2.0, ge=0, le=HOUR)
     events_max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, le=2**40)
     events_keep: int = Field(default=5, ge=1, le=1000)
+    # Parts built at once, each placed by its need (factory.placement); 1
+    # builds one part at a time, whatever the node has.
+    max_parallel_parts: int = Field(default=1, ge=1, le=256)
+    # How many later parts may start ahead of a part that waits for room at
+    # the head of the queue before nothing else starts until it has.
+    max_overtakes: int = Field(default=2, ge=0, le=1000)
+
+
+class ResourcesSection(_Section):
+    """What parts may use on this node; each unset key is measured
+    (factory.resources)."""
+
+    # Parts computing on the CPUs at once; each gets cores / cpu_slots threads.
+    # Unset: [daemon] max_parallel_parts.
+    cpu_slots: int | None = Field(default=None, ge=1, le=4096)
+    # RAM all parts may hold together, in GiB. Unset: [forge] part_memory_gb,
+    # else 90% of physical RAM.
+    ram_gb: float | None = Field(default=None, gt=0, le=2**20)
+    # Memory of each GPU in GiB, by CUDA index; [] for none. Unset: nvidia-smi.
+    gpus: list[Annotated[float, Field(gt=0, le=2**14)]] | None = Field(default=None, max_length=1024)
 
 
 # -- data tables ---------------------------------------------------------------
@@ -230,6 +250,7 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     forge: ForgeSection = ForgeSection()
     daemon: DaemonSection = DaemonSection()
+    resources: ResourcesSection = ResourcesSection()
     protocol: ProtocolSection = ProtocolSection()
     # Dataset id -> a file inside the root, checked before any cache.
     datasets: dict[DatasetId, DatasetFile] = {}

@@ -13,6 +13,7 @@ from factory import heartbeat as hb
 from factory.errors import printable
 from factory.line import Line
 from factory.protocol import STATIONS
+from factory.resources import node_resources
 from factory.tiers import node_tiers
 
 RECENT_OUTCOMES = 8
@@ -87,6 +88,27 @@ def _liveness(path: Path, beat: dict | None) -> hb.Liveness:
     return hb.judge(beat)
 
 
+def _gpus(value: Any) -> list[int]:
+    if not isinstance(value, list):
+        return []
+    return [g for g in value[:1024] if isinstance(g, int) and not isinstance(g, bool) and g >= 0]
+
+
+def _part_views(value: Any) -> list[dict]:
+    """The heartbeat's running parts, each field checked like the rest."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for v in value[:1024]:
+        if not isinstance(v, dict) or _text(v.get("part")) is None:
+            continue
+        stage, progress = _stage(v.get("stage")), _progress(v.get("progress"))
+        out.append({"part": _text(v["part"]), "pid": _pid(v.get("pid")), "gpus": _gpus(v.get("gpus")),
+                    "started_at": _text(v.get("started_at")), "stage": stage, "progress": progress,
+                    "eta_s": _eta_seconds(stage, progress), "stalled": _text(v.get("stalled"))})
+    return out
+
+
 def worker(path: Path) -> dict:
     """The worker as its heartbeat shows it; every field checked, so a
     malformed heartbeat reads as a stale worker with the reason."""
@@ -96,6 +118,10 @@ def worker(path: Path) -> dict:
     stage = _stage(beat.get("stage")) if fresh else None
     progress = _progress(beat.get("progress")) if fresh else None
     stalled = _text(beat.get("stalled")) if fresh else None
+    parts = _part_views(beat.get("parts")) if fresh else []
+    if fresh and not parts and _text(beat.get("part")):  # a worker from before `parts`
+        parts = [{"part": _text(beat["part"]), "pid": None, "gpus": [], "started_at": None, "stage": stage,
+                  "progress": progress, "eta_s": _eta_seconds(stage, progress), "stalled": stalled}]
     return {
         "state": beat["state"] if fresh else "offline",
         "stale": live.stale,
@@ -110,6 +136,7 @@ def worker(path: Path) -> dict:
         "stage": stage,
         "progress": progress,
         "eta_s": _eta_seconds(stage, progress) if fresh else None,
+        "parts": parts,
     }
 
 
@@ -118,6 +145,7 @@ def gather(line: Line) -> dict:
         "root": str(line.root),
         "node": {"name": line.config.node.name, "roles": line.config.node.roles},
         "worker": worker(line.layout.heartbeat),
+        "resources": node_resources(line.config).to_json(),
         "stations": {s: len(line.parts(s)) for s in STATIONS},
         "recent": recent_outcomes(line),
         "tiers": [
@@ -144,14 +172,20 @@ def render(snapshot: dict) -> None:
     con.print(f"worker: [{colour}]{w['state']}[/]  pid {w['pid']}  beat {w['beat_age_s']}s ago"
               + (f"  [red]STALE: {escape(w['why'])}[/]" if w["stale"] and w["pid"] else "")
               + (f"  [bold red]STALLED: {escape(w['stalled'])}[/]" if w["stalled"] else ""))
-    if w["part"]:
-        st = w["stage"] or {}
-        con.print(f"building [bold]{escape(w['part'])}[/] stage {st.get('index')} {escape(str(st.get('type')))}")
-        p = w["progress"]
+    for part in w["parts"]:
+        st = part["stage"] or {}
+        gpus = f"  GPUs {','.join(map(str, part['gpus']))}" if part["gpus"] else ""
+        con.print(f"building [bold]{escape(part['part'])}[/] stage {st.get('index')} "
+                  f"{escape(str(st.get('type')))}{gpus}"
+                  + ("  [bold red]STALLED[/]" if part["stalled"] else ""))
+        p = part["progress"]
         if p and p["total"]:
-            eta = f"  ETA {w['eta_s']:.0f}s" if w["eta_s"] is not None else ""
+            eta = f"  ETA {part['eta_s']:.0f}s" if part["eta_s"] is not None else ""
             con.print(ProgressBar(total=p["total"], completed=p["done"], width=40))
             con.print(f"{p['done']:g}/{p['total']:g} {escape(p['unit'])}{eta}")
+    res = snapshot["resources"]
+    con.print(f"resources: {res['cpu_slots']} CPU slots ({res['cores']} cores), {res['ram_gib']} GiB RAM for parts, "
+              f"{len(res['gpus'])} GPUs, up to {res['max_parallel_parts']} parts at once")
     t = Table(title="stations")
     for s in snapshot["stations"]:
         t.add_column(s, justify="right")
@@ -184,11 +218,12 @@ def plain(snapshot: dict) -> str:
     lines = [f"node {snapshot['node']['name']} worker {w['state']}"
              + (f" ({w['why']})" if w["stale"] else "")
              + (f" STALLED: {w['stalled']}" if w["stalled"] else "")]
-    if w["part"]:
-        st = w["stage"] or {}
-        prog = w["progress"] or {}
-        lines.append(f"building {w['part']} stage {st.get('index')} {st.get('type')} "
-                     f"{prog.get('done', '')}/{prog.get('total', '')} {prog.get('unit', '')}".rstrip())
+    for part in w["parts"]:
+        st = part["stage"] or {}
+        prog = part["progress"] or {}
+        gpus = f" gpus {','.join(map(str, part['gpus']))}" if part["gpus"] else ""
+        lines.append(f"building {part['part']} stage {st.get('index')} {st.get('type')} "
+                     f"{prog.get('done', '')}/{prog.get('total', '')} {prog.get('unit', '')}".rstrip() + gpus)
     lines.append(" ".join(f"{k}={v}" for k, v in snapshot["stations"].items()))
     lines += [f"tier {t['name']} MISSING: {t['problem']}" for t in snapshot["tiers"] if t["missing"]]
     return "\n".join(lines)

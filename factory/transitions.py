@@ -24,13 +24,14 @@ def _still_there(part: Part) -> None:
                        "look again with `factory list`")
 
 
-def claim(line: Line, part: Part) -> Part | None:
-    """intake -> assembly; None when another process moved it first."""
+def claim(line: Line, part: Part, **placed) -> Part | None:
+    """intake -> assembly; None when another process moved it first.
+    `placed` (its GPUs and need) goes into the part/claimed event."""
     with line.locked():
         if not os.path.lexists(part.path):
             return None  # RACE: cancelled, deferred or claimed since the scan: not an error
         claimed = line.move(part, "assembly")
-    line.events.emit("part/claimed", part.base, retry=part.name.retry)
+    line.events.emit("part/claimed", part.base, retry=part.name.retry, **placed)
     return claimed
 
 
@@ -90,8 +91,9 @@ def set_aside(line: Line, part: Part, record: dict, *, kind: str = "part/rework"
 
 
 def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, message: str,
-                           tb: str | None = None, kind: str = "part/retried") -> Part:
-    """Retry as `<base>.retry<N+1>` after a backoff, or rework once retries are spent."""
+                           tb: str | None = None, kind: str = "part/retried", ticket: dict | None = None) -> Part:
+    """Retry as `<base>.retry<N+1>` after a backoff, or rework once retries
+    are spent; `ticket` fields are merged into its ticket for the retry."""
     cfg = line.config.forge
     n = part.name.retry + 1
     if n > cfg.max_retries:
@@ -107,8 +109,7 @@ def infrastructure_failure(line: Line, part: Part, *, stage: dict | None, messag
     with line.locked():
         _still_there(part)
         line.write_sidecar(part, ERROR, _with_history(part, rec))
-        ticket = line.ticket(part)
-        line.write_sidecar(part, TICKET, {**ticket, "not_before": not_before})
+        line.write_sidecar(part, TICKET, {**line.ticket(part), **(ticket or {}), "not_before": not_before})
         moved = line.move(part, "intake", name=part.name.with_retry(n))
     line.events.emit(kind, part.base, retry=n, reason=message, not_before=not_before, stage=stage, retry_spent=True)
     return moved
@@ -151,9 +152,14 @@ def wait_for_room(line: Line, part: Part, *, stage: dict | None, message: str, p
 
 def room_returned(line: Line, part: Part) -> None:
     """Clear a waiting part's wait_for_room mark (it may be claimed now)."""
+    update_ticket(line, part, wait_for_room=None)
+
+
+def update_ticket(line: Line, part: Part, **fields) -> None:
+    """Merge `fields` into a waiting part's ticket (nothing if it moved)."""
     with line.locked():
         if part.path.exists():
-            line.write_sidecar(part, TICKET, {**line.ticket(part), "wait_for_room": None})
+            line.write_sidecar(part, TICKET, {**line.ticket(part), **fields})
 
 
 def foreman_retry(line: Line, part: Part) -> Part:

@@ -30,6 +30,7 @@ heartbeat_interval_seconds = 0.2
 rescan_seconds = 0.5
 stop_grace_seconds = {grace}
 settle_seconds = 0.3
+max_parallel_parts = {parallel}
 
 [forge]
 max_retries = {max_retries}
@@ -41,11 +42,13 @@ version = 1
 """
 
 
-def make_root(path: Path, *, max_retries: int = 3, grace: float = 10.0, timeout: float = 600.0) -> Path:
-    """A factory root made by the real `factory init`, with a fast node config."""
+def make_root(path: Path, *, max_retries: int = 3, grace: float = 10.0, timeout: float = 600.0,
+              parallel: int = 1, extra: str = "") -> Path:
+    """A factory root made by the real `factory init`, with a fast node
+    config (`extra`: more TOML tables, appended)."""
     subprocess.run([sys.executable, "-m", "factory.cli", "init", str(path)], check=True, capture_output=True)
     (path / "factory_node.toml").write_text(FAST_CONFIG.format(grace=grace, max_retries=max_retries,
-                                                               timeout=timeout))
+                                                               timeout=timeout, parallel=parallel) + extra)
     return path
 
 

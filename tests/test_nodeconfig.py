@@ -34,7 +34,7 @@ def refused(tmp_path: Path, text: str) -> str:
 
 @pytest.mark.parametrize("grace, timeout, retries", [(0, 2, 0), (1.0, 600, 3), (10.0, 0.5, 1)])
 def test_the_fast_test_configs_stay_valid(tmp_path, grace, timeout, retries):
-    cfg = load(tmp_path, FAST_CONFIG.format(grace=grace, max_retries=retries, timeout=timeout))
+    cfg = load(tmp_path, FAST_CONFIG.format(grace=grace, max_retries=retries, timeout=timeout, parallel=1))
     assert (cfg.daemon.heartbeat_interval_seconds, cfg.daemon.rescan_seconds) == (0.2, 0.5)
     assert (cfg.forge.stage_timeout_seconds, cfg.daemon.stop_grace_seconds) == (timeout, grace)
 
