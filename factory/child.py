@@ -4,17 +4,21 @@ The daemon starts `python -m factory.child` per part, so whatever a station
 does (import torch, allocate 60 GB, segfault in a kernel) cannot take the
 daemon down. The child talks to the daemon only through JSON lines on an
 inherited pipe (--report-fd) and its exit code (factory/outcomes.py);
-its stdout and stderr go to work/<base>/child.log.
+its stdout and stderr go to work/<base>/child.log. A child run on a cluster
+node (factory/ray_backend.py) has no daemon parent: it appends the same
+lines to a file on the shared root instead (--report-file).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -25,6 +29,7 @@ from pydantic import ValidationError
 from factory.alloy import Alloy
 from factory.catalog import SHIP, kind_of, load_station
 from factory.checkpoint import Checkpoint, hash_outputs
+from factory.durable import NotARegularFile, file_mode_for
 from factory.errors import StageFailed, StopRequested
 from factory.integrity import alloy_hash, sha256_hex
 from factory.nodeconfig import load_node_config
@@ -49,6 +54,18 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the daemon died before prctl took effect
         os._exit(EXIT_STOPPED)
+
+
+def _open_report_file(path: Path) -> int:
+    """The report file, opened for appending: each report is one os.write,
+    so a reader on the shared root sees whole lines as soon as they are
+    written. Never through a symlink, never a FIFO (it would block)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 file_mode_for(path.parent))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(errno.EINVAL, "is not a regular file (report file)", str(path))
+    return fd
 
 
 def _on_stop(signum, frame) -> None:
@@ -188,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="factory.child")
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--part", required=True, help="alloy file name in line/assembly/")
-    ap.add_argument("--report-fd", type=int, required=True)
-    ap.add_argument("--parent-pid", type=int, required=True)
+    reports = ap.add_mutually_exclusive_group(required=True)
+    reports.add_argument("--report-fd", type=int, help="inherited pipe to the daemon")
+    reports.add_argument("--report-file", type=Path, help="file to append the report lines to (cluster runs)")
+    ap.add_argument("--parent-pid", type=int, help="the daemon's pid: die with it (omit when there is none)")
     args = ap.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
     signal.signal(signal.SIGTERM, _on_stop)
     signal.signal(signal.SIGINT, _on_stop)
-    return run_part(Layout(args.root), args.part, lambda msg: write_report_line(args.report_fd, msg))
+    fd = args.report_fd if args.report_file is None else _open_report_file(args.report_file)
+    return run_part(Layout(args.root), args.part, lambda msg: write_report_line(fd, msg))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,7 @@ from factory.errors import FactoryError
 from factory.events import utc_now
 from factory.intake import Adopter, gate, reject
 from factory.integrity import sha256_hex
+from factory.launch import LOST, Child, ClusterChild, LocalChild
 from factory.line import Line, Part, Waiting
 from factory.placement import HeadReservation, Held, fit
 from factory.locks import WorkerLock
@@ -64,10 +65,9 @@ PROGRESS_EVENT_MIN_SECONDS = 1.0
 # Set to run on rescans alone (benchmarks and tests of the safety net; a
 # node whose inotify limits are exhausted behaves the same way).
 NO_INOTIFY_ENV = "FACTORY_NO_INOTIFY"
-# How often a running child's memory is sampled for peak_rss_mb.
+# How often a running child's memory is sampled for peak_rss_mb (and a
+# cluster child's report file read).
 SAMPLE_SECONDS = 0.1
-# After a hard kill, how long to wait for the child to be reaped.
-KILL_WAIT_SECONDS = 10.0
 # inotify events that can mean "a part arrived" or "a cancel was asked for".
 WAKING_EVENTS = frozenset({"created", "moved", "closed"})
 # After an unexpected error in the loop (a bug, a full disk under our own
@@ -80,6 +80,8 @@ ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
 # A part whose outcome cannot be recorded (moved, written) this many times
 # in a row goes to rework with the reason; a full disk only waits.
 ROUTE_ATTEMPTS = 5
+# How often a Ray dispatcher refreshes the cluster view in its heartbeat.
+CLUSTER_VIEW_SECONDS = 5.0
 # _consider's answer when nothing more may start ahead of the queue's head.
 _STOP_SCAN = object()
 # Event kinds a part's process may ask the daemon to write (docs §7).
@@ -91,13 +93,12 @@ class Running:
     """A part being built and what the daemon has heard about it."""
 
     part: Part
-    proc: subprocess.Popen
-    fd: int
+    child: Child  # a LocalChild, or a ClusterChild on a Ray node (factory.launch)
     started: float
     alloy: dict  # parsed once at start (it passed the gate: stages is a list of objects)
     alloy_sha256: str  # bare hex, of the bytes gated at claim: what the part runs and its result names
     need: resources.Need
-    gpus: tuple[int, ...]  # the CUDA indices its child sees
+    gpus: tuple[int, ...]  # the CUDA indices its child sees (on a cluster: Ray's choice, not known here)
     started_at: str = ""
     buf: bytes = b""
     stage: dict | None = None
@@ -117,8 +118,14 @@ class Running:
     budget_rss: int = 0  # the RSS that broke the memory budget, when killed for it
     budget_others: int = 0  # what the other running parts held then
     eof: bool = False  # its report pipe is closed (no longer selected)
+    replaying: bool = False  # re-reading a re-attached try's reports: no events
     failure_reported: bool = False  # stage/failed emitted (routing may be retried)
     route_failures: int = 0  # failed attempts to move the part after its child ended
+
+    @property
+    def node(self) -> str | None:
+        """The cluster node it runs on (None: this node, or not placed yet)."""
+        return getattr(self.child, "node", None)
 
     @property
     def held(self) -> Held:
@@ -127,14 +134,15 @@ class Running:
     def view(self) -> dict:
         """Its entry in the heartbeat's `parts`."""
         stage = {**self.stage, "started_at": self.stage_started_at} if self.stage else None
-        return {"part": self.part.base, "pid": self.proc.pid, "gpus": list(self.gpus), "started_at": self.started_at,
-                "stage": stage, "progress": self.progress, "stalled": self.stalled_why}
+        return {"part": self.part.base, "pid": self.child.pid, "gpus": list(self.gpus),
+                "started_at": self.started_at, "stage": stage, "progress": self.progress, "stalled": self.stalled_why,
+                "node": self.node}
 
     @property
     def stalled_why(self) -> str | None:
         if not self.stalled:
             return None
-        return (f"the part's process (pid {self.proc.pid}) is stopped (SIGSTOP or a debugger) and makes no "
+        return (f"the part's process (pid {self.child.pid}) is stopped (SIGSTOP or a debugger) and makes no "
                 f"progress; `kill -CONT` it or `factory cancel {self.part.base}`")
 
 
@@ -176,6 +184,8 @@ class Daemon:
         self.memory_budget = self.node.ram_bytes
         self.reservation = HeadReservation(self.cfg.daemon.max_overtakes)
         self.started_parts = 0
+        self.cluster = None  # a RayLauncher when [cluster] backend = "ray" (connected in run())
+        self.next_cluster_view = 0.0
         self.stop_requested = 0  # count of SIGTERM/SIGINT received
         self.stopping_announced = False
         self.handled = 0
@@ -202,6 +212,8 @@ class Daemon:
         try:
             self.beat_now()
             self._install_signals()
+            if self.cfg.cluster.backend == "ray":
+                self.cluster = _connect(self.cfg, line.root)
             self._recover()
             observer = self._observe()
             line.events.emit("daemon/started", None, pid=os.getpid(), mode=self.mode,
@@ -241,8 +253,9 @@ class Daemon:
         """The start-up sweep. A sweep that fails (a full disk, a file it
         cannot move) is reported and the worker serves anyway: the sweep is
         idempotent and runs again at the next start or `factory recover`."""
+        adopted = self._reattach() if self.cluster is not None else set()
         try:
-            actions = recovery.sweep(self.line)
+            actions = recovery.sweep(self.line, running=adopted)
         except Exception as err:  # noqa: BLE001
             self._survive(err, where="recovery sweep")
             return
@@ -250,6 +263,35 @@ class Daemon:
             log.info("recovery: %s", action)
         if actions:
             self.line.events.emit("daemon/recovery", None, actions=actions)
+
+    def _reattach(self) -> set[str]:
+        """Cluster tries a previous dispatcher left running (found by their
+        submission ids) are adopted, not recovered: the part is neither
+        released nor run twice. Their reports are replayed without events
+        (those were written the first time)."""
+        adopted = set()
+        for part in self.line.parts("assembly"):
+            try:
+                run = self.cluster.attach(part.base, part.name.retry)
+                if run is None:
+                    continue
+                raw = durable.read_regular(self.line.layout.work_dir(part.base) / CLAIMED_ALLOY,
+                                           limit=MAX_ALLOY_BYTES)
+            except Exception as err:  # noqa: BLE001 - one odd part must not stop the start-up
+                self._survive(err, where=f"re-attaching {part.base}")
+                continue
+            need = resources.Need.from_json(self.line.ticket(part).get("need")) or \
+                resources.whole_node_need("its ticket has no need")
+            ch = Running(part=part, child=ClusterChild(run), started=time.monotonic(), alloy=json.loads(raw),
+                         alloy_sha256=sha256_hex(raw), need=need, gpus=(), started_at=utc_now())
+            ch.replaying = True
+            self._read_reports(ch)
+            ch.replaying = False
+            self.running[part.base] = ch
+            adopted.add(part.base)
+            self.line.events.emit("part/reattached", part.base, retry=part.name.retry, stage=ch.stage,
+                                  submission=run.name)
+        return adopted
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -431,7 +473,8 @@ class Daemon:
         except NotARegularFile as err:
             self._set_aside(part, f"{part.path.name} cannot be read as an alloy: {err.strerror}")
             return None
-        result = gate(raw, file_name=part.path.name, line=self.line, node=self.node)
+        result = gate(raw, file_name=part.path.name, line=self.line, node=self.node,
+                      capacity=self.cluster.fits_anywhere if self.cluster is not None else None)
         if not result.ok:  # e.g. queued by an older factory: reject, never run
             reject(self.line, part, result)
             return None
@@ -448,7 +491,11 @@ class Daemon:
         return None if claimed is None else (claimed, raw, need, gpus)
 
     def _placed(self, part: Part, need: resources.Need) -> tuple[int, ...] | None:
-        """The GPUs `need` would get now beside the running parts, or None."""
+        """The GPUs `need` would get now beside the running parts, or None.
+        On a cluster Ray places the try (it waits there for a node that
+        fits): only max_parallel_parts bounds what is dispatched."""
+        if self.cluster is not None:
+            return ()
         disk = free_bytes_at(self.cfg.hot_dir(self.line.root)) if self.running else None
         return fit(need, self.node, [ch.held for ch in self.running.values()], disk_free=disk)
 
@@ -479,6 +526,13 @@ class Daemon:
         except OSError as err:
             self._unstartable(part, work, err)
             return
+        if self.cluster is not None:
+            with logf:
+                logf.write(f"--- {utc_now()} {part.path.name} dispatched to Ray by pid {os.getpid()}\n".encode())
+            run = self.cluster.start(part.path.name, part.base, part.name.retry, need,
+                                     env=resources.thread_env(need, self.node))
+            self._track(part, ClusterChild(run), raw, need, ())
+            return
         r, w = os.pipe()
         os.set_blocking(r, False)
         try:
@@ -500,11 +554,15 @@ class Daemon:
             raise
         finally:
             os.close(w)
-        ch = Running(part=part, proc=proc, fd=r, started=time.monotonic(), alloy=json.loads(raw),
+        self._track(part, LocalChild(proc, r), raw, need, gpus)
+
+    def _track(self, part: Part, child: Child, raw: bytes, need: resources.Need, gpus: tuple[int, ...]) -> None:
+        ch = Running(part=part, child=child, started=time.monotonic(), alloy=json.loads(raw),
                      alloy_sha256=sha256_hex(raw), need=need, gpus=gpus, started_at=utc_now())
         self.running[part.base] = ch
         self.started_parts += 1
-        self.sel.register(r, selectors.EVENT_READ, ch)
+        if child.fd is not None:
+            self.sel.register(child.fd, selectors.EVENT_READ, ch)
         self.set_state("building")
 
     def _child_env(self, need: resources.Need, gpus: tuple[int, ...]) -> dict[str, str]:
@@ -570,19 +628,18 @@ class Daemon:
                     ch.cancelling = True
                     self._ask_child_to_stop(ch, now)
             self._enforce_deadlines(ch, now)
-            if ch.proc.poll() is not None:
+            if ch.child.fd is None:
+                self._read_reports(ch)  # a cluster child's report file: polled
+            if ch.child.poll() is not None:
                 self._read_reports(ch)
                 self._finish_child(ch)
 
     def _ask_child_to_stop(self, ch: Running, now: float) -> None:
         ch.stop_sent_at = now
-        try:
-            ch.proc.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        ch.child.terminate()
 
     def _enforce_deadlines(self, ch: Running, now: float) -> None:
-        if ch.proc.poll() is not None or ch.killed_for:
+        if ch.child.poll() is not None or ch.killed_for:
             return
         reason = None
         if ch.stage is not None and now - ch.stage_started > self._timeout(ch, ch.stage["index"]):
@@ -593,13 +650,15 @@ class Daemon:
                 reason = "cancel" if ch.cancelling else "grace"
         if reason:
             ch.killed_for = reason
-            _kill_tree(ch.proc)
-            ch.proc.wait(timeout=KILL_WAIT_SECONDS)
+            ch.child.kill()
 
     def _sample(self, ch: Running) -> None:
-        """RSS (and its peak) of the part's process tree; SIGSTOP."""
+        """RSS (and its peak) of the part's process tree; SIGSTOP. (A
+        cluster child is not sampled: Ray holds its memory request.)"""
+        if ch.child.pid is None:
+            return
         try:
-            proc = psutil.Process(ch.proc.pid)
+            proc = psutil.Process(ch.child.pid)
             rss = proc.memory_info().rss
             state = proc.status()
             for kid in proc.children(recursive=True):
@@ -617,14 +676,15 @@ class Daemon:
         """Over the node's part memory budget, all parts together, the part
         furthest over its own declared need is stopped before the kernel's
         OOM killer picks a process (alone, that is the only part)."""
-        live = [ch for ch in self.running.values() if not ch.killed_for and ch.proc.poll() is None]
+        live = [ch for ch in self.running.values()
+                if ch.child.pid is not None and not ch.killed_for and ch.child.poll() is None]
         if sum(ch.rss for ch in live) <= self.memory_budget or not live:
             return
         ch = max(live, key=lambda c: c.rss - c.need.ram_bytes)
         ch.killed_for = "memory"
         ch.budget_rss = ch.rss
         ch.budget_others = sum(c.rss for c in live if c is not ch)
-        _kill_tree(ch.proc)
+        ch.child.kill()
 
     def _note_stall(self, ch: Running, state: str) -> None:
         stopped = state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
@@ -632,20 +692,19 @@ class Daemon:
             return
         ch.stalled = stopped
         if stopped:
-            self.line.events.emit("part/stalled", ch.part.base, pid=ch.proc.pid, state=state,
+            self.line.events.emit("part/stalled", ch.part.base, pid=ch.child.pid, state=state,
                                   message=ch.stalled_why)
         self.beat_now()
 
     def _read_reports(self, ch: Running) -> None:
         while True:
-            try:
-                chunk = os.read(ch.fd, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:  # the child closed its end: stop selecting on it (EOF is always readable)
+            chunk = ch.child.read()
+            if chunk is None:  # the child closed its end: stop selecting on it (EOF is always readable)
                 if not ch.eof:
                     ch.eof = True
-                    self.sel.unregister(ch.fd)
+                    self.sel.unregister(ch.child.fd)
+                return
+            if not chunk:
                 return
             ch.buf += chunk
             *lines, ch.buf = ch.buf.split(b"\n")
@@ -656,7 +715,7 @@ class Daemon:
                     log.warning("unusable report from child of %s: %r", ch.part.base, raw[:200])
 
     def _on_report(self, ch: Running, msg: dict) -> None:
-        ev = self.line.events
+        ev = _SILENT if ch.replaying else self.line.events
         base = ch.part.base
         t = msg.get("t")
         stage = {"index": msg.get("index"), "type": msg.get("type")}
@@ -698,13 +757,14 @@ class Daemon:
     # -- outcomes ---------------------------------------------------------------
 
     def _finish_child(self, ch: Running) -> None:
-        if not ch.eof:
-            self.sel.unregister(ch.fd)
-        os.close(ch.fd)
+        if ch.child.fd is not None:
+            if not ch.eof:
+                self.sel.unregister(ch.child.fd)
+            os.close(ch.child.fd)
         del self.running[ch.part.base]
         self.handled += 1
         self.next_scan = 0.0  # claim the next part now, not at the next rescan
-        self.unrouted.append((ch, ch.proc.returncode))
+        self.unrouted.append((ch, ch.child.poll()))
         self._route_pending()
 
     def _route_pending(self) -> None:
@@ -781,6 +841,8 @@ class Daemon:
                 f"budget of {self.memory_budget / GiB:.1f} GiB; the part was stopped before the node ran out. "
                 "Lower the stage's calibrationTokens / batch size, or raise [resources] ram_gb (the budget "
                 f"now: {self.node.basis['ram']})")})
+        elif rc == LOST:
+            self._infra(ch, ch.child.lost or "the part's cluster try was lost")
         elif rc < 0:
             name = signal_name(-rc)
             hint = " (usually the kernel's OOM killer: see `journalctl -k | grep -i oom`)" if name == "SIGKILL" else ""
@@ -859,6 +921,8 @@ class Daemon:
             "elapsed_s": round(time.monotonic() - ch.started, 3),
             "work_dir": str(self.line.layout.work_dir(ch.part.base)),
             "node": self.cfg.node.name,
+            # where it ran: its GPUs, and its cluster node when dispatched to Ray
+            "placement": {"gpus": list(ch.gpus), "cluster_node": ch.node},
             "versions": self.beat.versions,
             "stages": stages,
         }
@@ -882,10 +946,29 @@ class Daemon:
         b.parts = views
         b.part, b.stage, b.progress = first.get("part"), first.get("stage"), first.get("progress")
         b.stalled = next((v["stalled"] for v in views if v["stalled"]), None)
+        if self.cluster is not None and time.monotonic() >= self.next_cluster_view:
+            self.next_cluster_view = time.monotonic() + CLUSTER_VIEW_SECONDS
+            b.cluster = self._cluster_view()
         try:
             hb.write(self.line.layout.heartbeat, self.beat)
         except OSError as err:
             log.warning("cannot write the heartbeat %s: %s", self.line.layout.heartbeat, err)
+
+    def _cluster_view(self) -> dict | None:
+        """The cluster's alive nodes and the parts each runs, for `factory
+        status`; a cluster that does not answer is said so, never raised."""
+        view = {"backend": "ray", "address": self.cfg.cluster.address}
+        try:
+            nodes = self.cluster.nodes(placements=False)
+        except Exception as err:  # noqa: BLE001 - a slow or lost head must not stop the beat
+            return {**view, "nodes": [], "error": f"{type(err).__name__}: {str(err)[:200]}"}
+        by_node: dict[str, list[str]] = {}
+        for ch in self.running.values():
+            by_node.setdefault(ch.node or "", []).append(ch.part.base)
+        return {**view, "nodes": [
+            {"node_id": n.node_id, "address": n.address, "total": asdict(n.total), "available": asdict(n.available),
+             "parts": sorted(by_node.get(n.node_id, []))} for n in nodes],
+            "waiting_for_a_node": sorted(by_node.get("", []))}
 
     def status_line(self) -> str:
         b = self.beat
@@ -896,17 +979,22 @@ class Daemon:
         return b.state
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the part's whole session (it runs in its own process group),
-    so no grandchild (a sandbox, a tokenizer worker) outlives it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
+class _Silent:
+    """The event log while a re-attached try's reports are replayed."""
+
+    @staticmethod
+    def emit(*args, **kwargs) -> None:
+        return None
+
+
+_SILENT = _Silent()
+
+
+def _connect(cfg, root: Path):
+    """The Ray launcher (importing ray only now: the single-node path never does)."""
+    from factory.ray_backend import RayLauncher
+
+    return RayLauncher(cfg.cluster.address, root, namespace=cfg.cluster.namespace)
 
 
 def _has_room(room: dict) -> bool:

@@ -39,7 +39,7 @@ KINDS = frozenset({
     "daemon/started", "daemon/stopped", "daemon/recovery", "daemon/error",
     "part/enqueued", "part/rejected", "part/claimed", "part/recovered", "part/retried",
     "part/released", "part/deferred", "part/resumed", "part/vanished", "part/waiting",
-    "part/set-aside", "part/stalled",
+    "part/set-aside", "part/stalled", "part/reattached",
     "part/finished", "part/rework", "part/cancelled",
     "stage/started", "stage/progress", "stage/completed", "stage/failed", "stage/skipped", "stage/handed-off",
     "model/load", "quant/file", "source/gguf",

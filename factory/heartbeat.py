@@ -50,6 +50,9 @@ class Heartbeat:
     # Every running part: {"part", "pid", "gpus", "started_at", "stage",
     # "progress", "stalled"}; part/stage/progress above repeat the first's.
     parts: list = field(default_factory=list)
+    # A Ray dispatcher's cluster: {"backend", "address", "nodes": [{"node_id",
+    # "address", "total", "available", "parts"}]}, refreshed every few seconds.
+    cluster: dict | None = None
 
 
 def versions() -> dict:

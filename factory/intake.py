@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from factory import durable, transitions
@@ -40,11 +42,14 @@ class GateResult:
         return f"{first['path']}: {first['message']}; fix: {first['fix']}{more}"
 
 
-def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None = None) -> GateResult:
+def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None = None,
+         capacity: Callable[[Need], str | None] | None = None) -> GateResult:
     """Parse + schema check of an alloy's bytes, the plan checks that need
     no model (known architecture, a station or role for every stage), and
     its need on this node (`node`: measured now when not given), refused
-    when it exceeds what the node has."""
+    when it exceeds what the parts may have: `capacity` says why (a Ray
+    dispatcher passes its cluster's); by default this node's, except on a
+    node that dispatches to a cluster, where only the dispatcher knows."""
     from factory.plan import quick_findings  # pydantic models: loaded on first use
     from factory.validation import Finding, check_bytes
 
@@ -56,7 +61,9 @@ def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None =
     if report.alloy is not None and not findings:
         node = node or node_resources(line.config)
         need = part_need(report.alloy, root=line.root, config=line.config, node=node)
-        too_big = capacity_problem(need, node)
+        if capacity is None and line.config.cluster.backend == "local":
+            capacity = partial(capacity_problem, node=node)
+        too_big = capacity(need) if capacity is not None else None
         if too_big:
             findings = [Finding("plan", "$.source.baseModel", report.alloy.source.base_model,
                                 f"this part can never run on this node: {too_big}",

@@ -245,12 +245,29 @@ class ProtocolSection(_Section):
     version: int = PROTOCOL_VERSION
 
 
+class ClusterSection(_Section):
+    """Where parts run: this node ("local"), or a Ray cluster whose nodes
+    all mount this root at the same path (docs/OPERATOR.md, "Run a fleet")."""
+
+    backend: Literal["local", "ray"] = "local"
+    # The Ray head's GCS address, "host:port" (what `ray start --head` prints).
+    address: str | None = Field(default=None, min_length=3, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+$")
+    namespace: str = Field(default="forge-factory", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _ray_needs_an_address(self) -> "ClusterSection":
+        if self.backend == "ray" and not self.address:
+            raise ValueError('backend = "ray" needs address = "host:port" (the Ray head\'s GCS address)')
+        return self
+
+
 class NodeConfig(_Section):
     node: NodeSection = NodeSection()
     storage: StorageSection = StorageSection()
     forge: ForgeSection = ForgeSection()
     daemon: DaemonSection = DaemonSection()
     resources: ResourcesSection = ResourcesSection()
+    cluster: ClusterSection = ClusterSection()
     protocol: ProtocolSection = ProtocolSection()
     # Dataset id -> a file inside the root, checked before any cache.
     datasets: dict[DatasetId, DatasetFile] = {}

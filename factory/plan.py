@@ -31,6 +31,7 @@ from factory.datasets import DatasetProblem, stage_datasets
 from factory.declarations import declaration_problems
 from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
+from factory.resources import Need, node_resources, part_need
 from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory, nf4_size
 from factory.model_files import CONFIG_FILE, CheckpointInfo, check_model_dir
 from factory.nodeconfig import NodeConfig, load_node_config
@@ -110,6 +111,7 @@ class Plan:
     stages: list[StagePlan] = field(default_factory=list)
     load_plan: LoadPlan | None = None
     resources: Resources | None = None
+    need: Need | None = None  # what a part of it holds while it runs here (factory.resources)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -127,6 +129,7 @@ class Plan:
             "stages": [asdict(s) for s in self.stages],
             "loadPlan": asdict(self.load_plan) if self.load_plan else None,
             "resources": self.resources.to_json() if self.resources else None,
+            "need": self.need.to_json() if self.need else None,
             "notes": list(self.notes),
             "findings": [asdict(f) for f in self.findings],
         }
@@ -148,6 +151,8 @@ class Plan:
                          f"max_memory {lp.max_memory}): {lp.reason}")
         if self.resources is not None:
             lines.append(f"  resources: {_resources_text(self.resources)}")
+        if self.need is not None:
+            lines.append(f"  need:      {_need_text(self.need)}")
         lines += [f"  note:      {n}" for n in self.notes]
         lines.append("  ok" if self.ok else f"  {len(self.findings)} finding(s):")
         lines += [f"    {f.level}: {f}" for f in self.findings]
@@ -175,6 +180,13 @@ def _family_text(f: FamilyPlan) -> str:
     moe = f"MoE, {f.expert_count} experts, top-{f.top_k}" if f.is_moe else "dense"
     origin = "config.json" if f.from_config else "as the alloy declares"
     return f"{f.name}, {moe}, {f.layers} layers ({origin})"
+
+
+def _need_text(n: Need) -> str:
+    if n.whole_node:
+        return n.basis
+    gpus = f"{n.gpus} GPU{'s' if n.gpus != 1 else ''} ({_gib_text(n.vram_bytes)} VRAM)" if n.gpus else "no GPU"
+    return f"{n.cpu_slots} CPU slot, {_gib_text(n.ram_bytes)} RAM, {gpus}, {_gib_text(n.disk_bytes)} disk: {n.basis}"
 
 
 def _resources_text(r: Resources) -> str:
@@ -216,6 +228,8 @@ def make_plan(
     plan.alloy_name = report.alloy.name
     plan.source, plan.family, plan.stages = ctx.source, _family_plan(ctx), ctx.stages
     plan.load_plan, plan.resources, plan.notes = ctx.load_plan, ctx.resources, ctx.notes
+    if plan.ok:
+        plan.need = part_need(report.alloy, root=root, config=ctx.config, node=node_resources(ctx.config))
     return plan
 
 

@@ -192,6 +192,13 @@ class Layout:
     def work_dir(self, base: str) -> Path:
         return self.work / base
 
+    def report_file(self, base: str, retry: int) -> Path:
+        """A cluster try's report lines (factory.ray_backend). One file per
+        try, so lines of an earlier try (a child on a node that was cut off
+        but still runs) never mix into this one's, and re-reading it after a
+        dispatcher restart replays exactly this try."""
+        return self.work_dir(base) / f"reports-r{retry}.jsonl"
+
     @property
     def calibration(self) -> Path:
         return self.root / "calibration"

@@ -32,9 +32,10 @@ from factory.protocol import CANCEL, CHECKPOINT, CLAIMED_ALLOY, ERROR, RESULT, S
 _ROLL_FORWARD = {"finished": RESULT, "rework": ERROR}
 
 
-def _sweep_tmp(line: Line) -> list[str]:
+def _sweep_tmp(line: Line, running: set[str]) -> list[str]:
     removed = []
-    work_dirs = [Path(e.path) for e in os.scandir(line.layout.work) if e.is_dir(follow_symlinks=False)]
+    work_dirs = [Path(e.path) for e in os.scandir(line.layout.work)
+                 if e.is_dir(follow_symlinks=False) and e.name not in running]
     for d in [line.layout.line, *(line.layout.station(s) for s in STATIONS), line.layout.incoming, *work_dirs]:
         for entry in os.scandir(d):
             owner = durable.tmp_owner(entry.name)
@@ -91,14 +92,20 @@ def _rejoin(line: Line, part: Part, files: list[tuple[str, Path]]) -> list[str]:
     return actions
 
 
-def sweep(line: Line) -> list[str]:
-    """Run the sweep; returns one line per action taken (for the log and the CLI)."""
+def sweep(line: Line, *, running: set[str] = frozenset()) -> list[str]:
+    """Run the sweep; returns one line per action taken (for the log and the
+    CLI). `running`: bases whose child still runs on a cluster node (the
+    dispatcher re-attached to them): left in assembly/, and their work dirs'
+    temporary files are not swept (their writers' pids are another node's)."""
     with line.locked():
-        actions = [f"removed temporary file {p}" for p in _sweep_tmp(line)]
+        actions = [f"removed temporary file {p}" for p in _sweep_tmp(line, running)]
         actions += _reunite(line)
     for odd in line.irregular("assembly"):
         actions.append(f"left {odd.path} in place: not a regular file (never followed)")
     for part in line.parts("assembly"):
+        if part.base in running:
+            actions.append(f"left {part.base!r} in assembly/: its try still runs on the cluster (re-attached)")
+            continue
         try:
             actions.append(_recover(line, part))
         except (FactoryError, OSError, ValueError) as err:  # one odd part must not stop the sweep

@@ -93,7 +93,9 @@ class Need:
 
     @property
     def cpus(self) -> int:
-        return self.cpu_slots
+        """CPUs to ask a cluster scheduler for: one at least, also for a
+        whole-node part (a cluster has no "whole node" to give)."""
+        return max(1, self.cpu_slots)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

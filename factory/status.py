@@ -109,6 +109,24 @@ def _part_views(value: Any) -> list[dict]:
     return out
 
 
+def _cluster(beat: dict | None) -> dict | None:
+    """A Ray dispatcher's cluster view from its heartbeat, fields checked."""
+    view = (beat or {}).get("cluster")
+    if not isinstance(view, dict):
+        return None
+
+    def res(r: Any) -> dict:
+        r = r if isinstance(r, dict) else {}
+        return {k: _number(r.get(k)) or 0 for k in ("cpus", "gpus", "vram_gb", "memory_bytes")}
+
+    nodes = [{"node_id": _text(n.get("node_id")), "address": _text(n.get("address")), "total": res(n.get("total")),
+              "available": res(n.get("available")),
+              "parts": [p for p in map(_text, n.get("parts") or []) if p] if isinstance(n.get("parts"), list) else []}
+             for n in (view.get("nodes") or [])[:1024] if isinstance(n, dict)] if isinstance(view.get("nodes"), list) else []
+    return {"backend": _text(view.get("backend")), "address": _text(view.get("address")), "nodes": nodes,
+            "error": _text(view.get("error"))}
+
+
 def worker(path: Path) -> dict:
     """The worker as its heartbeat shows it; every field checked, so a
     malformed heartbeat reads as a stale worker with the reason."""
@@ -146,6 +164,7 @@ def gather(line: Line) -> dict:
         "node": {"name": line.config.node.name, "roles": line.config.node.roles},
         "worker": worker(line.layout.heartbeat),
         "resources": node_resources(line.config).to_json(),
+        "cluster": _cluster(hb.read(line.layout.heartbeat)),
         "stations": {s: len(line.parts(s)) for s in STATIONS},
         "recent": recent_outcomes(line),
         "tiers": [
@@ -186,6 +205,8 @@ def render(snapshot: dict) -> None:
     res = snapshot["resources"]
     con.print(f"resources: {res['cpu_slots']} CPU slots ({res['cores']} cores), {res['ram_gib']} GiB RAM for parts, "
               f"{len(res['gpus'])} GPUs, up to {res['max_parallel_parts']} parts at once")
+    for line in _cluster_lines(snapshot.get("cluster")):
+        con.print(escape(line))
     t = Table(title="stations")
     for s in snapshot["stations"]:
         t.add_column(s, justify="right")
@@ -213,6 +234,19 @@ def render(snapshot: dict) -> None:
             con.print(f"[red]tier {tier['name']} MISSING:[/] {escape(tier['problem'])}")
 
 
+def _cluster_lines(cluster: dict | None) -> list[str]:
+    if not cluster:
+        return []
+    lines = [f"cluster {cluster['backend']} at {cluster['address']}: {len(cluster['nodes'])} nodes"
+             + (f" ({cluster['error']})" if cluster["error"] else "")]
+    for n in cluster["nodes"]:
+        t, a = n["total"], n["available"]
+        lines.append(f"node {(n['node_id'] or '?')[:12]} {n['address']}: {a['cpus']:g}/{t['cpus']:g} CPUs, "
+                     f"{a['gpus']:g}/{t['gpus']:g} GPUs, {a['vram_gb']:g}/{t['vram_gb']:g} GB VRAM free; "
+                     f"runs {', '.join(n['parts']) or 'nothing'}")
+    return lines
+
+
 def plain(snapshot: dict) -> str:
     w = snapshot["worker"]
     lines = [f"node {snapshot['node']['name']} worker {w['state']}"
@@ -225,6 +259,7 @@ def plain(snapshot: dict) -> str:
         lines.append(f"building {part['part']} stage {st.get('index')} {st.get('type')} "
                      f"{prog.get('done', '')}/{prog.get('total', '')} {prog.get('unit', '')}".rstrip() + gpus)
     lines.append(" ".join(f"{k}={v}" for k, v in snapshot["stations"].items()))
+    lines += _cluster_lines(snapshot.get("cluster"))
     lines += [f"tier {t['name']} MISSING: {t['problem']}" for t in snapshot["tiers"] if t["missing"]]
     return "\n".join(lines)
 

@@ -110,6 +110,18 @@ def where(root: Path) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
+def wait_unlocked(root: Path, timeout: float = 30.0) -> None:
+    """Until no process holds the root's worker lock: after a SIGKILLed
+    daemon, its children (which inherit the lock) die a moment later."""
+    from factory.locks import is_locked
+
+    lock = root / "line/.worker.lock"
+    deadline = time.monotonic() + timeout
+    while is_locked(lock):
+        assert time.monotonic() < deadline, "a dead worker's processes still hold the root"
+        time.sleep(0.05)
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)

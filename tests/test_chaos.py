@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.linekit import events, factory, make_root, selftest_alloy, start_daemon, where, write_alloy
 
@@ -36,8 +37,10 @@ def _kill_children(pid: int) -> int:
     return killed
 
 
-def test_random_sigkills_lose_and_duplicate_nothing(tmp_path):
-    root = make_root(tmp_path / "root", max_retries=1000)
+@pytest.mark.parametrize("parallel", [1, 3], ids=["one-at-a-time", "three-in-assembly"])
+def test_random_sigkills_lose_and_duplicate_nothing(tmp_path, parallel):
+    root = make_root(tmp_path / "root", max_retries=1000, parallel=parallel,
+                     extra=f"\n[resources]\ncpu_slots = {parallel}\n")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(PARTS):
@@ -47,13 +50,17 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path):
 
     rng = random.Random(1234)
     daemon_kills = child_kills = 0
+    most_in_assembly = 0
     deadline = time.monotonic() + 600  # hang guard
     while time.monotonic() < deadline:
         placed = where(root)
         if all(st[0][0] in ("finished", "rework") for st in placed.values()) and len(placed) == PARTS:
             break
         d = start_daemon(root)
-        time.sleep(rng.uniform(0.1, 1.2))
+        until = time.monotonic() + rng.uniform(0.1, 1.2)
+        while time.monotonic() < until:
+            most_in_assembly = max(most_in_assembly, len(list((root / "line/assembly").glob("*.alloy.json"))))
+            time.sleep(0.02)
         if rng.random() < 0.5:
             child_kills += _kill_children(d.pid)
             time.sleep(rng.uniform(0.0, 0.3))
@@ -65,6 +72,7 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path):
     # A last clean pass, so what a killed daemon left is finished properly.
     assert factory("run", "--until-empty", root=root, timeout=300).returncode == 0
     assert daemon_kills >= 10
+    assert most_in_assembly == parallel if parallel > 1 else most_in_assembly <= 1
 
     placed = where(root)
     assert sorted(placed) == [f"p{i:03d}" for i in range(PARTS)]  # none lost, none invented

@@ -28,10 +28,9 @@ from pathlib import Path
 import pytest
 
 from factory.events import utc_now
-from factory.locks import is_locked
 from tests.linekit import (
     child_pids, drop_by_rename, events, factory, fill_disk, make_root, selftest_alloy, start_logged_daemon,
-    tmpfs, where, write_alloy,
+    tmpfs, wait_unlocked, where, write_alloy,
 )
 
 # How a daemon may end here: SIGTERM, our SIGKILL, or refused because the
@@ -129,14 +128,6 @@ def _end(d, rng: random.Random) -> int:
     return d.wait(timeout=60)
 
 
-def _wait_unlocked(root: Path, timeout: float = 30.0) -> None:
-    lock = root / "line/.worker.lock"
-    deadline = time.monotonic() + timeout
-    while is_locked(lock):
-        assert time.monotonic() < deadline, "the last round's processes still hold the root"
-        time.sleep(0.05)
-
-
 def _kill_children(pid: int) -> None:
     for kid in child_pids(pid):
         try:
@@ -170,7 +161,7 @@ def _chaos(root: Path, tmp_path: Path, *, disk_phase: bool) -> None:
         if not full_done and rounds >= 3:
             # The full-disk round needs a daemon that really runs: let the last
             # round's dying child drop the root first, or this one exits 4.
-            _wait_unlocked(root)
+            wait_unlocked(root)
         d = start_logged_daemon(root, log)
         batch = waiting[:rng.randint(4, 14)]
         waiting = waiting[len(batch):]

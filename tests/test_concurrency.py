@@ -14,7 +14,9 @@ import signal
 from pathlib import Path
 
 from factory import heartbeat as hb
-from tests.linekit import events, factory, make_root, selftest_alloy, start_daemon, stop, wait_for, where, write_alloy
+from tests.linekit import (
+    events, factory, make_root, selftest_alloy, start_daemon, stop, wait_for, wait_unlocked, where, write_alloy,
+)
 from tests.test_placement import sparse_checkpoint
 
 TERMINAL = ("part/finished", "part/rework", "part/cancelled", "part/retried", "part/released", "part/recovered")
@@ -75,6 +77,9 @@ def test_two_slots_build_two_parts_side_by_side_and_status_shows_both(tmp_path):
     envs = [child_env(pid) for pid in pids]
     assert all(e.get("OMP_NUM_THREADS") == threads for e in envs)
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in envs)  # no GPUs declared or found: left alone
+    # the single-node worker never loads ray (nor torch): neither is mapped into it
+    maps = Path(f"/proc/{d.pid}/maps").read_text()
+    assert "_raylet" not in maps and "libtorch" not in maps
     snap = json.loads(factory("status", "--json", root=root).stdout)
     assert len(snap["worker"]["parts"]) == 2 and snap["resources"]["cpu_slots"] == 2
     plain = factory("status", root=root).stdout
@@ -164,6 +169,7 @@ def test_cancel_sigterm_and_a_crash_act_per_part_with_several_in_assembly(tmp_pa
     wait_for(lambda: len(heartbeat(root).get("parts", [])) == 2, timeout=60, what="both running again")
     d.send_signal(signal.SIGKILL)
     d.wait()
+    wait_unlocked(root)
     run_until_empty(root)
     assert where(root)["keep1"] == where(root)["keep2"] == [("finished", 0)]
     assert {e["part"] for e in events(root, "part/recovered")} == {"keep1", "keep2"}
