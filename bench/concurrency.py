@@ -7,7 +7,7 @@
 The same mixed queue runs through the real `factory run --until-empty` on
 a fresh root per mode:
 
-- 8 selftest parts of 1-4 s (28 s of stage time in all);
+- 8 selftest parts of 1-4 s (20 s of stage time in all);
 - 2 "big" parts: a selftest stage of 3 s on a sparse 2 GiB llama checkpoint,
   so their need is a real model's (1.5 + 2 x 2 GiB = 5.5 GiB of RAM on the
   CPU), on a node whose parts may hold 8 GiB: two bigs never run together.
@@ -118,6 +118,7 @@ def main() -> int:
     ap.add_argument("--no-ray", action="store_true")
     args = ap.parse_args()
     ram = f"\n[resources]\nram_gb = {RAM_GB}\n"
+    host = machine()  # the load average before the runs
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as d:
         tmp = Path(d)
         rows = [run_mode("serial", 1, ram, tmp),
@@ -125,7 +126,7 @@ def main() -> int:
                 run_mode("one node, 4 slots", 4, ram + "cpu_slots = 4\n", tmp)]
         if not args.no_ray:
             rows.append(ray_mode(tmp))
-    print(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    print(json.dumps({"machine": host, "rows": rows}, indent=2))
     if args.markdown:
         print(markdown(rows), file=sys.stderr)
     return 0
