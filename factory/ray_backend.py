@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,12 +28,18 @@ from pathlib import Path
 from typing import Protocol
 
 from factory.durable import file_mode_for
-from factory.errors import FactoryError
+from factory.errors import FactoryError, NodeConfigError
 from factory.protocol import CHILD_LOG, Layout
 
 
-class ClusterExtraMissing(FactoryError, ImportError):
-    """`[cluster] backend = "ray"` on a node without ray installed."""
+class ClusterExtraMissing(NodeConfigError, ImportError):
+    """`[cluster] backend = "ray"` on a node without ray installed (exit 78:
+    the config asks for what this node does not have; no restart loop)."""
+
+
+class ClusterUnreachable(FactoryError):
+    """The Ray head does not answer (exit 1: systemd restarts the
+    dispatcher later, when the head may be back)."""
 
 
 try:
@@ -76,6 +83,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 POLL_WAIT_S = 0.0
 # How long a status call waits for each actor's whereabouts.
 INFO_WAIT_S = 2.0
+# How long the dispatcher waits for the head's port before giving up.
+CONNECT_TIMEOUT_S = 5.0
 
 
 class NeedLike(Protocol):
@@ -302,6 +311,19 @@ class RayRun:
             pass
 
 
+def _reachable(address: str) -> None:
+    """Refuse fast when nothing listens at the head's address: ray.init
+    itself retries for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as err:
+        raise ClusterUnreachable(
+            f"nothing answers at the Ray head {address} ([cluster] address in factory_node.toml): {err}; start "
+            "the head (ray start --head) or fix the address") from err
+
+
 def _largest(views: list[NodeView]) -> NodeView | None:
     return max(views, key=lambda v: (v.total.vram_gb, v.total.gpus, v.total.memory_bytes, v.total.cpus),
                default=None)
@@ -315,7 +337,14 @@ class RayLauncher:
         self.root = Path(root).absolute()
         self.namespace = namespace
         if not ray.is_initialized():
-            ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="warning")
+            _reachable(address)
+            try:
+                ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="warning")
+            except Exception as err:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ...
+                raise ClusterUnreachable(
+                    f"cannot connect to the Ray cluster at {address} ([cluster] address in factory_node.toml): "
+                    f"{type(err).__name__}: {str(err)[:300]}; start the head (ray start --head) or fix the "
+                    "address") from err
 
     def start(self, part_filename: str, base: str, retry: int, need: NeedLike,
               env: dict[str, str] | None = None) -> RayRun:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from factory import heartbeat as hb
@@ -175,3 +177,19 @@ def test_cancel_sigterm_and_a_crash_act_per_part_with_several_in_assembly(tmp_pa
     assert {e["part"] for e in events(root, "part/recovered")} == {"keep1", "keep2"}
     for base in ("keep1", "keep2"):
         assert [e["part"] for e in events(root, "part/finished")].count(base) == 1
+
+
+def test_the_ray_backend_without_ray_installed_is_a_config_error_naming_the_extra(tmp_path):
+    """A node whose config asks for Ray but whose Python has none (here a
+    `ray` package that fails to import, first on the path): exit 78, which
+    the systemd unit does not restart-loop."""
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("ray is not installed here")\n')
+    root = make_root(tmp_path / "root", extra='\n[cluster]\nbackend = "ray"\naddress = "127.0.0.1:6379"\n')
+    env = {**os.environ, "PYTHONPATH": str(fake.parent), "FACTORY_ROOT": str(root)}
+    r = subprocess.run([sys.executable, "-m", "factory.cli", "run", "--until-empty"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 78, r.stderr
+    assert "pip install 'forge-factory[cluster]'" in r.stderr
+

@@ -70,6 +70,12 @@ def run_until_empty(root: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_dispatcher_whose_head_does_not_answer_exits_1_naming_the_address(tmp_path):
+    root = make_root(tmp_path / "root", extra='\n[cluster]\nbackend = "ray"\naddress = "127.0.0.1:1"\n')
+    r = factory("run", "--until-empty", root=root, timeout=60)
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr and "ray start --head" in r.stderr
+
+
 def test_parts_land_only_on_nodes_that_fit_and_one_that_fits_none_is_refused(cluster, tmp_path):
     root = dispatcher_root(tmp_path / "fit", cluster)
     enqueue(root, model_alloy(tmp_path, "six", "six"), model_alloy(tmp_path, "half", "half"),
