@@ -44,6 +44,7 @@ from factory.integrity import sha256_hex
 from factory.launch import LOST, Child, ClusterChild, LocalChild
 from factory.line import Line, Part, Waiting
 from factory.placement import HeadReservation, Held, fit
+from factory.resources import size_text
 from factory.locks import WorkerLock
 from factory.outcomes import (
     EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
@@ -461,7 +462,7 @@ class Daemon:
         # is opened to decide. A ticket without one (written by an older
         # factory, or malformed) is gated now for it.
         need = resources.Need.from_json(waiting.ticket.get("need"))
-        if need is not None and self._placed(part, need) is None:
+        if need is not None and self._placed(part, need.at_least(waiting.ticket)) is None:
             self.reservation.blocked(part.base)
             return None
         # Gated again at claim, not only at enqueue: the plan checks depend
@@ -481,6 +482,7 @@ class Daemon:
         need = result.need
         if need.to_json() != waiting.ticket.get("need"):  # the source changed, or the node did
             transitions.update_ticket(self.line, part, need=need.to_json())
+        need = need.at_least(waiting.ticket)
         gpus = self._placed(part, need)
         if gpus is None:
             self.reservation.blocked(part.base)
@@ -830,11 +832,11 @@ class Daemon:
         elif ch.killed_for == "memory" and ch.budget_others and ch.budget_rss <= self.memory_budget:
             # It fits the budget alone: contention, not the recipe. Retried
             # with its need raised to what it used, so placement makes room.
-            need = {**ch.need.to_json(), "ram_bytes": max(ch.need.ram_bytes, ch.budget_rss)}
-            self._infra(ch, f"the part's processes used {ch.budget_rss / GiB:.1f} GiB of RAM, the other running "
-                            f"parts {ch.budget_others / GiB:.1f} GiB, together over this node's part memory budget "
-                            f"of {self.memory_budget / GiB:.1f} GiB; it was stopped (the part furthest over its "
-                            "need) and is retried with its need raised to what it used", ticket={"need": need})
+            self._infra(ch, f"the part's processes used {size_text(ch.budget_rss)} of RAM, the other running "
+                            f"parts {size_text(ch.budget_others)}, together over this node's part memory budget "
+                            f"of {size_text(self.memory_budget)}; it was stopped (the part furthest over its "
+                            "need) and is retried with its need raised to what it used",
+                            ticket={resources.OBSERVED_RAM: max(ch.budget_rss, ch.need.ram_bytes)})
         elif ch.killed_for == "memory":
             self._deterministic(ch, rc, {"message": (
                 f"the part's processes used {ch.budget_rss / GiB:.1f} GiB of RAM, over this node's part memory "

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,9 @@ GGUF_TO_16BIT = 4.0
 file is overestimated twice over, the safe side."""
 
 NVIDIA_SMI_TIMEOUT_S = 10.0
+# Ticket key: the RSS a part had when it was stopped for breaking the RAM
+# budget beside other parts; its need is at least that from then on.
+OBSERVED_RAM = "observed_ram_bytes"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,15 @@ class Need:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def at_least(self, ticket: dict) -> "Need":
+        """This need, its RAM raised to what the part was seen to use
+        (`OBSERVED_RAM` in its ticket): an estimate never wins over a measurement."""
+        seen = ticket.get(OBSERVED_RAM)
+        if isinstance(seen, bool) or not isinstance(seen, int) or seen <= self.ram_bytes or self.whole_node:
+            return self
+        return replace(self, ram_bytes=seen, basis=f"{self.basis}; raised to the {size_text(seen)} it used "
+                                                   "when stopped beside other parts")
+
     @classmethod
     def from_json(cls, obj: object) -> "Need | None":
         """The need a ticket carries, or None when absent or malformed
@@ -112,6 +124,11 @@ class Need:
         if not isinstance(obj.get("whole_node"), bool) or not isinstance(obj.get("basis"), str):
             return None
         return cls(**{k: obj[k] for k in (*ints, "whole_node")}, basis=obj["basis"][:300])
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes for people: GiB, or MiB below one GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.0f} MiB"
 
 
 # -- the node ----------------------------------------------------------------

@@ -193,3 +193,26 @@ def test_the_ray_backend_without_ray_installed_is_a_config_error_naming_the_extr
     assert r.returncode == 78, r.stderr
     assert "pip install 'forge-factory[cluster]'" in r.stderr
 
+
+def test_parts_over_the_ram_budget_together_are_retried_with_what_they_used_and_then_never_overlap(tmp_path):
+    """Each selftest child holds about 35 MB, estimated at 0; the budget
+    (53 MiB) holds one, not two. Together over it, the part furthest over
+    its need is stopped and retried with its need raised to what it used:
+    once both needs are real, placement keeps them apart."""
+    root = make_root(tmp_path / "root", parallel=2, max_retries=5,
+                     extra="\n[resources]\ncpu_slots = 2\nram_gb = 0.052\n")
+    enqueue(root, tmp_path, ["m1", "m2"], seconds=3.0, steps=30)
+    run_until_empty(root)
+    placed = where(root)
+    assert {b: c[0][0] for b, c in placed.items()} == {"m1": "finished", "m2": "finished"}
+    retried = events(root, "part/retried")
+    assert retried and all("together over this node's part memory budget" in e["reason"] for e in retried)
+    tickets = {b: json.loads((root / "line/finished" / f"{b}.ticket.json").read_text()) for b in placed}
+    raised = [b for b, t in tickets.items() if t.get("observed_ram_bytes")]
+    assert raised and all(tickets[b]["observed_ram_bytes"] > 20 * 2**20 for b in raised)
+    assert len(retried) <= 2  # each part at most once: then its need is what it used
+    # the last claims came after both needs were known: those runs did not overlap
+    last_claim = max(e["seq"] for e in events(root, "part/claimed"))
+    first_done = min(e["seq"] for e in events(root, "part/finished"))
+    assert len(raised) < 2 or last_claim > first_done
+
