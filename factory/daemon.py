@@ -81,6 +81,9 @@ ROOM_MARGIN_BYTES = (2**20, 256 * 2**20)
 # A part whose outcome cannot be recorded (moved, written) this many times
 # in a row goes to rework with the reason; a full disk only waits.
 ROUTE_ATTEMPTS = 5
+# Progress reaches the heartbeat this soon after the child reports it (and
+# the heartbeat is rewritten at most this often for progress).
+BEAT_ON_CHANGE_SECONDS = 0.25
 # How often a Ray dispatcher refreshes the cluster view in its heartbeat.
 CLUSTER_VIEW_SECONDS = 5.0
 # _consider's answer when nothing more may start ahead of the queue's head.
@@ -194,7 +197,7 @@ class Daemon:
         # under error.json): routed again before anything new is claimed.
         self.unrouted: list[tuple[Running, int]] = []
         self.beat = hb.new_heartbeat(self.cfg.daemon.heartbeat_interval_seconds)
-        self.next_beat = 0.0
+        self.next_beat = self.last_beat = 0.0
         self.next_watchdog = 0.0
         self.next_scan = 0.0
         self._wake_r, self._wake_w = os.pipe()
@@ -730,6 +733,7 @@ class Daemon:
             self.beat_now()
         elif t == "progress":
             ch.progress = hb.Progress(msg["done"], msg.get("total"), msg.get("unit", ""))
+            self._beat_soon()
             now = time.monotonic()
             final = msg.get("total") is not None and msg["done"] >= msg["total"]
             if final or now - ch.last_progress_event >= PROGRESS_EVENT_MIN_SECONDS:
@@ -748,6 +752,7 @@ class Daemon:
             if msg.get("peak_vram_mb") is not None:
                 payload["peak_vram_mb"] = msg["peak_vram_mb"]
             ch.completed.append({**msg, "peak_rss_mb": payload["peak_rss_mb"]})
+            self._beat_soon()
             ev.emit("stage/completed", base, **payload)
         elif t == "failed":
             ch.failure = msg
@@ -941,7 +946,8 @@ class Daemon:
         tried again at the next beat: it never stops the worker. `parts`
         lists every running part; `part`, `stage`, `progress` and `stalled`
         repeat the first-started one's (protocol section 6)."""
-        self.next_beat = time.monotonic() + self.cfg.daemon.heartbeat_interval_seconds
+        self.last_beat = time.monotonic()
+        self.next_beat = self.last_beat + self.cfg.daemon.heartbeat_interval_seconds
         views = [ch.view() for ch in self.running.values()]
         first = views[0] if views else {}
         b = self.beat
@@ -955,6 +961,11 @@ class Daemon:
             hb.write(self.line.layout.heartbeat, self.beat)
         except OSError as err:
             log.warning("cannot write the heartbeat %s: %s", self.line.layout.heartbeat, err)
+
+    def _beat_soon(self) -> None:
+        """A change readers should see (progress, a stage done): the beat is
+        written within BEAT_ON_CHANGE_SECONDS, and never more often."""
+        self.next_beat = min(self.next_beat, self.last_beat + BEAT_ON_CHANGE_SECONDS)
 
     def _cluster_view(self) -> dict | None:
         """The cluster's alive nodes and the parts each runs, for `factory

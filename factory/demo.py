@@ -205,6 +205,7 @@ class Summary:
     rows: list[Row]
     modelHash: str | None
     acceptance: bool | None
+    checks: list[dict]  # the acceptance checks applied: check, required, actual, passed
     forged_dir: str | None
     generate: list[Model]  # empty when the part did not finish
 
@@ -215,8 +216,8 @@ def _ppl(result: dict, corpus: str) -> dict:
 
 def _ppl_rows(result: dict) -> list[Row]:
     return [Row(label, p["source"], p["forged"]) for label, p in
-            (("held-out code perplexity", _ppl(result, "code-eval")),
-             ("held-out prose perplexity", _ppl(result, "prose-eval"))) if p]
+            (("held-out code perplexity (lower is better)", _ppl(result, "code-eval")),
+             ("held-out prose perplexity (lower is better)", _ppl(result, "prose-eval"))) if p]
 
 
 def _bytes(path: Path) -> int:
@@ -250,14 +251,14 @@ def _real(line: Line, result: dict) -> tuple[list[Row], list[Model]]:
         if stage["type"] != "eval" or not m.get("perplexity"):
             continue
         p, domain = m["perplexity"], str(m["perplexity"]["corpus"]).removesuffix("-eval")
-        label = (f"held-out {domain} perplexity" if not m.get("measured") else
+        label = (f"held-out {domain} perplexity (lower is better)" if not m.get("measured") else
                  f"{domain} perplexity, forged {m['measured']['quant_type']} GGUF (llama.cpp)")
         rows.append(Row(label, p["source"], p["forged"]))
     artifact = (result.get("artifacts") or [{}])[-1]
     he = (result.get("benchmarks") or {}).get("humaneval") or {}
     if he:
         n = (he.get("forged") or he.get("source") or {}).get("problems")
-        rows.append(Row(f"HumanEval pass@1 (first {n}, greedy)", (he.get("source") or {}).get("pass@1"),
+        rows.append(Row(f"HumanEval pass@1 (first {n}, greedy; higher is better)", (he.get("source") or {}).get("pass@1"),
                         (he.get("forged") or {}).get("pass@1"), ratio=False))
     prune = _stage_metrics(result, "prune")
     if prune:
@@ -299,6 +300,7 @@ def summary(line: Line, part: str, demo: Demo = TINY) -> Summary:
     rows, models = demo.table(line, result)
     return Summary(station=found.station, message=None if finished else record.get("message"), rows=rows,
                    modelHash=result.get("modelHash"), acceptance=(result.get("acceptance") or {}).get("passed"),
+                   checks=[c for c in (result.get("acceptance") or {}).get("checks", []) if isinstance(c, dict)],
                    forged_dir=result.get("forged_dir"), generate=models if finished else [])
 
 
@@ -318,6 +320,10 @@ def render(s: Summary, console, elapsed: float, title: str = TINY.title) -> None
     console.print(t)
     verdict = {True: "[green]passed[/]", False: "[red]failed[/]", None: "not evaluated"}[s.acceptance]
     console.print(f"acceptance: {verdict}")
+    for c in s.checks:  # the thresholds it applied, each with what was measured
+        actual = f"{c.get('actual'):.3g}" if isinstance(c.get("actual"), float) else c.get("actual")
+        console.print(f"  {c.get('check')}: required {c.get('required')}, measured {actual}: "
+                      f"{'ok' if c.get('passed') else 'FAILED'}", markup=False)
     console.print(f"modelHash:  {s.modelHash}")
     console.print(f"model:      {s.forged_dir}", markup=False)
     if s.message:
@@ -413,12 +419,12 @@ def _generate_main(argv: list[str]) -> int:
 
 
 def demo(root: Path | None, *, real: bool = False) -> int:
-    from rich.console import Console
+    from factory.terminal import console as make_console
 
     spec = REAL if real else TINY
     if real:
         check_real_ready()  # before a root exists: nothing to clean up after a refusal
-    console = Console()
+    console = make_console()
     t0 = time.monotonic()
     root = root or Path(tempfile.mkdtemp(prefix="forge-demo-real-" if real else "forge-demo-"))
     line = prepare(root)

@@ -88,6 +88,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# The reason for a worker that said goodbye (state offline): not a failure.
+STOPPED_CLEANLY = "the worker stopped cleanly"
+
+
 @dataclass(frozen=True)
 class Liveness:
     stale: bool
@@ -141,7 +145,7 @@ def judge(beat: Any, *, now: float | None = None, local_host: str | None = None)
     if problem:
         return Liveness(True, age, f"heartbeat unusable: {problem}")
     if beat["state"] == "offline":
-        return Liveness(True, age, "worker stopped cleanly (state offline)")
+        return Liveness(True, age, STOPPED_CLEANLY)
     if beat["host"] == (local_host or socket.gethostname()) and not pid_alive(beat["pid"]):
         return Liveness(True, age, f"worker pid {beat['pid']} is not running")
     limit = 3 * float(beat["interval_seconds"]) + 5

@@ -39,7 +39,9 @@ class GateResult:
             return "ok"
         first = self.problems[0]
         more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
-        return f"{first['path']}: {first['message']}; fix: {first['fix']}{more}"
+        from factory.validation import finding_text
+
+        return finding_text(first["path"], first["message"], None, first["fix"]) + more
 
 
 def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None = None,

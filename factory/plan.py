@@ -147,8 +147,8 @@ class Plan:
             lines.append(f"  stage {s.index}:   {s.type:<26} {s.role:<6} {where}")
         if self.load_plan is not None:
             lp = self.load_plan
-            lines.append(f"  load:      {lp.strategy} ({lp.dtype}, {lp.quantization or 'no quantization'}, "
-                         f"max_memory {lp.max_memory}): {lp.reason}")
+            lines.append(f"  load:      {lp.strategy} ({lp.dtype or 'no dtype'}, {lp.quantization or 'no quantization'}, "
+                         f"{_max_memory_text(lp.max_memory)}): {lp.reason}")
         if self.resources is not None:
             lines.append(f"  resources: {_resources_text(self.resources)}")
         if self.need is not None:
@@ -164,8 +164,11 @@ def _gib(nbytes: int) -> float:
 
 
 def _gib_text(nbytes: int) -> str:
+    """GiB with two decimals; MiB (KiB) for what would round to 0.00 GiB."""
     gib = nbytes / GIB
-    return f"{gib:,.2f} GiB" if gib >= 0.01 or gib == 0 else f"{gib:.1e} GiB"
+    if gib >= 0.01 or nbytes == 0:
+        return f"{gib:,.2f} GiB"
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 // 100 else f"{nbytes / 1024:.1f} KiB"
 
 
 def _source_text(s: ResolvedSource) -> str:
@@ -177,9 +180,20 @@ def _source_text(s: ResolvedSource) -> str:
 
 
 def _family_text(f: FamilyPlan) -> str:
-    moe = f"MoE, {f.expert_count} experts, top-{f.top_k}" if f.is_moe else "dense"
+    experts = f"{f.expert_count} experts" if f.expert_count is not None else "experts not declared"
+    top = f"top-{f.top_k}" if f.top_k is not None else "top-k not declared"
+    moe = f"MoE, {experts}, {top}" if f.is_moe else "dense"
+    layers = f"{f.layers} layers" if f.layers is not None else "layers not declared"
     origin = "config.json" if f.from_config else "as the alloy declares"
-    return f"{f.name}, {moe}, {f.layers} layers ({origin})"
+    return f"{f.name}, {moe}, {layers} ({origin})"
+
+
+def _max_memory_text(max_memory: dict | None) -> str:
+    """accelerate's {0: "10.00GiB", "cpu": "30.00GiB"} as people read it."""
+    if not max_memory:
+        return "no memory caps"
+    return ", ".join(f"{'GPU ' + str(k) if isinstance(k, int) else k.upper()} {str(v).replace('GiB', ' GiB')}"
+                     for k, v in max_memory.items())
 
 
 def _need_text(n: Need) -> str:

@@ -87,10 +87,20 @@ def _shipped(work_dir: Path, stages: list[dict]) -> Path | None:
     return None
 
 
+def _what_was_measured(stage: dict) -> dict:
+    """{"model": "gguf Q4_K_M"} for an eval of a quantized artifact; {} for
+    the forged checkpoint itself."""
+    measured = (stage.get("metrics") or {}).get("measured")
+    if not isinstance(measured, dict) or not measured.get("format"):
+        return {}
+    return {"model": " ".join(str(measured[k]) for k in ("format", "quant_type") if measured.get(k))}
+
+
 def measurements(stages: list[dict]) -> tuple[list[dict], dict]:
     """Every held-out perplexity measured, and the other benchmarks by name
     (a later eval stage wins for a benchmark measured twice)."""
-    perplexities = [s["metrics"]["perplexity"] for s in stages if (s.get("metrics") or {}).get("perplexity")]
+    perplexities = [{**s["metrics"]["perplexity"], "stage": s.get("index"), **_what_was_measured(s)}
+                    for s in stages if (s.get("metrics") or {}).get("perplexity")]
     benchmarks: dict = {}
     for s in stages:
         if s.get("type") == "eval":

@@ -12,7 +12,9 @@ from typing import Any
 from factory import heartbeat as hb
 from factory.errors import printable
 from factory.line import Line
-from factory.protocol import STATIONS
+from factory.durable import tmp_owner
+from factory.events import utc_now
+from factory.protocol import STATIONS, base_of, parse_part
 from factory.resources import node_resources
 from factory.tiers import node_tiers
 
@@ -158,6 +160,33 @@ def worker(path: Path) -> dict:
     }
 
 
+def waiting(line: Line) -> list[dict]:
+    """Parts in intake that may not be claimed yet, and until when: a retry
+    backing off ("next try at"), or a part waiting for disk room."""
+    now = utc_now()
+    out = []
+    for w in line.queue():
+        if w.not_before and w.not_before > now:
+            out.append({"part": w.part.base, "retry": w.part.name.retry, "why": "backoff",
+                        "next_try_at": w.not_before})
+        elif w.wait_for_room:
+            out.append({"part": w.part.base, "retry": w.part.name.retry, "why": "disk",
+                        "next_try_at": None, "path": _text(w.wait_for_room.get("path"))})
+    return out
+
+
+def ignored(line: Line) -> list[str]:
+    """Files in intake/ the line will never read: not an alloy, a sidecar or
+    a temporary file (e.g. notes.json): said, so nobody waits on them."""
+    names = []
+    for entry in os.scandir(line.layout.intake):
+        name = entry.name
+        if parse_part(name) or base_of(name) or tmp_owner(name) is not None or name.startswith("."):
+            continue
+        names.append(printable(name, _TEXT_LIMIT))
+    return sorted(names)[:100]
+
+
 def gather(line: Line) -> dict:
     return {
         "root": str(line.root),
@@ -166,6 +195,8 @@ def gather(line: Line) -> dict:
         "resources": node_resources(line.config).to_json(),
         "cluster": _cluster(hb.read(line.layout.heartbeat)),
         "stations": {s: len(line.parts(s)) for s in STATIONS},
+        "waiting": waiting(line),
+        "ignored": ignored(line),
         "recent": recent_outcomes(line),
         "tiers": [
             {"name": t.name, "path": str(t.path), "fs_type": t.fs_type, "free_gib": round(t.free_gib, 1),
@@ -176,20 +207,22 @@ def gather(line: Line) -> dict:
     }
 
 
-def render(snapshot: dict) -> None:
+def render(snapshot: dict, con=None) -> None:
+    """The snapshot for a terminal (rich); `con`: the Console to print on."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
-    con = Console()
+    con = con or Console()
     w = snapshot["worker"]
     colour = {"building": "green", "idle": "cyan", "offline": "red", "stopping": "yellow"}.get(w["state"], "white")
     con.print(f"[bold]{snapshot['node']['name']}[/] ({', '.join(snapshot['node']['roles'])})  root {snapshot['root']}")
     if w["stalled"]:
         colour = "red"
+    stale = _liveness_text(w)
     con.print(f"worker: [{colour}]{w['state']}[/]  pid {w['pid']}  beat {w['beat_age_s']}s ago"
-              + (f"  [red]STALE: {escape(w['why'])}[/]" if w["stale"] and w["pid"] else "")
+              + (f"  [{'red' if 'STALE' in stale else 'yellow'}]{escape(stale[2:])}[/]" if stale else "")
               + (f"  [bold red]STALLED: {escape(w['stalled'])}[/]" if w["stalled"] else ""))
     for part in w["parts"]:
         st = part["stage"] or {}
@@ -205,7 +238,7 @@ def render(snapshot: dict) -> None:
     res = snapshot["resources"]
     con.print(f"resources: {res['cpu_slots']} CPU slots ({res['cores']} cores), {res['ram_gib']} GiB RAM for parts, "
               f"{len(res['gpus'])} GPUs, up to {res['max_parallel_parts']} parts at once")
-    for line in _cluster_lines(snapshot.get("cluster")):
+    for line in _waiting_lines(snapshot) + _cluster_lines(snapshot.get("cluster")):
         con.print(escape(line))
     t = Table(title="stations")
     for s in snapshot["stations"]:
@@ -234,6 +267,25 @@ def render(snapshot: dict) -> None:
             con.print(f"[red]tier {tier['name']} MISSING:[/] {escape(tier['problem'])}")
 
 
+def _liveness_text(w: dict) -> str:
+    """What the heartbeat says about a worker that is not running: a clean
+    stop is no failure; anything else is STALE with the reason."""
+    if not w["stale"]:
+        return ""
+    return f": {w['why']}" if w["why"] in (hb.STOPPED_CLEANLY,) or not w["pid"] else f": STALE, {w['why']}"
+
+
+def _waiting_lines(snapshot: dict) -> list[str]:
+    lines = []
+    for wt in snapshot["waiting"]:
+        retry = f" (retry {wt['retry']})" if wt["retry"] else ""
+        lines.append(f"waiting {wt['part']}{retry}: next try at {wt['next_try_at']}" if wt["why"] == "backoff"
+                     else f"waiting {wt['part']}{retry}: for disk room on {wt.get('path')}")
+    if snapshot["ignored"]:
+        lines.append(f"ignored in intake/ (not alloys: never read): {', '.join(snapshot['ignored'])}")
+    return lines
+
+
 def _cluster_lines(cluster: dict | None) -> list[str]:
     if not cluster:
         return []
@@ -249,8 +301,7 @@ def _cluster_lines(cluster: dict | None) -> list[str]:
 
 def plain(snapshot: dict) -> str:
     w = snapshot["worker"]
-    lines = [f"node {snapshot['node']['name']} worker {w['state']}"
-             + (f" ({w['why']})" if w["stale"] else "")
+    lines = [f"node {snapshot['node']['name']} worker {w['state']}" + _liveness_text(w)
              + (f" STALLED: {w['stalled']}" if w["stalled"] else "")]
     for part in w["parts"]:
         st = part["stage"] or {}
@@ -259,6 +310,7 @@ def plain(snapshot: dict) -> str:
         lines.append(f"building {part['part']} stage {st.get('index')} {st.get('type')} "
                      f"{prog.get('done', '')}/{prog.get('total', '')} {prog.get('unit', '')}".rstrip() + gpus)
     lines.append(" ".join(f"{k}={v}" for k, v in snapshot["stations"].items()))
+    lines += _waiting_lines(snapshot)
     lines += _cluster_lines(snapshot.get("cluster"))
     lines += [f"tier {t['name']} MISSING: {t['problem']}" for t in snapshot["tiers"] if t["missing"]]
     return "\n".join(lines)

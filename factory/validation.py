@@ -139,7 +139,16 @@ class Finding:
         object.__setattr__(self, "fix", printable(self.fix, MESSAGE_CHARS))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message} (got {excerpt(self.value)}); fix: {self.fix}"
+        return finding_text(self.path, self.message, self.value, self.fix)
+
+
+def finding_text(path: str, message: str, value: object, fix: str) -> str:
+    """A finding as one line that says its path and value once: messages
+    usually name both already (`$.x = 5: ...`), and then they are not repeated."""
+    head = "" if message.startswith(path) else f"{path}: "
+    got = excerpt(value)
+    tail = "" if value is None or got in message else f" (got {got})"
+    return f"{head}{message}{tail}; fix: {fix}"
 
 
 @dataclass

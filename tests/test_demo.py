@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,22 @@ def test_demo_forges_the_tiny_moe(demo_run):
              "print(m.config.num_local_experts, bool(torch.isfinite(m(**t('def f():', return_tensors='pt')).logits).all()))")
     out = subprocess.run([sys.executable, "-c", probe, str(forged)], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["8", "True"]
+
+
+def test_show_and_verify_read_the_demo_s_finished_part(demo_run):
+    root, r = demo_run
+    # piped, the demo's lines are never wrapped, and it shows the thresholds it applied
+    assert re.search(r"^modelHash:  sha256:[0-9a-f]{64}$", r.stdout, re.M)
+    assert re.search(r"^  benchmarks\.perplexity\[code-eval\]\.maxRatio: required 4(\.0)?, measured [0-9.]+: ok$",
+                     r.stdout, re.M)
+    assert "(lower is better)" in r.stdout
+    shown = factory("show", "tiny-moe-code-forged", "--root", str(root)).stdout
+    assert re.search(r"perplexity on code-eval: [0-9.]+ -> [0-9.]+ \([0-9.]+x\), lower is better", shown)
+    assert "acceptance: passed" in shown and "modelHash: sha256:" in shown
+    # the recipe in finished/ has no hashes; verify follows result.json to the model's executed alloy
+    r = factory("verify", str(root / "line/finished/tiny-moe-code-forged.alloy.json"))
+    assert r.returncode == 0 and "is a finished part: verifying its model" in r.stdout
+    assert "checked model.safetensors" in r.stdout and r.stdout.rstrip().endswith("ok")
 
 
 def test_demo_prints_source_and_forged_greedy_generations(demo_run):
@@ -132,10 +149,10 @@ def test_demo_real_refuses_cleanly_without_the_gemma_package(tmp_path):
 
 
 def test_every_example_alloy_validates_and_the_dense_recipe_runs(tmp_path):
-    from factory.demo import EXAMPLES, prepare
+    from factory.demo import EXAMPLES
 
     root = tmp_path / "examples"
-    prepare(root)
+    assert factory("init", "--examples", str(root)).returncode == 0
     alloys = sorted(EXAMPLES.glob("*.alloy.json"))
     assert {a.name for a in alloys} >= {"demo.alloy.json", "dense.alloy.json", "baseline-router-l2.alloy.json",
                                         "baseline-prose-calibration.alloy.json"}

@@ -116,7 +116,7 @@ def test_judge_checks_every_field_it_uses():
     now = hb.beat_time(utc_now())
     good = beat()
     assert hb.judge(good, now=now).stale is False
-    assert hb.judge(beat(state="offline"), now=now).reason == "worker stopped cleanly (state offline)"
+    assert hb.judge(beat(state="offline"), now=now).reason == "the worker stopped cleanly"
     assert "limit" in hb.judge(good, now=now + 3 * 30 + 6).reason
     assert hb.judge([good], now=now).reason == "heartbeat is a JSON list, not an object"
     for bad in (beat(pid=None), beat(interval_seconds=float("nan")), beat(last_beat_at="2026-01-01T00:00:00")):

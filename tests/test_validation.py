@@ -231,7 +231,7 @@ def test_corpus_alloy_has_zero_findings(path: Path) -> None:
 
 def test_finding_str_is_one_line() -> None:
     finding = Finding("schema", "$.stages[1].level", 1.5, "$.stages[1].level = 1.5 must be at most 0.9", "use a value between 0.0 and 0.9")
-    assert str(finding) == "$.stages[1].level: $.stages[1].level = 1.5 must be at most 0.9 (got 1.5); fix: use a value between 0.0 and 0.9"
+    assert str(finding) == "$.stages[1].level = 1.5 must be at most 0.9; fix: use a value between 0.0 and 0.9"
     assert "\n" not in str(finding)
 
 
@@ -348,7 +348,7 @@ def test_cli_refuses_a_fifo_without_hanging(tmp_path: Path) -> None:
 def test_cli_refuses_dev_zero_without_reading_it() -> None:
     done = _cli_validate(Path("/dev/zero"))
     assert done.returncode == 2, done.stderr
-    assert "/dev/zero: parse: $: $ is a character device, not a regular file" in done.stdout
+    assert "/dev/zero: parse: $ is a character device, not a regular file" in done.stdout
     assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
 
 
