@@ -9,6 +9,8 @@ import json
 import os
 import pty
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -95,16 +97,24 @@ def test_status_names_a_clean_stop_backoffs_and_ignored_files_and_adapts_to_its_
     assert ANSI.search(_on_a_terminal(root, "status"))
 
 
-def _on_a_terminal(root: Path, *args: str) -> str:
-    """A command's output as a terminal shows it (a real pty)."""
+def _on_a_terminal(root: Path, *args: str, interrupt_after: float | None = None) -> str:
+    """A command's output as a terminal shows it (a real pty); with
+    `interrupt_after`, Ctrl-C (SIGINT) is sent that many seconds in, and
+    the command must then exit 0."""
     pid, fd = pty.fork()
     if pid == 0:
         os.environ["FACTORY_ROOT"] = str(root)
         os.environ.pop("NO_COLOR", None)
         os.environ["TERM"] = "xterm-256color"
         os.execv(sys.executable, [sys.executable, "-m", "factory.cli", *args])
-    out = b""
+    out, started, sent = b"", time.monotonic(), False
     while True:
+        if interrupt_after is not None and not sent and time.monotonic() - started > interrupt_after:
+            os.kill(pid, signal.SIGINT)
+            sent = True
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
         try:
             chunk = os.read(fd, 65536)
         except OSError:
@@ -112,8 +122,16 @@ def _on_a_terminal(root: Path, *args: str) -> str:
         if not chunk:
             break
         out += chunk
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    assert interrupt_after is None or os.waitstatus_to_exitcode(status) == 0
     return out.decode(errors="replace")
+
+
+def test_status_watch_redraws_in_place_until_ctrl_c(tmp_path):
+    root = make_root(tmp_path / "root")
+    out = _on_a_terminal(root, "status", "--watch", "0.3", interrupt_after=8.0)
+    assert out.count("stations") >= 2 and "Ctrl-C to stop" in out
+    assert re.search(r"\x1b\[\d*A", out)  # cursor up: each frame is drawn over the last
 
 
 def test_version_and_every_option_of_every_command_has_help():
