@@ -21,6 +21,8 @@ from pathlib import Path
 from factory.errors import BadInput, Conflict, FactoryError
 
 EXIT_OK = 0
+# `factory tail` lines for people stop here (--json has every byte).
+TAIL_LINE_CHARS = 250
 
 
 def _root(args) -> Path:
@@ -226,7 +228,8 @@ def _fmt_event(ev: dict) -> str:
     skip = {"seq", "ts", "kind", "part"}
     rest = " ".join(f"{_printable(k)}={dumps_json(v, indent=None)}" for k, v in ev.items() if k not in skip)
     kind = _printable(ev.get("kind", "?"))
-    return f"{ev['seq']:>6} {_printable(ev.get('ts', '?'))} {kind:<16} {_printable(ev.get('part') or '-')} {rest}"
+    line = f"{ev['seq']:>6} {_printable(ev.get('ts', '?'))} {kind:<16} {_printable(ev.get('part') or '-')} {rest}"
+    return line if len(line) <= TAIL_LINE_CHARS else line[:TAIL_LINE_CHARS - 1] + "…"
 
 
 def cmd_tail(args) -> int:

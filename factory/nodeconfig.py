@@ -281,6 +281,27 @@ class NodeConfig(_Section):
         return self.storage.hot.path or root
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """For an unknown key: the closest keys its table has (a typo must say
+    what was meant, not only that it is wrong)."""
+    import difflib
+
+    model: type[BaseModel] = NodeConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an index into an array of tables: the table is the element
+            continue
+        field = model.model_fields.get(part)
+        inner = getattr(field, "annotation", None)
+        inner = (getattr(inner, "__args__", None) or (inner,))[0] if inner is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""
+        model = inner
+    names = list(model.model_fields) + [c for f in model.model_fields.values()
+                                        for c in getattr(f.validation_alias, "choices", None) or []]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else f"; its keys: {', '.join(model.model_fields)}"
+
+
 def _dotted(loc: tuple) -> str:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
@@ -309,8 +330,11 @@ def load_node_config(path: Path) -> NodeConfig:
         key = _dotted(first["loc"])
         got = first.get("input")
         shown = "" if isinstance(got, dict) else f" (got {excerpt(got)})"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = f"is not a key of this table{_did_you_mean(first['loc'])}"
         raise NodeConfigError(
-            f"{path}: key {key}: {first['msg']}{shown}; "
+            f"{path}: key {key}: {msg}{shown}; "
             f"fix that key (see factory_node.toml.example)"
             + (f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else "")
         ) from err

@@ -48,6 +48,10 @@ def test_run_ends_with_a_summary_and_show_and_list_tell_each_part_s_story(tmp_pa
     rows = {r["part"]: r for r in json.loads(factory("list", "--json", root=root).stdout)}
     assert rows["good"]["outcome"] == "finished" and rows["good"]["reason"] is None
     assert rows["bad"]["outcome"] == "deterministic" and "failed on purpose" in rows["bad"]["reason"]
+    # tail for people: no line past 250 characters (--json keeps every byte)
+    enqueue(root, tmp_path, "long-" + "n" * 150)
+    tail = factory("tail", "-n", "100", root=root).stdout.splitlines()
+    assert tail and max(map(len, tail)) <= 250 and any(line.endswith("…") for line in tail)
     plain = factory("list", root=root).stdout
     assert re.search(r"^rework +bad +retry=0 +deterministic +selftest stage 0 failed on purpose", plain, re.M)
 

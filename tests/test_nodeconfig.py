@@ -192,3 +192,17 @@ def test_a_models_entry_is_a_gguf_inside_the_root_or_a_package(tmp_path, value, 
     with pytest.raises(NodeConfigError, match="key models.acme/m") as err:
         load(tmp_path, f'[models]\n"acme/m" = {value}\n')
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(("toml", "said"), [
+    ("[daemon]\nmax_paralel_parts = 2\n", "key daemon.max_paralel_parts: is not a key of this table; did you mean "
+                                          "max_parallel_parts?"),
+    ("[storage.hot]\nmin_fre_gb = 1\n", "did you mean min_free_gb?"),
+    ('[[storage.cold]]\npath = "/tmp"\nnam = "x"\n', "key storage.cold[0].nam: is not a key of this table; did you "
+                                                   "mean name?"),
+    ("[bogus]\nx = 1\n", "its keys: node, storage, forge, daemon"),
+])
+def test_a_typo_in_a_key_says_what_was_meant(tmp_path, toml, said):
+    with pytest.raises(NodeConfigError) as err:
+        load(tmp_path, toml)
+    assert said in str(err.value) and "Extra inputs" not in str(err.value)
