@@ -200,6 +200,12 @@ def _watch(line, every: float) -> int:
         return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from factory.serve import serve
+
+    return serve(_root(args), host=args.host, port=args.port)
+
+
 def cmd_show(args) -> int:
     from factory.show import render_text, story
 
@@ -520,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="tables even when not a terminal (no colour, no wrapping)")
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
                    help="redraw in place every SECONDS (1 when given bare) until Ctrl-C")
+    p = add("serve", cmd_serve, "serve the line over HTTP: Prometheus metrics at /metrics")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8321, help="port to listen on")
     p = add("show", cmd_show, "one part's story: station, ticket, stages, what it measured, its error and "
             "where its model is", json_flag=True)
     p.add_argument("name", help="the part's name (its base, or its file name)")

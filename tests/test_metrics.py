@@ -257,11 +257,10 @@ def test_the_server_serves_metrics_and_stops_on_sigterm(tmp_path):
     write_alloy(tmp_path / "waiting.alloy.json", selftest_alloy())
     assert factory("enqueue", str(tmp_path / "waiting.alloy.json"), root=root).returncode == 0
     port = _free_port()
-    code = "import sys; from pathlib import Path; from factory.serve import serve; " \
-           "sys.exit(serve(Path(sys.argv[1]), port=int(sys.argv[2])))"
     log, out = tmp_path / "serve.log", tmp_path / "serve.out"
-    with open(log, "wb") as err, open(out, "wb") as stdout:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)], stdout=stdout, stderr=err)
+    with open(log, "wb") as err, open(out, "wb") as stdout:  # the operator's command itself
+        proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "serve", "--root", str(root),
+                                 "--port", str(port)], stdout=stdout, stderr=err)
     try:
         base = f"http://127.0.0.1:{port}"
 
