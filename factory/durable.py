@@ -195,12 +195,17 @@ def move(src: Path, dst: Path) -> None:
 
 def append_line(path: Path, line: bytes) -> None:
     """Append one complete line and fsync it (O_APPEND: one write, no tearing
-    between concurrent appenders for lines under PIPE_BUF)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+    between concurrent appenders for lines under PIPE_BUF). A last line torn
+    by a crash or a short write is closed first, so this record never merges
+    with it. Callers that may race hold a lock around it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                  file_mode_for(path.parent))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # O_NONBLOCK: a FIFO without a reader fails, never blocks
             raise NotARegularFile(errno.EINVAL, "is not a regular file", str(path))
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         view = memoryview(line)
         while view:  # a nearly full disk gives a short write before ENOSPC
             n = os.write(fd, view)

@@ -159,15 +159,6 @@ def _last_seq_of(path: Path, *, max_bytes: int | None = None) -> int | None:
     return None
 
 
-def _ends_with_newline(path: Path) -> bool:
-    try:
-        with durable.open_regular(path) as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-    except (FileNotFoundError, OSError):
-        return True  # missing or empty
-
-
 # -- bounding a payload ----------------------------------------------------------------
 
 
@@ -348,9 +339,7 @@ class EventLog:
         line, written = encode_event(event)
         _store_counter(self.seq_path, event["seq"])  # first: a failed append never reuses the seq
         self._rotate_if_needed()
-        if not _ends_with_newline(self.path):
-            line = b"\n" + line  # a crash (or a short write) tore the last line: start clean
-        durable.append_line(self.path, line)
+        durable.append_line(self.path, line)  # closes a line a crash tore first
         return written
 
     def _report_failure(self, kind: str, seq: int, err: OSError) -> None:

@@ -77,3 +77,14 @@ def test_a_closed_root_keeps_its_line_files_closed(tmp_path):
     assert any(p.name == "events.jsonl" for p in written) and any(p.name == "p.ticket.json" for p in written)
     wide = [str(p) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not wide, wide
+
+
+def test_append_line_closes_a_torn_last_line_first(tmp_path):
+    """throughput.jsonl and events.jsonl: a crash mid-append leaves half a
+    line; the next record must start on a line of its own, not merge."""
+    path = tmp_path / "throughput.jsonl"
+    path.write_bytes(b'{"part": "a"}\n{"part": "b", "outc')  # torn by a crash
+    durable.append_line(path, b'{"part": "c"}\n')
+    assert path.read_bytes().splitlines() == [b'{"part": "a"}', b'{"part": "b", "outc', b'{"part": "c"}']
+    durable.append_line(path, b'{"part": "d"}\n')  # a whole last line: nothing added
+    assert path.read_bytes().endswith(b'{"part": "c"}\n{"part": "d"}\n')
