@@ -50,7 +50,8 @@ from factory.outcomes import (
     EXIT_DONE, EXIT_INFRA, EXIT_STOPPED, NO_ROOM_ERRNOS, cap_message, error_record, signal_name,
 )
 from factory.protocol import (
-    CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, MAX_ALLOY_BYTES, TICKET, parse_part,
+    CANCEL, CHECKPOINT, CHILD_LOG, CLAIMED_ALLOY, FAILURE_TEXT, MAX_ALLOY_BYTES, STAGE_ACCEPTANCE, STAGE_INTAKE,
+    STAGE_START, TICKET, parse_part,
 )
 from factory.sdnotify import Notifier
 from factory.tiers import free_bytes_at, usage_at
@@ -514,7 +515,7 @@ class Daemon:
             log.error("checking %s failed:\n%s", part.path.name, tb)
             message = (f"the factory failed while checking {part.path.name} (a bug: please report the "
                        "traceback); `factory retry` after upgrading")
-        rec = error_record({"type": "intake", "index": None}, "deterministic", message,
+        rec = error_record({"type": STAGE_INTAKE, "index": None}, "deterministic", message,
                            retries=part.name.retry, tb=tb)
         try:
             transitions.set_aside(self.line, part, rec, kind="part/set-aside", payload={
@@ -603,12 +604,12 @@ class Daemon:
     def _unstartable(self, part: Part, work: Path, err: OSError) -> None:
         """The part's work dir cannot be made: wait for room, or set it aside."""
         if err.errno in NO_ROOM_ERRNOS:
-            stage = {"type": "start", "index": None}
+            stage = {"type": STAGE_START, "index": None}
             transitions.wait_for_room(self.line, part, stage=stage, path=str(self.line.layout.work),
                                       message=f"cannot write {work}: {err.strerror}",
                                       free_bytes=free_bytes_at(self.line.layout.work) or 0)
             return
-        rec = error_record({"type": "start", "index": None}, "deterministic",
+        rec = error_record({"type": STAGE_START, "index": None}, "deterministic",
                            f"cannot use {work} as this part's work dir ({err.strerror or err}); move whatever is "
                            f"there away, then `factory retry {part.base}`", retries=part.name.retry)
         transitions.rework(self.line, part, rec)
@@ -880,7 +881,7 @@ class Daemon:
         if verdict["passed"] or not self.cfg.forge.rework_on_failed_acceptance:
             transitions.finish(line, part, result)
             return
-        rec = error_record({"type": "acceptance", "index": None}, "deterministic",
+        rec = error_record({"type": STAGE_ACCEPTANCE, "index": None}, "deterministic",
                            f"acceptance criteria failed: {acceptance.summary(verdict)}; the forged model "
                            f"is kept in {result.get('forged_dir')} (see result in this file)",
                            retries=part.name.retry, result=result)

@@ -24,7 +24,9 @@ from factory.events import utc_now
 from factory.line import Line, Part
 from factory.outcomes import error_record
 from factory.resources import Need, NodeResources, capacity_problem, node_resources, part_need
-from factory.protocol import ERROR, MAX_ALLOY_BYTES, TICKET, PartName, base_from_filename, check_base
+from factory.protocol import (
+    ERROR, MAX_ALLOY_BYTES, OUTCOME_REJECTED, STAGE_INTAKE, TICKET, PartName, base_from_filename, check_base,
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def gate(raw: bytes, *, file_name: str, line: Line, node: NodeResources | None =
 
 
 def _rejection(part: Part, result: GateResult) -> dict:
-    return error_record({"type": "intake", "index": None}, "deterministic",
+    return error_record({"type": STAGE_INTAKE, "index": None}, "deterministic",
                         f"{part.path.name} was refused at intake: {result.summary()}",
                         retries=part.name.retry, problems=result.problems)
 
@@ -101,7 +103,7 @@ def reject(line: Line, part: Part, result: GateResult) -> Part | None:
 def _rejected(line: Line, moved: Part, rec: dict, result: GateResult) -> None:
     line.events.emit("part/rejected", moved.base, station="rework", message=rec["message"],
                      problems=result.problems)
-    line.record_outcome(moved, "rejected")
+    line.record_outcome(moved, OUTCOME_REJECTED)
 
 
 def _ticket(result: GateResult, origin: str) -> dict:
@@ -268,7 +270,7 @@ class Adopter:
     def _set_aside_duplicate(self, part: Part, where: str) -> Part | None:
         """A hand drop whose name is already on the line: never let it touch
         the other part's files (transitions.set_aside gives it a free name)."""
-        rec = error_record({"type": "intake", "index": None}, "deterministic",
+        rec = error_record({"type": STAGE_INTAKE, "index": None}, "deterministic",
                            f"{part.path.name} was dropped into intake/ but a part named {part.base!r} is already "
                            f"on the line (in {where}/); this copy was set aside under the first free name "
                            f"{part.base}-dup<N>; enqueue it under another name with `factory enqueue --as NAME`",

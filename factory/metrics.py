@@ -38,7 +38,7 @@ from factory.heartbeat import State
 from factory.line import Line
 from factory.nodeconfig import NodeConfig, load_node_config
 from factory.outcomes import FailureClass
-from factory.protocol import PROTOCOL_VERSION, STATIONS, Layout
+from factory.protocol import LINE_STAGES, OUTCOMES, PROTOCOL_VERSION, STATIONS, Layout
 from factory.status import worker
 from factory.tiers import GiB, node_tiers
 
@@ -47,12 +47,9 @@ log = logging.getLogger(__name__)
 # The label for a value outside its known set, and for a stage that is absent.
 OTHER = "other"
 NO_STAGE = "none"
-# throughput.jsonl's outcomes (docs/FACTORY-PROTOCOL.md section 8).
-OUTCOMES = ("finished", "rework", "rejected", "cancelled")
-# Stage types a failure names besides the catalog's: the gate, a part that
-# could not start, and the acceptance verdict (factory.daemon writes them).
-PSEUDO_STAGES = ("intake", "start", "acceptance")
-STAGE_LABELS = frozenset(CATALOG) | frozenset(PSEUDO_STAGES)
+# Stage types a failure names: the catalog's, and the line's own (the
+# gate, a part that could not start, the acceptance verdict).
+STAGE_LABELS = frozenset(CATALOG) | frozenset(LINE_STAGES)
 FAILURE_CLASSES = frozenset(get_args(FailureClass))
 
 # The event kinds counted here. A line is parsed only when it names one of

@@ -17,6 +17,13 @@ STATIONS = ("intake", "assembly", "finished", "rework", "deferred")
 TERMINAL_STATIONS = ("finished", "rework")
 # Scan order for "is this name anywhere on the line": the forward direction of
 # the state machine, so a part moving forward during a scan is still seen.
+# What throughput.jsonl records a part ending as (section 8).
+OUTCOME_FINISHED, OUTCOME_REWORK, OUTCOME_REJECTED, OUTCOME_CANCELLED = "finished", "rework", "rejected", "cancelled"
+OUTCOMES = (OUTCOME_FINISHED, OUTCOME_REWORK, OUTCOME_REJECTED, OUTCOME_CANCELLED)
+# error.json's stage.type for a failure outside any stage (section 10): the
+# intake gate, a part that could not start, the acceptance verdict.
+STAGE_INTAKE, STAGE_START, STAGE_ACCEPTANCE = "intake", "start", "acceptance"
+LINE_STAGES = (STAGE_INTAKE, STAGE_START, STAGE_ACCEPTANCE)
 SCAN_ORDER = ("incoming", "intake", "deferred", "assembly", "finished", "rework")
 
 ALLOY_SUFFIX = ".alloy.json"

@@ -15,7 +15,9 @@ from factory.errors import Conflict
 from factory.events import utc_now
 from factory.line import Line, Part
 from factory.outcomes import backoff_seconds, error_record
-from factory.protocol import CANCEL, ERROR, RESULT, TICKET, PartName
+from factory.protocol import (
+    CANCEL, ERROR, OUTCOME_CANCELLED, OUTCOME_FINISHED, OUTCOME_REWORK, RESULT, TICKET, PartName,
+)
 
 
 def _still_there(part: Part) -> None:
@@ -43,7 +45,7 @@ def finish(line: Line, part: Part, result: dict) -> Part:
         done = line.finish(part, "finished", RESULT, result)
     line.events.emit("part/finished", part.base, retry=part.name.retry,
                      elapsed_s=result.get("elapsed_s"))
-    line.record_outcome(done, "finished", elapsed_s=result.get("elapsed_s"))
+    line.record_outcome(done, OUTCOME_FINISHED, elapsed_s=result.get("elapsed_s"))
     return done
 
 
@@ -65,13 +67,13 @@ def rework(line: Line, part: Part, record: dict, *, kind: str = "part/rework") -
         moved = line.finish(part, "rework", ERROR, record)
     line.events.emit(kind, part.base, retry=part.name.retry, failure_class=record["class"],
                      message=record["message"], stage=record.get("stage"))
-    line.record_outcome(moved, "cancelled" if kind == "part/cancelled" else "rework",
+    line.record_outcome(moved, OUTCOME_CANCELLED if kind == "part/cancelled" else OUTCOME_REWORK,
                         failure_class=record["class"])
     return moved
 
 
 def set_aside(line: Line, part: Part, record: dict, *, kind: str = "part/rework",
-              outcome: str = "rework", payload: dict | None = None) -> Part:
+              outcome: str = OUTCOME_REWORK, payload: dict | None = None) -> Part:
     """A waiting part the line cannot use -> rework with `record`. When its
     base is already used by another part's files anywhere on the line (a
     drop named like a finished part, a retry copy), it goes under the first
