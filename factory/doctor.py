@@ -88,13 +88,20 @@ def _tier_check(tier: Tier, *, hot: Tier) -> Check:
     return Check(name, verdict, ", ".join(notes))
 
 
-def run_checks(root: Path) -> list[Check]:
+def run_checks(root: Path | None) -> list[Check]:
+    """The machine's checks, then (with a root) its node config, disks and
+    line. Without a root the machine is still checked: a new node is
+    doctored before it has one."""
     checks = [
         Check("cpu", "ok", f"{os.cpu_count()} logical CPUs"),
         Check("ram", "ok", f"{psutil.virtual_memory().available / GiB:.1f} of "
                            f"{psutil.virtual_memory().total / GiB:.1f} GiB available"),
         _gpus(),
     ]
+    if root is None:
+        return [*checks, Check("root", "warn", "no root given (--root ROOT or $FACTORY_ROOT): its node config, "
+                                               "disks and line were not checked"),
+                _inotify(), _systemd(), _sandbox(), *_formats()]
     try:
         config = load_node_config(Layout(root).node_config)
         checks.append(Check("node config", "ok", f"{Layout(root).node_config} (node {config.node.name})"))
