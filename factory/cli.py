@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from factory.errors import BadInput, Conflict, FactoryError
+from factory.errors import BadInput, FactoryError
 
 EXIT_OK = 0
 # `factory tail` lines for people stop here (--json has every byte).
@@ -30,6 +30,11 @@ def _root(args) -> Path:
     if not root:
         raise BadInput("no root given: pass --root ROOT or set FACTORY_ROOT")
     return Path(root).absolute()
+
+
+def _root_or_none(args) -> Path | None:
+    root = args.root or os.environ.get("FACTORY_ROOT")
+    return Path(root).absolute() if root else None
 
 
 def _line(args):
@@ -203,7 +208,20 @@ def _watch(line, every: float) -> int:
 def cmd_serve(args) -> int:
     from factory.serve import serve
 
-    return serve(_root(args), host=args.host, port=args.port)
+    return serve(_root(args), host=args.host, port=args.port, token_env=args.token_env)
+
+
+def cmd_report(args) -> int:
+    from factory.durable import write_bytes
+    from factory.pages import part_page
+
+    html = part_page(_line(args), args.name, report=True)
+    out = Path(args.out)
+    if out.is_dir():
+        raise BadInput(f"--out {out} is a directory; name the HTML file to write")
+    write_bytes(out.absolute(), html.encode())
+    print(f"wrote {out} ({len(html)} bytes): {args.name}'s story and plots in one self-contained file")
+    return EXIT_OK
 
 
 def cmd_show(args) -> int:
@@ -269,17 +287,14 @@ def cmd_retry(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from factory import locks, transitions
+    from factory import transitions
 
     line = _line(args)
     part = line.get(args.name)
-    if part.station in ("finished", "rework"):
-        raise Conflict(f"part {part.base!r} is already in {part.station}/; nothing to cancel")
-    if part.station in ("intake", "deferred") or not locks.is_locked(line.layout.worker_lock):
-        moved = transitions.cancel_waiting(line, part)
+    moved = transitions.foreman_cancel(line, part)
+    if moved is not None:
         print(f"cancelled {part.base} -> {moved.path}")
         return EXIT_OK
-    transitions.request_cancel(line, part)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         found = line.find(part.base)
@@ -349,7 +364,7 @@ def cmd_cleanup(args) -> int:
 def cmd_doctor(args) -> int:
     from factory.doctor import run_checks
 
-    checks = run_checks(_root(args))
+    checks = run_checks(_root_or_none(args))
     if args.json:
         _print_json([c.__dict__ for c in checks])
     else:
@@ -381,8 +396,7 @@ def cmd_selftest(args) -> int:
 def cmd_validate(args) -> int:
     from factory.validation import check_file
 
-    root = _root(args) if (args.root or os.environ.get("FACTORY_ROOT")) else None
-    reports = [check_file(Path(f), root=root) for f in args.files]
+    reports = [check_file(Path(f), root=_root_or_none(args)) for f in args.files]
     if args.json:
         _print_json([r.to_json() for r in reports])
     else:
@@ -397,7 +411,12 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from factory.plan import make_plan
 
-    plan = make_plan(Path(args.file), root=_root(args))
+    root = _root_or_none(args)
+    if root is None:  # the machine can still be checked: stations, formats, memory
+        root = Path(args.file).absolute().parent
+        print(f"factory plan: no root given (--root or $FACTORY_ROOT): planned against this machine with the "
+              f"default node config, paths resolved inside {root}", file=sys.stderr)
+    plan = make_plan(Path(args.file), root=root)
     if args.json:
         _print_json(plan.to_json())
     else:
@@ -526,9 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="tables even when not a terminal (no colour, no wrapping)")
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
                    help="redraw in place every SECONDS (1 when given bare) until Ctrl-C")
-    p = add("serve", cmd_serve, "serve the line over HTTP: Prometheus metrics at /metrics")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p = add("serve", cmd_serve, "serve the line over HTTP: the web dashboard at /, Prometheus metrics at /metrics")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anywhere but loopback, the "
+                   "dashboard's writes (enqueue, retry, cancel) need the token")
     p.add_argument("--port", type=int, default=8321, help="port to listen on")
+    p.add_argument("--token-env", metavar="NAME", help="read the write token from environment variable NAME "
+                   "instead of [serve] token in factory_node.toml (keeps it out of a world-readable file)")
+    p = add("report", cmd_report, "write one part's page (its story and plots) as one self-contained HTML file")
+    p.add_argument("name", help="the part's name (its base, or its file name)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write (replaced if it exists)")
     p = add("show", cmd_show, "one part's story: station, ticket, stages, what it measured, its error and "
             "where its model is", json_flag=True)
     p.add_argument("name", help="the part's name (its base, or its file name)")

@@ -261,6 +261,15 @@ class ClusterSection(_Section):
         return self
 
 
+class ServeSection(_Section):
+    """`factory serve`'s dashboard. Off loopback, its writes (enqueue,
+    retry, cancel) need this token; `factory serve --token-env NAME` reads
+    one from the environment instead, which keeps it out of a file that is
+    usually world-readable (docs/OPERATOR.md, "Dashboard")."""
+
+    token: str | None = Field(default=None, min_length=16, max_length=256, pattern=r"^[!-~]+$")
+
+
 class NodeConfig(_Section):
     node: NodeSection = NodeSection()
     storage: StorageSection = StorageSection()
@@ -269,6 +278,7 @@ class NodeConfig(_Section):
     resources: ResourcesSection = ResourcesSection()
     cluster: ClusterSection = ClusterSection()
     protocol: ProtocolSection = ProtocolSection()
+    serve: ServeSection = ServeSection()
     # Dataset id -> a file inside the root, checked before any cache.
     datasets: dict[DatasetId, DatasetFile] = {}
     domains: DomainsSection = DomainsSection()

@@ -1,19 +1,22 @@
-"""`factory serve`: the root's metrics over HTTP, for Prometheus.
+"""`factory serve`: the root's metrics for Prometheus and its web dashboard.
 
-An ASGI app (Starlette, run by uvicorn) so the web dashboard can later be
-mounted beside it. Today every endpoint is read-only:
+An ASGI app (Starlette, run by uvicorn):
 
 - GET /metrics: the root's metrics (factory.metrics) in the text exposition format;
 - GET /healthz: "ok" while the server runs. It says nothing of the worker:
-  alert on `factory_worker_up` for that.
+  alert on `factory_worker_up` for that;
+- the dashboard (factory.dashboard): pages, the live event stream, and the
+  writes (enqueue, retry, cancel), which take the token when the server
+  listens beyond loopback (dashboard.WriteGuard).
 
-Nothing served can change the line, so any host may be bound. `token` is
-kept for the write endpoints to come (cancel, retry from the dashboard),
-which will require it; the read-only endpoints never ask for it.
+It binds 127.0.0.1 unless told otherwise. The token comes from the node
+config's `[serve] token`, or from an environment variable named with
+`--token-env` (resolve_token), so it need not sit in a world-readable file.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -25,18 +28,26 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from pydantic import ValidationError
+
+from factory.dashboard import WriteGuard, is_loopback
+from factory.dashboard import routes as dashboard_routes
 from factory.errors import BadInput
 from factory.line import Line
 from factory.metrics import line_registry
+from factory.nodeconfig import NodeConfig, ServeSection
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8321
+# Seconds a stopping server waits for open event streams before closing them.
+STREAM_GRACE_SECONDS = 2
 
 
-def make_app(root: Path, *, token: str | None = None) -> Starlette:
-    """The app serving `root`. Endpoints are plain functions, so Starlette
-    runs them in its thread pool: a scrape reads files and must not block
-    the event loop."""
+def make_app(root: Path, *, token: str | None = None, loopback: bool = False) -> Starlette:
+    """The app serving `root`; `loopback`: whether it listens only on this
+    machine (then writes need no token; the default assumes not). Endpoints
+    are plain functions, so Starlette runs them in its thread pool: a scrape
+    reads files and must not block the event loop."""
     registry = line_registry(Path(root))
 
     def metrics(request: Request) -> Response:
@@ -45,10 +56,26 @@ def make_app(root: Path, *, token: str | None = None) -> Starlette:
     def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
-    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"]),
-                            Route("/healthz", healthz, methods=["GET"])])
-    app.state.token = token  # for the write endpoints to come; see the module docstring
-    return app
+    guard = WriteGuard(token=token, loopback=loopback)
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]),
+                             Route("/healthz", healthz, methods=["GET"]),
+                             *dashboard_routes(Path(root), guard)])
+
+
+def resolve_token(config: NodeConfig, env_name: str | None) -> str | None:
+    """The write token: the variable `env_name` when given (BadInput when it
+    is unset or malformed), else the node config's `[serve] token`."""
+    if env_name is None:
+        return config.serve.token
+    value = os.environ.get(env_name)
+    if value is None:
+        raise BadInput(f"--token-env {env_name}: ${env_name} is not set; export the token there, or drop "
+                       "--token-env to use [serve] token from factory_node.toml")
+    try:
+        return ServeSection(token=value).token
+    except ValidationError as err:
+        raise BadInput(f"--token-env {env_name}: the token must be 16 to 256 printable ASCII characters "
+                       "without spaces") from err
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -70,18 +97,28 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(root: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
+def serve(root: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token_env: str | None = None) -> int:
     """Serve `root` until SIGTERM or SIGINT; the exit code (uvicorn re-raises
     the signal after a graceful stop, so a signalled server dies by it).
-    BadInput when `root` is not a factory root or host:port cannot be bound."""
+    BadInput when `root` is not a factory root, host:port cannot be bound
+    or --token-env names no usable token."""
     root = Path(root).absolute()
-    Line(root).require_layout()
+    line = Line(root)
+    line.require_layout()
+    token = resolve_token(line.config, token_env)
     sock = _listen(host, port)
-    config = uvicorn.Config(make_app(root), host=host, port=port, access_log=False, log_level="info")
+    loopback = is_loopback(sock.getsockname()[0])
+    # Open event streams never end on their own: give them a moment, then close them.
+    config = uvicorn.Config(make_app(root, token=token, loopback=loopback), host=host, port=port, access_log=False,
+                            log_level="info", timeout_graceful_shutdown=STREAM_GRACE_SECONDS)
     server = uvicorn.Server(config)
-    # uvicorn names no address for a socket it was given: say where to scrape.
+    # uvicorn names no address for a socket it was given: say where to look.
     shown = f"[{host}]" if ":" in host else host
-    print(f"factory serve: {root} at http://{shown}:{sock.getsockname()[1]}/metrics", file=sys.stderr, flush=True)
+    writes = ("writes need no token (loopback)" if loopback else
+              "writes need the token" if token else "no token: writes refused")
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    print(f"factory serve: {root} at {url}/metrics (Prometheus), dashboard at {url}/ ({writes})",
+          file=sys.stderr, flush=True)
     with sock:
         server.run(sockets=[sock])
     return 0 if server.started else 1

@@ -26,7 +26,7 @@ stations' loader calls it with downloads allowed. No torch import here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,8 +109,13 @@ def resolve_source(
         return _resolve_gguf(source.base_model, gguf, root=Path(root), config=config)
     if looks_local(source.base_model, root=Path(root)):
         return _resolve_local(source.base_model, root=Path(root), config=config)
-    return _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
-                         allow_pickle=allow_pickle, offline=_offline(offline), cache_dir=_cache_dir(cache_dir))
+    found = _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
+                          allow_pickle=allow_pickle, offline=_offline(offline), cache_dir=_cache_dir(cache_dir))
+    if found.path is None:  # say why a path-looking id was read as a Hub id
+        found = replace(found, note=f"{found.note} (read as a Hugging Face repo id: there is no directory "
+                                    f"{Path(root) / source.base_model}; to use a model under the root, put it "
+                                    f"there or write ./{source.base_model})")
+    return found
 
 
 def _offline(offline: bool | None) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta, timezone
 
+from factory import locks
 from factory.errors import Conflict
 from factory.events import utc_now
 from factory.line import Line, Part
@@ -202,6 +203,19 @@ def cancel_waiting(line: Line, part: Part) -> Part:
     rec = error_record(None, "cancelled", "cancelled by a foreman before it ran",
                        retries=part.name.retry)
     return rework(line, part, rec, kind="part/cancelled")
+
+
+def foreman_cancel(line: Line, part: Part) -> Part | None:
+    """A foreman's cancel (`factory cancel`, the dashboard): a waiting part,
+    or any part when no worker runs, moves to rework/ now (returned); a
+    running one gets a cancel request its worker acts on (None). Conflict
+    when it is already finished or in rework."""
+    if part.station in ("finished", "rework"):
+        raise Conflict(f"part {part.base!r} is already in {part.station}/; nothing to cancel")
+    if part.station in ("intake", "deferred") or not locks.is_locked(line.layout.worker_lock):
+        return cancel_waiting(line, part)
+    request_cancel(line, part)
+    return None
 
 
 def request_cancel(line: Line, part: Part) -> None:

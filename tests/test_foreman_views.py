@@ -155,3 +155,20 @@ def test_version_and_every_option_of_every_command_has_help():
     helptext = subprocess.run([sys.executable, "-m", "factory.cli", "selftest", "--help"], capture_output=True,
                               text=True).stdout
     assert "(default: 10)" in " ".join(helptext.split())
+
+
+def test_plan_and_doctor_check_the_machine_without_a_root(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FACTORY_ROOT"}
+    alloy = write_alloy(tmp_path / "s.alloy.json", selftest_alloy())
+    r = subprocess.run([sys.executable, "-m", "factory.cli", "plan", str(alloy)], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("ok") and "no root given" in r.stderr
+    hub = selftest_alloy()
+    hub["source"] = {"baseModel": "models/nowhere", "architecture": "llama"}
+    r = subprocess.run([sys.executable, "-m", "factory.cli", "plan", str(write_alloy(tmp_path / "h.alloy.json", hub))],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert f"there is no directory {tmp_path}/models/nowhere" in r.stdout  # why it was read as a Hub id
+    r = subprocess.run([sys.executable, "-m", "factory.cli", "doctor", "--json"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    checks = {c["name"]: c["verdict"] for c in json.loads(r.stdout)}
+    assert checks["root"] == "warn" and checks["cpu"] == "ok" and "inotify" in checks
