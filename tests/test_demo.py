@@ -80,6 +80,23 @@ def test_show_and_verify_read_the_demo_s_finished_part(demo_run):
     assert "checked model.safetensors" in r.stdout and r.stdout.rstrip().endswith("ok")
 
 
+def test_the_study_page_places_the_demo_part_by_its_keep_ratio(demo_run):
+    """The dashboard's /study reads the real finished expert-prune part:
+    16 -> 8 experts is keep ratio 0.5, with the perplexities result.json has."""
+    from factory.line import Line
+    from factory.pages import study_page
+    from factory.study import studies
+
+    root, _ = demo_run
+    result = json.loads((root / "line/finished/tiny-moe-code-forged.result.json").read_text())
+    (study,) = studies(Line(root))
+    (run,) = study.runs
+    assert (run.part, run.kept, run.experts, run.keep_ratio) == ("tiny-moe-code-forged", 8, 16, 0.5)
+    assert run.forged == {p["corpus"]: p["forged"] for p in result["perplexity"]}
+    page = study_page(Line(root))
+    assert "<svg" in page and "code-eval" in page
+
+
 def test_demo_prints_source_and_forged_greedy_generations(demo_run):
     from factory.demo import NEW_TOKENS, PROMPT
 
