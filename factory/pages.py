@@ -48,10 +48,10 @@ def _obj(value: Any) -> dict:
 
 
 def running_fragment(line: Line) -> str:
-    """The worker's health and its running parts as an HTML fragment (the
-    overview re-fetches it)."""
+    """The worker's health, its running parts and the station counts as an
+    HTML fragment (the overview re-fetches it, so they never disagree)."""
     w = worker_view(line.layout.heartbeat)
-    return _render("running", w=w, parts=w["parts"])
+    return _render("running", w=w, parts=w["parts"], stations={s: len(line.parts(s)) for s in STATIONS})
 
 
 def overview(line: Line) -> str:
@@ -61,7 +61,7 @@ def overview(line: Line) -> str:
     for st in STATIONS:
         names = [p.base for p in line.parts(st)]
         parts[st], more[st] = names[:PARTS_PER_STATION], max(0, len(names) - PARTS_PER_STATION)
-    running = Markup(_render("running", w=snap["worker"], parts=snap["worker"]["parts"]))
+    running = Markup(_render("running", w=snap["worker"], parts=snap["worker"]["parts"], stations=snap["stations"]))
     return _render("overview", title="line", s=snap, parts=parts, more=more, running=running, feed=Markup(FEED),
                    script=True)
 

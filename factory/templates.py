@@ -98,6 +98,8 @@ RUNNING = """{% from "macros" import part_link %}
 <td>{{ p.gpus | join(", ") or "-" }}</td>
 <td>{% if p.stalled %}<span class="bad">STALLED: {{ p.stalled }}</span>{% else %}ok{% endif %}</td></tr>
 {% endfor %}</table>{% else %}<p class="muted">nothing running</p>{% endif %}
+<h2>Stations</h2><table><tr>{% for st in stations %}<th>{{ st }}</th>{% endfor %}</tr>
+<tr>{% for n in stations.values() %}<td class="num station-count">{{ n }}</td>{% endfor %}</tr></table>
 """
 
 FEED = """<table id="feed" data-stream="/events/stream"><thead><tr><th>seq</th><th>time</th><th>kind</th>
@@ -108,8 +110,6 @@ OVERVIEW = """{% extends "base" %}{% from "macros" import part_link %}{% block b
 <h1>{{ s.node.name }} <span class="muted">({{ s.node.roles | join(", ") }})</span></h1>
 <p class="muted">root {{ s.root }}</p>
 <div id="running" data-src="/fragments/running">{{ running }}</div>
-<h2>Stations</h2><table><tr>{% for st in s.stations %}<th>{{ st }}</th>{% endfor %}</tr>
-<tr>{% for n in s.stations.values() %}<td class="num">{{ n }}</td>{% endfor %}</tr></table>
 {% for st, names in parts.items() if names %}<p><b>{{ st }}:</b> {% for n in names %}{{ part_link(n) }}{{ ", " if not loop.last }}{% endfor %}
 {% if more[st] %}<span class="muted">and {{ more[st] }} more</span>{% endif %}</p>{% endfor %}
 {% if s.waiting %}<h2>Waiting</h2><table><tr><th>part</th><th>retry</th><th>why</th><th>next try at</th></tr>

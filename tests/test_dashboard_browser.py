@@ -76,6 +76,9 @@ def test_overview_shows_the_running_part_and_the_feed_grows(tmp_path, browser, s
             row = wait_for(lambda: [r for r in _css(browser, "#running tr.running-part") if "slow" in r.text],
                            timeout=60, what="the running part on the overview (no reload)")
             assert "selftest" in row[0].text
+            # the station counts refresh with it: assembly holds the running part (no reload)
+            counts = [c.text for c in _css(browser, "#running td.station-count")]
+            assert counts[1] == "1", counts
             wait_for(lambda: _css(browser, "#running progress"), timeout=30, what="a progress bar")
             wait_for(lambda: len(_css(browser, "#feed tbody tr.event")) > before, timeout=30, what="new feed rows")
             _shot(browser, shots, "overview")
