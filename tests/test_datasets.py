@@ -94,7 +94,7 @@ def test_a_mapping_whose_symlink_leaves_the_root_is_refused(tmp_path):
                                           "factory root"),
     ('[datasets]\n"a/b" = "x.csv"\n', "must name a dataset file ending in .jsonl"),
     ('[datasets]\n"a b" = "x.jsonl"\n', 'must be a dataset id like "org/name"'),
-    ('[domains]\nmath = "org/x"\n', "key domains.math: Extra inputs are not permitted"),
+    ('[domains]\nmath = "org/x"\n', "key domains.math: is not a key of this table; its keys: code, reasoning, general"),
     ('[domains]\ncode = 3\n', "key domains.code: Input should be a valid string"),
     ('[benchmarks]\nHumanEval = "data/he.jsonl.gz"\n', "must be a lowercase benchmark name"),
     ('[benchmarks]\nhumaneval_plus = "/etc/he.jsonl.gz"\n', "key benchmarks.humaneval_plus: Value error"),
