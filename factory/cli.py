@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -189,6 +190,10 @@ def _watch(line, every: float) -> int:
     from rich.text import Text
 
     from factory import status
+
+    # Ctrl-C is the only way out: honour it even when started with SIGINT
+    # ignored (a background job of a non-interactive shell inherits that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def frame():
         con = Console(record=True, width=Console().width)

@@ -20,6 +20,7 @@ from factory.cli import build_parser
 from tests.linekit import events, factory, make_root, selftest_alloy, start_daemon, stop, wait_for, write_alloy
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PTY_HANG_GUARD_S = 120.0  # a command on a pty that has not ended by then has hung
 
 
 def enqueue(root: Path, tmp: Path, name: str, **alloy) -> None:
@@ -107,6 +108,7 @@ def _on_a_terminal(root: Path, *args: str, interrupt_after: float | None = None)
     the command must then exit 0."""
     pid, fd = pty.fork()
     if pid == 0:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's shell starts it, whatever ours inherited
         os.environ["FACTORY_ROOT"] = str(root)
         os.environ.pop("NO_COLOR", None)
         os.environ["TERM"] = "xterm-256color"
@@ -116,6 +118,11 @@ def _on_a_terminal(root: Path, *args: str, interrupt_after: float | None = None)
         if interrupt_after is not None and not sent and time.monotonic() - started > interrupt_after:
             os.kill(pid, signal.SIGINT)
             sent = True
+        if time.monotonic() - started > PTY_HANG_GUARD_S:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"factory {' '.join(args)} still running after {PTY_HANG_GUARD_S}s:\n"
+                                 + out.decode(errors="replace")[-2000:])
         ready, _, _ = select.select([fd], [], [], 0.1)
         if not ready:
             continue
