@@ -109,13 +109,17 @@ def resolve_source(
         return _resolve_gguf(source.base_model, gguf, root=Path(root), config=config)
     if looks_local(source.base_model, root=Path(root)):
         return _resolve_local(source.base_model, root=Path(root), config=config)
-    found = _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
-                          allow_pickle=allow_pickle, offline=_offline(offline), cache_dir=_cache_dir(cache_dir))
-    if found.path is None:  # say why a path-looking id was read as a Hub id
-        found = replace(found, note=f"{found.note} (read as a Hugging Face repo id: there is no directory "
-                                    f"{Path(root) / source.base_model}; to use a model under the root, put it "
-                                    f"there or write ./{source.base_model})")
-    return found
+    # Said whenever the id is not on disk: a path-looking id is a Hub id here
+    # only because no directory of that name is under the root.
+    as_hub = (f"read as a Hugging Face repo id: there is no directory {Path(root) / source.base_model}; to use a "
+              f"model under the root, put it there or write ./{source.base_model}")
+    try:
+        found = _resolve_repo(source.base_model, source.revision or DEFAULT_REVISION, allow_download=allow_download,
+                              allow_pickle=allow_pickle, offline=_offline(offline), cache_dir=_cache_dir(cache_dir))
+    except SourceNotCached as err:
+        raise SourceNotCached(repo_id=err.repo_id, revision=err.revision, cache_dir=err.cache_dir,
+                              fix=f"{err.fix} ({as_hub})") from None
+    return found if found.path is not None else replace(found, note=f"{found.note} ({as_hub})")
 
 
 def _offline(offline: bool | None) -> bool:
