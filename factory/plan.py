@@ -31,7 +31,7 @@ from factory.datasets import DatasetProblem, stage_datasets
 from factory.declarations import declaration_problems
 from factory.catalog import FORGE, REFUSED, SHIP, ProbeEnv, copies_written, forge_types, kind_of, unsupported
 from factory.integrity import alloy_hash, sha256_file
-from factory.resources import Need, node_resources, part_need
+from factory.resources import Need, checkpoint_sizes, need_for, node_resources, part_need
 from factory.load_plan import GIB, LoadPlan, NodeMemory, decide_load_plan, measure_node_memory, nf4_size
 from factory.model_files import CONFIG_FILE, CheckpointInfo, check_model_dir
 from factory.nodeconfig import NodeConfig, load_node_config
@@ -243,7 +243,11 @@ def make_plan(
     plan.source, plan.family, plan.stages = ctx.source, _family_plan(ctx), ctx.stages
     plan.load_plan, plan.resources, plan.notes = ctx.load_plan, ctx.resources, ctx.notes
     if plan.ok:
-        plan.need = part_need(report.alloy, root=root, config=ctx.config, node=node_resources(ctx.config))
+        node = node_resources(ctx.config)
+        # The checks read the checkpoint already; without one (selftest, a
+        # GGUF not dequantized yet, a Hub id not cached) nothing is re-read.
+        plan.need = (need_for(report.alloy, checkpoint_sizes(ctx.info), config=ctx.config, node=node)
+                     if ctx.info is not None else part_need(report.alloy, root=root, config=ctx.config, node=node))
     return plan
 
 

@@ -102,11 +102,6 @@ def submission_id(base: str, retry: int) -> str:
     return f"{NAME_PREFIX}{_UNSAFE.sub('_', base)}-r{retry}"
 
 
-def report_file(root: Path, base: str, retry: int) -> Path:
-    """Where a try's child appends its report lines (protocol.Layout)."""
-    return Layout(root).report_file(base, retry)
-
-
 @dataclass(frozen=True)
 class Resources:
     """One node's resources in the units the line uses."""
@@ -353,7 +348,7 @@ class RayLauncher:
         work/<base>/ with the claimed alloy must exist (the dispatcher makes it)."""
         name = submission_id(base, retry)
         work = Layout(self.root).work_dir(base)
-        reports = report_file(self.root, base, retry)
+        reports = Layout(self.root).report_file(base, retry)
         options = dict(name=name, namespace=self.namespace, lifetime="detached", get_if_exists=True,
                        max_restarts=0, max_task_retries=0, num_cpus=need.cpus, num_gpus=need.gpus)
         if need.vram_gb_total > 0:
@@ -374,7 +369,7 @@ class RayLauncher:
             actor = ray.get_actor(name, namespace=self.namespace)
         except ValueError:
             return None
-        return RayRun(name, actor, report_file(self.root, base, retry))
+        return RayRun(name, actor, Layout(self.root).report_file(base, retry))
 
     def running(self) -> list[str]:
         """Submission ids of every try alive in this namespace."""

@@ -11,6 +11,7 @@ covers; they err on the side of waiting rather than of an OOM kill.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from factory.load_plan import GIB, VRAM_ACTIVATION_FRACTION, VRAM_RESERVE_GIB, u
 
 if TYPE_CHECKING:
     from factory.alloy import Alloy
+    from factory.model_files import CheckpointInfo
     from factory.nodeconfig import NodeConfig
 
 
@@ -134,10 +136,12 @@ def size_text(nbytes: int) -> str:
 # -- the node ----------------------------------------------------------------
 
 
+@functools.cache
 def measure_gpus() -> tuple[Gpu, ...]:
     """Each NVIDIA GPU's index and memory from `nvidia-smi`; none without it.
     A failing nvidia-smi (driver mismatch) counts as no GPUs: the parts
-    then plan for the CPU, as the load plan's own probe would."""
+    then plan for the CPU, as the load plan's own probe would. Once per
+    process: `factory enqueue` of a thousand files gates each of them."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return ()
@@ -201,9 +205,14 @@ def whole_node_need(why: str) -> Need:
 
 def part_need(alloy: "Alloy", *, root: Path, config: "NodeConfig", node: NodeResources) -> Need:
     """What `alloy` will hold on `node`, from headers and file sizes only."""
+    return need_for(alloy, source_sizes(alloy, root=root, config=config), config=config, node=node)
+
+
+def need_for(alloy: "Alloy", sizes: tuple[int, int] | None, *, config: "NodeConfig", node: NodeResources) -> Need:
+    """The need of `alloy` whose source has `sizes` (see source_sizes): for
+    a caller that has already read the checkpoint (the plan)."""
     from factory.catalog import copies_written
 
-    sizes = source_sizes(alloy, root=root, config=config)
     if sizes is None:
         return whole_node_need("its source model is not on this node yet, so its size is unknown")
     if sizes == (0, 0):
@@ -248,7 +257,9 @@ def source_sizes(alloy: "Alloy", *, root: Path, config: "NodeConfig") -> tuple[i
     from factory.errors import SourceError
     from factory.sources import resolve_source
 
-    if alloy.source.base_model == "selftest" and alloy.source.architecture == "selftest":
+    from factory.sources import SELFTEST
+
+    if alloy.source.base_model == SELFTEST and alloy.source.architecture == SELFTEST:
         return (0, 0)
     gguf = gguf_source.mapped(alloy.source.base_model, config)
     if gguf is not None:
@@ -264,9 +275,13 @@ def _checkpoint_sizes(model_dir: Path) -> tuple[int, int] | None:
     from factory.model_files import CheckpointError, inspect_checkpoint
 
     try:
-        info = inspect_checkpoint(model_dir)
+        return checkpoint_sizes(inspect_checkpoint(model_dir))
     except (CheckpointError, OSError, ValueError):
         return None
+
+
+def checkpoint_sizes(info: "CheckpointInfo") -> tuple[int, int]:
+    """(bytes at 16 bit, largest shard at 16 bit) of an inspected checkpoint."""
     shards: dict[str, int] = {}
     for meta in info.tensors.values():
         shards[meta.file] = shards.get(meta.file, 0) + 2 * meta.numel

@@ -41,8 +41,10 @@ def story(line: Line, name: str) -> dict:
     error = part.read_sidecar(ERROR)
     record = result or _obj((error or {}).get("result")) or None
     work = line.layout.work_dir(part.base)
-    peaks = _peaks(line, part.base)
     stages = _list((record or {}).get("stages")) or _checkpoint_stages(work)
+    # result.json has every stage's peaks; only a part without one needs the
+    # (possibly large) event log read for them
+    peaks = _peaks(line, part.base) if any(_num(_obj(s).get("peak_rss_mb")) is None for s in stages) else {}
     out = {
         "part": part.base, "station": part.station, "file": part.path.name, "retry": part.name.retry,
         "ticket": line.ticket(part),

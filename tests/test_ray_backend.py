@@ -22,9 +22,9 @@ from factory import durable, transitions  # noqa: E402
 from factory.intake import enqueue  # noqa: E402
 from factory.line import init_root  # noqa: E402
 from factory.outcomes import EXIT_DONE, EXIT_STOPPED  # noqa: E402
-from factory.protocol import CHECKPOINT, CLAIMED_ALLOY  # noqa: E402
+from factory.protocol import CHECKPOINT, CLAIMED_ALLOY, Layout  # noqa: E402
 from factory.ray_backend import (  # noqa: E402
-    NodeLost, RayLauncher, report_file, submission_id,
+    NodeLost, RayLauncher, submission_id,
 )
 from tests.linekit import selftest_alloy, write_alloy  # noqa: E402
 from tests.raykit import loopback_cluster  # noqa: E402
@@ -177,7 +177,7 @@ def test_a_lost_node_is_reported_as_node_lost(cluster, root, launcher):
             time.sleep(0.2)
     assert lost.value.node == node
     assert launcher.attach("lost", 0) is None
-    assert report_file(root, "lost", 0).is_file()
+    assert Layout(root).report_file("lost", 0).is_file()
     assert wait_gone(root, name)  # the child died with its actor: no orphan builds on the shared root
     blocker.kill()
     assert wait_exit(blocker) < 0  # killed by SIGKILL, as Popen reports it
